@@ -1,0 +1,480 @@
+#!/usr/bin/env bash
+# bench/run.sh — pgwarden vs PgBouncer vs direct PostgreSQL, on this machine.
+#
+# Usage:
+#   bench/run.sh          # tps workloads, then idle-client memory (= "all")
+#   bench/run.sh tps      # pgbench workloads only
+#   bench/run.sh idle     # idle-client memory only
+#
+# Environment overrides:
+#   DURATION=15        seconds per pgbench run
+#   POOL=20            backend pool size (PgBouncer default_pool_size,
+#                      pgwarden max_backend_connections)
+#   IDLE_CLIENTS=5000  idle connections opened for the memory measurement
+#   SYSTEMS="direct pgbouncer pgwarden"   subset to run (idle skips "direct")
+#   WORKLOADS="select32 select300 tpcb32 extended32 connect32"  subset
+#   SKIP_BUILD=1       do not run cargo build (use existing binary)
+#   KEEP_TMP=1         keep the temp dir (logs, configs) after exit
+#
+# What it does, in one run:
+#   1. cargo build --release --bin pgwarden (if pgwarden is in SYSTEMS)
+#   2. installs pgbouncer with apt-get if missing
+#   3. starts a throwaway PostgreSQL 15 (scram-sha-256, fsync=off, ...) as the
+#      `postgres` OS user, creates role+db `bench`, pgbench -i -s 10
+#   4. starts PgBouncer (transaction pooling) and pgwarden on free ports
+#   5. runs pgbench workloads against each system and prints TPS / mean
+#      latency / failed transactions plus pgwarden ratios
+#   6. opens IDLE_CLIENTS idle SCRAM-authenticated clients (bench/idle_clients.py,
+#      asyncpg in a venv) to each pooler and reports VmRSS growth per client
+#   Results go to stdout and bench/out/latest.md (+ a timestamped copy and raw
+#   pgbench output under bench/out/raw/). Everything is torn down on exit.
+
+set -Eeuo pipefail
+
+MODE=${1:-all}
+case "$MODE" in
+  all|tps|idle) ;;
+  -h|--help|help) sed -n '2,30p' "$0"; exit 0 ;;
+  *) echo "usage: $0 [all|tps|idle]" >&2; exit 2 ;;
+esac
+
+DURATION=${DURATION:-15}
+POOL=${POOL:-20}
+IDLE_CLIENTS=${IDLE_CLIENTS:-5000}
+SYSTEMS=${SYSTEMS:-"direct pgbouncer pgwarden"}
+WORKLOADS=${WORKLOADS:-"select32 select300 tpcb32 extended32 connect32"}
+SKIP_BUILD=${SKIP_BUILD:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$BENCH_DIR/.." && pwd)
+OUT_DIR=$BENCH_DIR/out
+PG_BIN=/usr/lib/postgresql/15/bin
+PGWARDEN_BIN=${PGWARDEN_BIN:-$REPO/target/release/pgwarden}   # override only for testing the harness
+
+# ---------------------------------------------------------------- helpers --
+log()  { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die()  { printf 'error: %s\n' "$*" >&2; exit 1; }
+has()  { [[ " $SYSTEMS " == *" $1 "* ]]; }
+
+# Raise the fd limit: 300 pgbench clients, 5000 idle clients, and the servers
+# (which inherit it) all need far more than 1024. The hard limit may be lower
+# than 65536 in containers; take what we can get.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+if (( NOFILE < IDLE_CLIENTS + 200 )); then
+  warn "ulimit -n is $NOFILE; idle test with $IDLE_CLIENTS clients may fail"
+fi
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+rand_pw() { openssl rand -hex 16; }
+
+# Run a command as the postgres OS user when we are root (PostgreSQL and
+# PgBouncer both refuse to run as root). runuser goes through pam_limits, which
+# resets the soft fd limit to 1024, so re-raise it inside.
+as_pg() {
+  if [[ $(id -u) -eq 0 ]]; then
+    runuser -u postgres -- bash -c 'ulimit -n "$0" 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec "$@"' "$NOFILE" "$@"
+  else
+    "$@"
+  fi
+}
+
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# wait_sql PORT USER PASSWORD DB WHAT [PID] — poll `select 1`, bounded (~30 s).
+wait_sql() {
+  local port=$1 user=$2 pw=$3 db=$4 what=$5 pid=${6:-} i
+  for ((i = 0; i < 60; i++)); do
+    if PGPASSWORD=$pw PGCONNECT_TIMEOUT=2 timeout 5 \
+        psql -X -q -h 127.0.0.1 -p "$port" -U "$user" -d "$db" -tAc 'select 1' >/dev/null 2>&1; then
+      return 0
+    fi
+    if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+      die "$what exited during startup"
+    fi
+    sleep 0.5
+  done
+  die "$what did not accept connections on port $port within 30 s"
+}
+
+# ------------------------------------------------------------ cleanup trap --
+TMP=""
+PGDATA=""
+PGB_PID=""
+PGW_PID=""
+IDLE_PID=""
+BENCH_PID=""
+
+cleanup() {
+  local rc=$?
+  set +e
+  trap - EXIT INT TERM
+  if [[ -n $BENCH_PID ]]; then kill "$BENCH_PID" 2>/dev/null; wait "$BENCH_PID" 2>/dev/null; fi
+  if [[ -n $IDLE_PID ]]; then kill "$IDLE_PID" 2>/dev/null; wait "$IDLE_PID" 2>/dev/null; fi
+  if [[ -n $PGW_PID ]] && kill -0 "$PGW_PID" 2>/dev/null; then
+    kill -TERM "$PGW_PID"
+    for _ in {1..50}; do kill -0 "$PGW_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$PGW_PID" 2>/dev/null
+  fi
+  if [[ -n $PGB_PID ]] && kill -0 "$PGB_PID" 2>/dev/null; then
+    kill -TERM "$PGB_PID"   # SIGTERM = immediate shutdown for PgBouncer
+    for _ in {1..50}; do kill -0 "$PGB_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$PGB_PID" 2>/dev/null
+  fi
+  if [[ -n $PGDATA && -f $PGDATA/postmaster.pid ]]; then
+    as_pg timeout 40 "$PG_BIN/pg_ctl" -D "$PGDATA" -m immediate -t 30 stop >/dev/null 2>&1
+  fi
+  if (( rc != 0 )) && [[ -n $TMP ]]; then
+    for f in "$TMP"/postgres.log "$TMP"/pgbouncer.log "$TMP"/pgwarden.log "$TMP"/idle.err; do
+      if [[ -s $f ]]; then echo "---- tail $f" >&2; tail -n 20 "$f" >&2; fi
+    done
+  fi
+  if [[ -n $TMP && -d $TMP ]]; then
+    if [[ $KEEP_TMP == 1 ]]; then echo "temp dir kept: $TMP" >&2; else rm -rf "$TMP"; fi
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------ build --
+if has pgwarden; then
+  if [[ $SKIP_BUILD != 1 ]]; then
+    log "building pgwarden (release)"
+    (cd "$REPO" && cargo build --release --bin pgwarden)
+  fi
+  [[ -x $PGWARDEN_BIN ]] || die "$PGWARDEN_BIN not found"
+fi
+
+# ------------------------------------------------------- tool installation --
+if has pgbouncer && ! command -v pgbouncer >/dev/null && [[ ! -x /usr/sbin/pgbouncer ]]; then
+  log "installing pgbouncer"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+fi
+PGBOUNCER_BIN=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+
+PY=""
+if [[ $MODE != tps ]]; then
+  if [[ -x $REPO/.venv/bin/python ]] && "$REPO/.venv/bin/python" -c 'import asyncpg' 2>/dev/null; then
+    PY=$REPO/.venv/bin/python
+  else
+    PY=$BENCH_DIR/.venv/bin/python
+    if ! { [[ -x $PY ]] && "$PY" -c 'import asyncpg' 2>/dev/null; }; then
+      log "creating bench/.venv with asyncpg"
+      python3 -m venv "$BENCH_DIR/.venv"
+      "$PY" -m pip install -q --disable-pip-version-check asyncpg
+    fi
+  fi
+fi
+
+# ---------------------------------------------------------------- postgres --
+TMP=$(mktemp -d /tmp/pgwarden-bench.XXXXXX)
+chmod 755 "$TMP"
+if [[ $(id -u) -eq 0 ]]; then chown postgres: "$TMP"; fi
+PGDATA=$TMP/pgdata
+PG_PORT=$(free_port)
+SUPER_PW=$(rand_pw)
+BENCH_PW=$(rand_pw)
+
+# Clients: plain TCP, no SSLRequest/GSSENCRequest preamble (same for all systems).
+export PGSSLMODE=disable PGGSSENCMODE=disable
+
+log "starting PostgreSQL on 127.0.0.1:$PG_PORT (temp dir $TMP)"
+printf '%s\n' "$SUPER_PW" > "$TMP/superpw"
+if [[ $(id -u) -eq 0 ]]; then chown postgres: "$TMP/superpw"; fi
+as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres --auth=scram-sha-256 \
+  --pwfile="$TMP/superpw" -E UTF8 --no-sync >"$TMP/initdb.log" 2>&1 \
+  || { cat "$TMP/initdb.log" >&2; die "initdb failed"; }
+rm -f "$TMP/superpw"
+cat >>"$PGDATA/postgresql.conf" <<EOF
+
+# --- pgwarden bench ---
+port = $PG_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$TMP'
+max_connections = 400
+fsync = off
+synchronous_commit = off
+shared_buffers = 128MB
+EOF
+as_pg timeout 90 "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$TMP/postgres.log" -w -t 60 start >/dev/null \
+  || die "pg_ctl start failed"
+wait_sql "$PG_PORT" postgres "$SUPER_PW" postgres PostgreSQL
+
+PGPASSWORD=$SUPER_PW psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres <<EOF
+CREATE ROLE bench LOGIN PASSWORD '$BENCH_PW';
+CREATE DATABASE bench OWNER bench;
+EOF
+log "pgbench -i -s 10"
+PGPASSWORD=$BENCH_PW timeout 600 pgbench -i -s 10 -h 127.0.0.1 -p "$PG_PORT" -U bench bench \
+  >"$TMP/pgbench-init.log" 2>&1 || { cat "$TMP/pgbench-init.log" >&2; die "pgbench -i failed"; }
+PGPASSWORD=$SUPER_PW psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench -c 'CHECKPOINT' >/dev/null
+
+# --------------------------------------------------------------- pgbouncer --
+PGB_PORT=""
+if has pgbouncer; then
+  PGB_PORT=$(free_port)
+  MAX_CLIENT=$(( IDLE_CLIENTS + 1000 > 6000 ? IDLE_CLIENTS + 1000 : 6000 ))
+  log "starting PgBouncer $("$PGBOUNCER_BIN" --version | head -1 | awk '{print $2}') on 127.0.0.1:$PGB_PORT (pool $POOL)"
+  printf '"bench" "%s"\n' "$BENCH_PW" >"$TMP/userlist.txt"
+  cat >"$TMP/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $TMP/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = $MAX_CLIENT
+ignore_startup_parameters = extra_float_digits
+logfile = $TMP/pgbouncer.log
+pidfile = $TMP/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+EOF
+  if [[ $(id -u) -eq 0 ]]; then
+    chown postgres: "$TMP/userlist.txt" "$TMP/pgbouncer.ini"
+  fi
+  chmod 600 "$TMP/userlist.txt"
+  as_pg "$PGBOUNCER_BIN" -d "$TMP/pgbouncer.ini" || die "pgbouncer failed to start"
+  for _ in {1..50}; do [[ -s $TMP/pgbouncer.pid ]] && break; sleep 0.1; done
+  PGB_PID=$(cat "$TMP/pgbouncer.pid" 2>/dev/null) || die "no pgbouncer pidfile"
+  wait_sql "$PGB_PORT" bench "$BENCH_PW" bench PgBouncer "$PGB_PID"
+fi
+
+# ---------------------------------------------------------------- pgwarden --
+PGW_PORT=""
+if has pgwarden; then
+  PGW_PORT=$(free_port)
+  log "starting pgwarden on 127.0.0.1:$PGW_PORT (pool $POOL)"
+  (umask 077; printf '{"AWSCURRENT": {"engine":"postgres","host":"127.0.0.1","port":%s,"username":"bench","password":"%s","dbname":"bench"}}\n' \
+    "$PG_PORT" "$BENCH_PW" >"$TMP/bench.secret.json")
+  cat >"$TMP/pgwarden.toml" <<EOF
+listen = "127.0.0.1:$PGW_PORT"
+
+[database]
+host = "127.0.0.1"
+port = $PG_PORT
+dbname = "bench"
+
+[pool]
+max_backend_connections = $POOL
+max_client_connections = 10000
+
+[[credentials]]
+user = "bench"
+source = "file"
+path = "$TMP/bench.secret.json"
+EOF
+  RUST_LOG=${RUST_LOG:-warn} "$PGWARDEN_BIN" serve --config "$TMP/pgwarden.toml" \
+    >"$TMP/pgwarden.log" 2>&1 </dev/null &
+  PGW_PID=$!
+  wait_sql "$PGW_PORT" bench "$BENCH_PW" bench pgwarden "$PGW_PID"
+fi
+
+port_of() {
+  case $1 in
+    direct) echo "$PG_PORT" ;;
+    pgbouncer) echo "$PGB_PORT" ;;
+    pgwarden) echo "$PGW_PORT" ;;
+  esac
+}
+
+# --------------------------------------------------------- report plumbing --
+rm -rf "$OUT_DIR/raw" && mkdir -p "$OUT_DIR/raw"   # raw pgbench output of this run only
+STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+REPORT=$TMP/report.md
+PGW_REV=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "(no commit)")
+{
+  echo "## pgwarden benchmark — $STAMP"
+  echo
+  echo "- machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
+  echo "- PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), PgBouncer $("$PGBOUNCER_BIN" --version 2>/dev/null | head -1 | awk '{print $2}'), pgwarden $PGW_REV"
+  echo "- pool size $POOL, pgbench -s 10, $DURATION s per run, -j 2, TCP on 127.0.0.1, SCRAM auth, sslmode=disable"
+  echo "- PostgreSQL: fsync=off, synchronous_commit=off, shared_buffers=128MB, max_connections=400"
+  echo
+} >"$REPORT"
+
+# Print a markdown table with padded columns (reads '|'-separated rows on stdin).
+md_table() {
+  awk -F'|' '
+    { n = NR; nf[n] = NF; for (i = 1; i <= NF; i++) { c[n, i] = $i; if (length($i) > w[i]) w[i] = length($i) } if (NF > maxf) maxf = NF }
+    END {
+      for (r = 1; r <= n; r++) {
+        line = "|"
+        for (i = 1; i <= maxf; i++) {
+          if (r == 2) { s = ""; for (k = 0; k < w[i] + 2; k++) s = s "-"; line = line s "|" }
+          else        { line = line sprintf(" %-" w[i] "s |", c[r, i]) }
+        }
+        print line
+      }
+    }'
+}
+fmt1() { if [[ -n $1 ]]; then printf '%.1f' "$1"; else printf 'ERR'; fi; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b != "" && b + 0 > 0) printf "%.2fx", a / b; else printf "n/a" }'; }
+
+# ------------------------------------------------------------ tps workloads --
+declare -A W_LABEL=(
+  [select32]="select-only, 32 clients (-S -c 32)"
+  [select300]="select-only, 300 clients (-S -c 300)"
+  [tpcb32]="tpcb-like, 32 clients (-c 32)"
+  [extended32]="select-only, extended protocol, 32 clients (-S -M extended -c 32)"
+  [connect32]="select-only, new connection per tx, 32 clients (-S -C -c 32)"
+)
+declare -A W_ARGS=(
+  [select32]="-S -c 32"
+  [select300]="-S -c 300"
+  [tpcb32]="-c 32"
+  [extended32]="-S -M extended -c 32"
+  [connect32]="-S -C -c 32"
+)
+declare -A TPS LAT FAIL NOTE
+
+# Reset tpcb-like state so each system starts from the same point
+# (what pgbench does itself unless -n; we pass -n so poolers are not asked to VACUUM).
+reset_tables() {
+  PGPASSWORD=$SUPER_PW psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench \
+    -c 'TRUNCATE pgbench_history' -c 'VACUUM ANALYZE pgbench_branches, pgbench_tellers, pgbench_accounts' >/dev/null
+}
+
+run_pgbench() {
+  local w=$1 sys=$2 port out rc=0
+  port=$(port_of "$sys")
+  out=$OUT_DIR/raw/$w-$sys.txt
+  reset_tables
+  # Background + wait, so INT/TERM reach our trap at once instead of after pgbench.
+  # shellcheck disable=SC2086  # W_ARGS is a word list on purpose
+  PGPASSWORD=$BENCH_PW timeout $((DURATION + 120)) \
+    pgbench -n -j 2 -T "$DURATION" ${W_ARGS[$w]} -h 127.0.0.1 -p "$port" -U bench bench \
+    >"$out" 2>&1 </dev/null &
+  BENCH_PID=$!
+  wait "$BENCH_PID" || rc=$?
+  BENCH_PID=""
+  TPS[$w,$sys]=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
+  LAT[$w,$sys]=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
+  FAIL[$w,$sys]=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -1)
+  FAIL[$w,$sys]=${FAIL[$w,$sys]:-0}
+  local aborted
+  aborted=$(grep -c 'aborted' "$out" || true)
+  NOTE[$w,$sys]=""
+  if (( rc != 0 )); then NOTE[$w,$sys]="exit $rc"; fi
+  if (( aborted > 0 )); then NOTE[$w,$sys]+="${NOTE[$w,$sys]:+, }$aborted abort msgs"; fi
+  printf '    %-10s tps=%-12s lat=%-8s ms failed=%s %s\n' "$sys" "${TPS[$w,$sys]:-ERR}" \
+    "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${NOTE[$w,$sys]}" >&2
+}
+
+if [[ $MODE == all || $MODE == tps ]]; then
+  echo "### Throughput (pgbench)" >>"$REPORT"
+  echo >>"$REPORT"
+  for w in $WORKLOADS; do
+    [[ -n ${W_ARGS[$w]:-} ]] || die "unknown workload '$w'"
+    log "workload $w: ${W_LABEL[$w]}"
+    for sys in direct pgbouncer pgwarden; do
+      if has "$sys"; then run_pgbench "$w" "$sys"; fi
+    done
+    {
+      echo "#### ${W_LABEL[$w]}"
+      echo
+      {
+        echo "system|TPS|mean latency (ms)|failed tx|notes"
+        echo "-|-|-|-|-"
+        for sys in direct pgbouncer pgwarden; do
+          has "$sys" || continue
+          echo "$sys|$(fmt1 "${TPS[$w,$sys]:-}")|${LAT[$w,$sys]:--}|${FAIL[$w,$sys]}|${NOTE[$w,$sys]}"
+        done
+        if has pgwarden; then
+          for base in direct pgbouncer; do
+            has "$base" || continue
+            # latency ratio < 1 and TPS ratio > 1 are both "pgwarden better"
+            echo "pgwarden / $base|$(ratio "${TPS[$w,pgwarden]:-}" "${TPS[$w,$base]:-}")|$(ratio "${LAT[$w,pgwarden]:-}" "${LAT[$w,$base]:-}")||"
+          done
+        fi
+      } | md_table
+      echo
+    } >>"$REPORT"
+  done
+fi
+
+# ------------------------------------------------------ idle-client memory --
+measure_idle() {
+  local sys=$1 pid port before after after_close line opened failed secs est i
+  pid=$([[ $sys == pgbouncer ]] && echo "$PGB_PID" || echo "$PGW_PID")
+  port=$(port_of "$sys")
+  log "idle: opening $IDLE_CLIENTS clients to $sys (pid $pid)"
+  sleep 1
+  before=$(rss_kb "$pid")
+  rm -f "$TMP/idle.in"
+  mkfifo "$TMP/idle.in"
+  PGPASSWORD=$BENCH_PW "$PY" "$BENCH_DIR/idle_clients.py" --port "$port" -n "$IDLE_CLIENTS" \
+    <"$TMP/idle.in" >"$TMP/idle.out" 2>"$TMP/idle.err" &
+  IDLE_PID=$!
+  exec 7>"$TMP/idle.in"    # hold the client's stdin open; closing fd 7 releases it
+  line=""
+  for ((i = 0; i < 1200; i++)); do   # <= 10 min to open everything
+    line=$(grep -m1 '^ready' "$TMP/idle.out" 2>/dev/null || true)
+    [[ -n $line ]] && break
+    kill -0 "$IDLE_PID" 2>/dev/null || break
+    sleep 0.5
+  done
+  [[ -n $line ]] || line=$(grep -m1 '^ready' "$TMP/idle.out" 2>/dev/null || true)
+  [[ -n $line ]] || { exec 7>&-; cat "$TMP/idle.err" >&2; die "idle client opener for $sys did not become ready"; }
+  sleep 2   # let the server settle
+  after=$(rss_kb "$pid")
+  # server-side sockets still established (sanity check that clients are really held)
+  est=$(ss -Htn state established "( sport = :$port )" | wc -l)
+  opened=$(sed -n 's/.*opened=\([0-9]*\).*/\1/p' <<<"$line")
+  failed=$(sed -n 's/.*failed=\([0-9]*\).*/\1/p' <<<"$line")
+  secs=$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' <<<"$line")
+  exec 7>&-                # EOF on stdin: the opener closes its connections
+  for _ in {1..120}; do kill -0 "$IDLE_PID" 2>/dev/null || break; sleep 0.5; done
+  kill "$IDLE_PID" 2>/dev/null || true
+  wait "$IDLE_PID" 2>/dev/null || true
+  IDLE_PID=""
+  sleep 2
+  after_close=$(rss_kb "$pid")
+  if [[ -s $TMP/idle.err ]]; then sed 's/^/    /' "$TMP/idle.err" >&2; fi
+  local per
+  per=$(awk -v a="$after" -v b="$before" -v n="$opened" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "n/a" }')
+  printf '    %s: RSS %s kB -> %s kB with %s clients (%s failed, %ss to open) => %s KiB/client; %s kB after disconnect\n' \
+    "$sys" "$before" "$after" "$opened" "$failed" "$secs" "$per" "$after_close" >&2
+  echo "$sys|$opened|$est|$failed|$secs|$(mib "$before")|$(mib "$after")|$per|$(mib "$after_close")" >>"$TMP/idle.rows"
+}
+
+if [[ $MODE == all || $MODE == idle ]]; then
+  : >"$TMP/idle.rows"
+  for sys in pgwarden pgbouncer; do
+    if has "$sys"; then measure_idle "$sys"; fi
+  done
+  {
+    echo "### Memory per idle client ($IDLE_CLIENTS SCRAM-authenticated idle connections)"
+    echo
+    {
+      echo "system|clients open|server sockets|failed|seconds to open|RSS before (MiB)|RSS with clients (MiB)|KiB per idle client|RSS after disconnect (MiB)"
+      echo "-|-|-|-|-|-|-|-|-"
+      cat "$TMP/idle.rows"
+    } | md_table
+    echo
+    echo "KiB per idle client = (VmRSS with clients - VmRSS before) / clients open (VmRSS from /proc/PID/status)."
+    echo "server sockets = established TCP connections on the server's listen port while the clients were held."
+    echo
+  } >>"$REPORT"
+fi
+
+# ----------------------------------------------------------------- output --
+echo
+cat "$REPORT"
+cp "$REPORT" "$OUT_DIR/latest.md"
+cp "$REPORT" "$OUT_DIR/$(date -u +%Y%m%d-%H%M%S)-$MODE.md"
+log "wrote $OUT_DIR/latest.md (raw pgbench output in $OUT_DIR/raw/)"

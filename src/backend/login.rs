@@ -1,0 +1,169 @@
+//! Opening a backend connection and logging in, trying the credential's stages in order
+//! (AWSCURRENT, then AWSPENDING, then AWSPREVIOUS) until one is accepted.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::frontend;
+use secrecy::ExposeSecret;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{BackendConn, BackendError, BackendKey, BackendPid, MAX_CONTROL_MESSAGE, Settings};
+use crate::config::DatabaseConfig;
+use crate::credentials::{Credential, CredentialSet, Stage};
+use crate::net::read_message;
+use crate::protocol::{ProtocolError, messages, read_cstr};
+
+/// Connects to `dbname` on the target and logs in with the first credential stage that works.
+pub async fn connect(
+    target: &DatabaseConfig,
+    dbname: &str,
+    creds: &CredentialSet,
+    lifetime: Option<Duration>,
+) -> Result<BackendConn, BackendError> {
+    let mut tried = Vec::new();
+    for (stage, credential) in creds.candidates() {
+        let attempt = tokio::time::timeout(target.connect_timeout, login(target, dbname, credential)).await;
+        match attempt {
+            Err(_) => return Err(BackendError::Timeout),
+            Ok(Err(e)) if e.is_auth_failure() => {
+                tracing::warn!(stage = stage.label(), user = %credential.username, "backend refused credential stage");
+                tried.push(stage.label());
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(mut conn)) => {
+                if stage != Stage::Current {
+                    tracing::info!(stage = stage.label(), user = %credential.username, "backend login used a non-current stage");
+                }
+                conn.generation = creds.generation;
+                conn.stage = stage;
+                conn.lifetime = lifetime;
+                return Ok(conn);
+            }
+        }
+    }
+    Err(BackendError::AuthRejected { user: creds.secret.current.username.clone(), tried: tried.join(", ") })
+}
+
+async fn login(target: &DatabaseConfig, dbname: &str, credential: &Credential) -> Result<BackendConn, BackendError> {
+    let addr = format!("{}:{}", target.host, target.port);
+    let stream = TcpStream::connect(&addr).await.map_err(|source| BackendError::Connect { addr: addr.clone(), source })?;
+    stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
+    let mut conn = BackendConn {
+        stream,
+        buf: BytesMut::with_capacity(8192),
+        key: None,
+        server_params: Vec::new(),
+        applied: Settings::default(),
+        generation: crate::credentials::Generation(0),
+        stage: Stage::Current,
+        created: Instant::now(),
+        idle_since: Instant::now(),
+        lifetime: None,
+        open_guard: None,
+    };
+    let mut out = BytesMut::new();
+    let params = [("user", credential.username.as_str()), ("database", dbname), ("application_name", "pgwarden")];
+    frontend::startup_message(params.iter().copied(), &mut out)?;
+    conn.stream.write_all(&out).await?;
+    authenticate(&mut conn, credential).await?;
+    loop {
+        let (tag, mut body) = read_message(&mut conn.stream, &mut conn.buf, MAX_CONTROL_MESSAGE).await?;
+        match tag {
+            b'S' => {
+                let (name, rest) = read_cstr(&body)?;
+                let (value, _) = read_cstr(rest)?;
+                conn.server_params.push((name.to_owned(), value.to_owned()));
+            }
+            b'K' => {
+                if body.len() < 8 {
+                    return Err(ProtocolError::Malformed("short BackendKeyData").into());
+                }
+                let pid = body.get_i32();
+                let secret = body.get_i32();
+                conn.key = Some(BackendKey { addr: peer, pid: BackendPid(pid), secret });
+            }
+            b'Z' => return Ok(conn),
+            b'E' => return Err(refused(&body)),
+            b'N' => {}
+            other => {
+                return Err(ProtocolError::UnexpectedTag { tag: other as char, context: "backend login" }.into());
+            }
+        }
+    }
+}
+
+fn refused(body: &[u8]) -> BackendError {
+    let (code, message) = messages::parse_error_fields(body);
+    BackendError::Refused { code: code.unwrap_or_default(), message: message.unwrap_or_default() }
+}
+
+/// Answers the backend's authentication requests until AuthenticationOk.
+async fn authenticate(conn: &mut BackendConn, credential: &Credential) -> Result<(), BackendError> {
+    let password = credential.password.expose_secret().as_bytes();
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let (tag, mut body) = read_message(&mut conn.stream, &mut conn.buf, MAX_CONTROL_MESSAGE).await?;
+        if tag == b'E' {
+            let err = refused(&body);
+            return match err {
+                BackendError::Refused { ref code, .. } if code.starts_with("28") => {
+                    Err(BackendError::AuthRejected { user: credential.username.clone(), tried: String::new() })
+                }
+                other => Err(other),
+            };
+        }
+        if tag != b'R' || body.len() < 4 {
+            return Err(ProtocolError::UnexpectedTag { tag: tag as char, context: "backend authentication" }.into());
+        }
+        let mut out = BytesMut::new();
+        match body.get_i32() {
+            0 => return Ok(()),
+            3 => frontend::password_message(password, &mut out)?,
+            5 => {
+                if body.len() < 4 {
+                    return Err(ProtocolError::Malformed("short md5 salt").into());
+                }
+                let salt = [body[0], body[1], body[2], body[3]];
+                let hash = md5_hash(credential.username.as_bytes(), password, salt);
+                frontend::password_message(hash.as_bytes(), &mut out)?;
+            }
+            10 => {
+                let mut offered = false;
+                let mut rest: &[u8] = &body;
+                while let Ok((mech, tail)) = read_cstr(rest) {
+                    if mech.is_empty() {
+                        break;
+                    }
+                    offered |= mech == SCRAM_SHA_256;
+                    rest = tail;
+                }
+                if !offered {
+                    return Err(BackendError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
+                }
+                let s = ScramSha256::new(password, ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                scram = Some(s);
+            }
+            11 => {
+                let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASL continue before SASL start"))?;
+                s.update(&body).map_err(|_| ProtocolError::Malformed("bad SCRAM server-first message"))?;
+                frontend::sasl_response(s.message(), &mut out)?;
+            }
+            12 => {
+                let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASL final before SASL start"))?;
+                s.finish(&body).map_err(|_| ProtocolError::Malformed("SCRAM server signature does not verify"))?;
+                continue;
+            }
+            2 => return Err(BackendError::UnsupportedAuth("Kerberos V5")),
+            7 | 8 => return Err(BackendError::UnsupportedAuth("GSSAPI")),
+            9 => return Err(BackendError::UnsupportedAuth("SSPI")),
+            _ => return Err(BackendError::UnsupportedAuth("unknown method")),
+        }
+        conn.stream.write_all(&out).await?;
+    }
+}

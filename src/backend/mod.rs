@@ -1,0 +1,169 @@
+//! Backend connections: TCP connect, login with the pool's credential (SCRAM-SHA-256, md5 or
+//! cleartext, as the backend asks), the server parameters and cancel key the backend reports,
+//! the session settings applied on top of them, and small utility queries (settings sync,
+//! rollback). Must not: authenticate clients or decide which client gets a connection.
+
+mod login;
+pub mod settings;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::credentials::{Generation, Stage};
+use crate::net::{ReadError, read_message};
+use crate::protocol::{ProtocolError, SqlState, TxStatus, messages};
+
+pub use login::connect;
+pub use settings::Settings;
+
+/// A backend's process id, as Postgres reports it in BackendKeyData.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendPid(pub i32);
+
+/// What is needed to cancel a query running on a backend.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendKey {
+    pub addr: SocketAddr,
+    pub pid: BackendPid,
+    pub secret: i32,
+}
+
+/// Cap on messages read outside the relay (login, utility queries).
+const MAX_CONTROL_MESSAGE: usize = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, #[source] source: std::io::Error },
+    #[error("timed out connecting or logging in to the database")]
+    Timeout,
+    #[error("database refused the credential for {user} (tried {tried})")]
+    AuthRejected { user: String, tried: String },
+    #[error("database refused the connection: {code} {message}")]
+    Refused { code: String, message: String },
+    #[error("database asked for an authentication method pgwarden does not support: {0}")]
+    UnsupportedAuth(&'static str),
+    #[error("backend connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("backend closed the connection")]
+    Closed,
+    #[error("backend protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+impl From<ReadError> for BackendError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Closed => BackendError::Closed,
+            ReadError::Io(e) => BackendError::Io(e),
+            ReadError::Protocol(e) => BackendError::Protocol(e),
+        }
+    }
+}
+
+impl BackendError {
+    /// The SQLSTATE a client should see for this failure.
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            BackendError::AuthRejected { .. } => SqlState::INVALID_PASSWORD,
+            _ => SqlState::CONNECTION_FAILURE,
+        }
+    }
+
+    /// A message safe to show a client (no addresses, no credential details).
+    pub fn client_message(&self) -> String {
+        match self {
+            BackendError::AuthRejected { user, .. } => format!(
+                "This RDS proxy has no valid credentials for the role {user}. Check the credentials for this role and try again."
+            ),
+            BackendError::Refused { message, .. } => message.clone(),
+            _ => "pgwarden could not connect to the database.".into(),
+        }
+    }
+
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self, BackendError::AuthRejected { .. })
+    }
+}
+
+/// One logged-in backend connection.
+pub struct BackendConn {
+    pub stream: TcpStream,
+    /// Read buffer; empty whenever the connection is idle.
+    pub buf: BytesMut,
+    pub key: Option<BackendKey>,
+    /// ParameterStatus values reported at login.
+    pub server_params: Vec<(String, String)>,
+    /// Session settings applied on top of the login defaults.
+    pub applied: Settings,
+    pub generation: Generation,
+    pub stage: Stage,
+    pub created: Instant,
+    /// Set when the connection goes back to the pool.
+    pub idle_since: Instant,
+    /// This connection's own max lifetime (the configured one, less a random stagger).
+    pub lifetime: Option<Duration>,
+    /// Keeps the DatabaseConnections gauge counting this connection while it lives.
+    pub open_guard: Option<crate::metrics::GaugeGuard>,
+}
+
+impl std::fmt::Debug for BackendConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConn").field("pid", &self.key.map(|k| k.pid.0)).field("generation", &self.generation).finish()
+    }
+}
+
+impl BackendConn {
+    /// True if the backend closed or sent something unprompted while idle (a FATAL from
+    /// `pg_terminate_backend`, say). Costs one non-blocking read.
+    pub fn is_closed_or_dirty(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            _ => true,
+        }
+    }
+
+    pub fn expired(&self, now: Instant, idle_timeout: Option<Duration>) -> bool {
+        let too_old = self.lifetime.is_some_and(|l| now.duration_since(self.created) >= l);
+        let idle_too_long = idle_timeout.is_some_and(|t| now.duration_since(self.idle_since) >= t);
+        too_old || idle_too_long
+    }
+
+    /// Runs a simple query to completion, discarding its rows. Returns the transaction status
+    /// and the first error the backend reported, if any.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<(TxStatus, Option<(String, String)>), BackendError> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut first_error = None;
+        loop {
+            let (tag, body) = read_message(&mut self.stream, &mut self.buf, MAX_CONTROL_MESSAGE).await?;
+            match tag {
+                b'E' if first_error.is_none() => {
+                    let (code, message) = messages::parse_error_fields(&body);
+                    first_error = Some((code.unwrap_or_default(), message.unwrap_or_default()));
+                }
+                b'Z' => {
+                    let status = body.first().copied().and_then(TxStatus::from_byte).ok_or(
+                        ProtocolError::Malformed("ReadyForQuery without a valid status"),
+                    )?;
+                    return Ok((status, first_error));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends Terminate and drops the socket; errors are irrelevant at this point.
+    pub async fn close(mut self) {
+        let mut out = BytesMut::new();
+        messages::terminate(&mut out);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.write_all(&out)).await;
+    }
+}

@@ -1,0 +1,128 @@
+//! Session settings (GUCs) a client asked for at startup or changed later, and the SQL that
+//! brings a backend's applied settings in line with a client's before it is handed over.
+
+/// Reported parameters a client may change with SET; their ParameterStatus updates are tracked
+/// so that the next backend this client borrows gets the same values.
+const TRACKED_REPORTED: &[&str] =
+    &["application_name", "client_encoding", "datestyle", "intervalstyle", "timezone", "search_path", "standard_conforming_strings"];
+
+/// Name → value, names lower-cased (GUC names are case-insensitive). Few entries: a Vec is faster
+/// than a map here.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings(Vec<(String, String)>);
+
+impl Settings {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        let name = name.to_ascii_lowercase();
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value.to_owned(),
+            None => self.0.push((name, value.to_owned())),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// Records a ParameterStatus the backend sent while a client held it, if it is one a
+    /// client can set. Returns whether it was recorded.
+    pub fn track_reported(&mut self, name: &str, value: &str) -> bool {
+        let lower = name.to_ascii_lowercase();
+        if TRACKED_REPORTED.contains(&lower.as_str()) {
+            self.set(&lower, value);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// SQL that turns a backend's `applied` settings into `desired`, or `None` if they match.
+    pub fn sync_sql(applied: &Settings, desired: &Settings) -> Option<String> {
+        let mut sets = Vec::new();
+        for (name, value) in desired.iter() {
+            if applied.get(name) != Some(value) {
+                sets.push(format!("pg_catalog.set_config({}, {}, false)", literal(name), literal(value)));
+            }
+        }
+        let mut resets = String::new();
+        for (name, _) in applied.iter() {
+            if desired.get(name).is_none() {
+                resets.push_str(&format!("RESET {};", identifier(name)));
+            }
+        }
+        if sets.is_empty() && resets.is_empty() {
+            return None;
+        }
+        let mut sql = String::new();
+        if !sets.is_empty() {
+            sql.push_str("SELECT ");
+            sql.push_str(&sets.join(", "));
+            sql.push(';');
+        }
+        sql.push_str(&resets);
+        Some(sql)
+    }
+}
+
+/// An escape-string literal: safe whatever `standard_conforming_strings` is.
+fn literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+fn identifier(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// GUC names are letters, digits, `_` and `.` (for extension namespaces).
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        let mut s = Settings::default();
+        for (n, v) in pairs {
+            s.set(n, v);
+        }
+        s
+    }
+
+    #[test]
+    fn sync_sql_equal_settings_is_none() {
+        let a = settings(&[("DateStyle", "ISO"), ("application_name", "x")]);
+        let b = settings(&[("application_name", "x"), ("datestyle", "ISO")]);
+        assert_eq!(Settings::sync_sql(&a, &b), None);
+    }
+
+    #[test]
+    fn sync_sql_sets_changed_and_resets_dropped() {
+        let applied = settings(&[("application_name", "old"), ("timezone", "UTC")]);
+        let desired = settings(&[("application_name", "it's\\new")]);
+        assert_eq!(
+            Settings::sync_sql(&applied, &desired).unwrap(),
+            r#"SELECT pg_catalog.set_config(E'application_name', E'it''s\\new', false);RESET "timezone";"#
+        );
+    }
+
+    #[test]
+    fn track_reported_ignores_server_only_params() {
+        let mut s = Settings::default();
+        assert!(s.track_reported("TimeZone", "UTC"));
+        assert!(!s.track_reported("is_superuser", "on"));
+        assert_eq!(s.get("timezone"), Some("UTC"));
+    }
+
+    #[test]
+    fn is_valid_name_refuses_injection() {
+        assert!(is_valid_name("search_path") && is_valid_name("myext.opt"));
+        assert!(!is_valid_name("x; drop table t") && !is_valid_name(""));
+    }
+}

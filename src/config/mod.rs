@@ -1,0 +1,110 @@
+//! Configuration: a raw TOML shape that refuses unknown keys, validated into typed settings.
+//! Every refusal names the key and the reason. Durations are strings (`"120s"`, `"30m"`),
+//! optional features are `Option`, relative paths are taken from the config file's folder.
+//! No password is ever read from here: credentials point at a source.
+
+mod raw;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Syntax { path: PathBuf, line: usize, message: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendTls {
+    Disable,
+}
+
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    pub host: String,
+    pub port: u16,
+    /// Database used when a client names none.
+    pub dbname: String,
+    pub tls: BackendTls,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Backend connections per (user, database) pool.
+    pub max_backend_connections: usize,
+    pub min_idle_backend_connections: usize,
+    pub borrow_timeout: Duration,
+    /// Time a client has to finish startup and authentication.
+    pub login_timeout: Duration,
+    pub idle_client_timeout: Option<Duration>,
+    pub backend_idle_timeout: Option<Duration>,
+    pub backend_max_lifetime: Option<Duration>,
+    pub max_client_connections: usize,
+    /// Cap on any one message's body, either direction.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    File { path: PathBuf },
+}
+
+#[derive(Clone, Debug)]
+pub struct CredentialConfig {
+    /// The database user clients log in as.
+    pub user: String,
+    pub source: SourceConfig,
+    pub refresh_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database: DatabaseConfig,
+    pub pool: PoolConfig,
+    pub metrics_listen: Option<SocketAddr>,
+    pub credentials: Vec<CredentialConfig>,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, path, base)
+    }
+
+    /// Parses TOML text; `origin` names it in errors, `base` anchors relative paths.
+    pub fn from_toml(text: &str, origin: &Path, base: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+            // The message names the key; the span gives the line. The source line itself is
+            // not echoed, in case someone pasted a secret into the file.
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
+            ConfigError::Syntax { path: origin.to_owned(), line, message: e.message().trim().to_owned() }
+        })?;
+        raw.validate(base)
+    }
+}
+
+fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value).map_err(|e| invalid(key, format!("invalid duration {value:?}: {e}")))
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| invalid(key, format!("{value:?} is not an address like 127.0.0.1:6432")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,178 @@
+//! The TOML shape as written, with defaults, and its validation into [`super::Config`].
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::*;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    database: RawDatabase,
+    #[serde(default)]
+    pool: RawPool,
+    #[serde(default)]
+    metrics: Option<RawMetrics>,
+    #[serde(default)]
+    credentials: Vec<RawCredential>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    host: String,
+    #[serde(default = "default_port")]
+    port: u16,
+    #[serde(default = "default_dbname")]
+    dbname: String,
+    #[serde(default = "default_tls")]
+    tls: String,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: String,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+fn default_dbname() -> String {
+    "postgres".into()
+}
+fn default_tls() -> String {
+    "disable".into()
+}
+fn default_connect_timeout() -> String {
+    "10s".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPool {
+    max_backend_connections: usize,
+    min_idle_backend_connections: usize,
+    borrow_timeout: String,
+    login_timeout: String,
+    idle_client_timeout: Option<String>,
+    backend_idle_timeout: Option<String>,
+    backend_max_lifetime: Option<String>,
+    max_client_connections: usize,
+    max_message_bytes: usize,
+}
+
+impl Default for RawPool {
+    fn default() -> Self {
+        RawPool {
+            max_backend_connections: 20,
+            min_idle_backend_connections: 0,
+            borrow_timeout: "120s".into(),
+            login_timeout: "60s".into(),
+            idle_client_timeout: Some("30m".into()),
+            backend_idle_timeout: Some("10m".into()),
+            backend_max_lifetime: Some("1h".into()),
+            max_client_connections: 10_000,
+            max_message_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    user: String,
+    source: String,
+    path: Option<String>,
+    refresh_interval: Option<String>,
+}
+
+/// "off" turns an optional timeout off; anything else must parse.
+fn optional_duration(key: &str, value: &Option<String>) -> Result<Option<Duration>, ConfigError> {
+    match value.as_deref() {
+        None | Some("off") => Ok(None),
+        Some(v) => parse_duration(key, v).map(Some),
+    }
+}
+
+impl RawConfig {
+    pub(super) fn validate(self, base: &Path) -> Result<Config, ConfigError> {
+        let listen = parse_addr("listen", &self.listen)?;
+        let d = self.database;
+        if d.host.is_empty() {
+            return Err(invalid("database.host", "must not be empty"));
+        }
+        let tls = match d.tls.as_str() {
+            "disable" => BackendTls::Disable,
+            other => return Err(invalid("database.tls", format!("{other:?} is not supported yet (use \"disable\")"))),
+        };
+        let database = DatabaseConfig {
+            host: d.host,
+            port: d.port,
+            dbname: d.dbname,
+            tls,
+            connect_timeout: parse_duration("database.connect_timeout", &d.connect_timeout)?,
+        };
+        let p = self.pool;
+        if p.max_backend_connections == 0 {
+            return Err(invalid("pool.max_backend_connections", "must be at least 1"));
+        }
+        if p.min_idle_backend_connections > p.max_backend_connections {
+            return Err(invalid("pool.min_idle_backend_connections", "must not exceed pool.max_backend_connections"));
+        }
+        if p.max_client_connections == 0 {
+            return Err(invalid("pool.max_client_connections", "must be at least 1"));
+        }
+        if p.max_message_bytes < 1024 || p.max_message_bytes > (1 << 30) {
+            return Err(invalid("pool.max_message_bytes", "must be between 1024 and 1073741824"));
+        }
+        let pool = PoolConfig {
+            max_backend_connections: p.max_backend_connections,
+            min_idle_backend_connections: p.min_idle_backend_connections,
+            borrow_timeout: parse_duration("pool.borrow_timeout", &p.borrow_timeout)?,
+            login_timeout: parse_duration("pool.login_timeout", &p.login_timeout)?,
+            idle_client_timeout: optional_duration("pool.idle_client_timeout", &p.idle_client_timeout)?,
+            backend_idle_timeout: optional_duration("pool.backend_idle_timeout", &p.backend_idle_timeout)?,
+            backend_max_lifetime: optional_duration("pool.backend_max_lifetime", &p.backend_max_lifetime)?,
+            max_client_connections: p.max_client_connections,
+            max_message_bytes: p.max_message_bytes,
+        };
+        let metrics_listen = self.metrics.map(|m| parse_addr("metrics.listen", &m.listen)).transpose()?;
+        let mut credentials = Vec::new();
+        for (i, c) in self.credentials.into_iter().enumerate() {
+            let key = |k: &str| format!("credentials[{i}].{k}");
+            if c.user.is_empty() {
+                return Err(invalid(key("user"), "must not be empty"));
+            }
+            if credentials.iter().any(|e: &CredentialConfig| e.user == c.user) {
+                return Err(invalid(key("user"), format!("user {:?} has two credential entries", c.user)));
+            }
+            let source = match c.source.as_str() {
+                "file" => {
+                    let path = c.path.ok_or_else(|| invalid(key("path"), "required for source = \"file\""))?;
+                    let path = base.join(path);
+                    if !path.is_file() {
+                        return Err(invalid(key("path"), format!("{} is not a readable file", path.display())));
+                    }
+                    SourceConfig::File { path }
+                }
+                other => return Err(invalid(key("source"), format!("unknown source kind {other:?} (known: \"file\")"))),
+            };
+            let refresh_interval = match &c.refresh_interval {
+                Some(v) => parse_duration(&key("refresh_interval"), v)?,
+                None => Duration::from_secs(1),
+            };
+            credentials.push(CredentialConfig { user: c.user, source, refresh_interval });
+        }
+        Ok(Config { listen, database, pool, metrics_listen, credentials })
+    }
+}

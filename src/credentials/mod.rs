@@ -1,0 +1,276 @@
+//! Backend credentials: what a backend login needs (user name, password), in Secrets Manager's
+//! staged shape (AWSCURRENT, AWSPENDING, AWSPREVIOUS), kept fresh by a refresh loop per source.
+//!
+//! Owns: parsing the RDS secret JSON, the [`CredentialSource`] trait (the `file` kind here, the
+//! Secrets Manager kind beside it), and [`CredentialStore`], which hands the pool a snapshot
+//! tagged with a [`Generation`]. Must not: log or format a password; talk to Postgres.
+
+pub mod file;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use thiserror::Error;
+use tokio::sync::watch;
+
+/// Bumped each time the credential content changes; connections remember the one they used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Generation(pub u64);
+
+/// Which version stage a credential came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Current,
+    Pending,
+    Previous,
+}
+
+impl Stage {
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Current => "AWSCURRENT",
+            Stage::Pending => "AWSPENDING",
+            Stage::Previous => "AWSPREVIOUS",
+        }
+    }
+}
+
+/// One version of an RDS secret. `Debug` never shows the password.
+#[derive(Clone, Deserialize)]
+pub struct Credential {
+    pub username: String,
+    pub password: SecretString,
+    #[serde(default)]
+    pub engine: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<serde_json::Value>,
+    #[serde(default)]
+    pub dbname: Option<String>,
+    #[serde(default)]
+    pub masterarn: Option<String>,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
+}
+
+impl Credential {
+    fn same_login(&self, other: &Credential) -> bool {
+        self.username == other.username && self.password.expose_secret() == other.password.expose_secret()
+    }
+}
+
+/// The stages of one secret, as last fetched.
+#[derive(Clone, Debug)]
+pub struct StagedSecret {
+    pub current: Credential,
+    pub pending: Option<Credential>,
+    pub previous: Option<Credential>,
+}
+
+impl StagedSecret {
+    fn same_as(&self, other: &StagedSecret) -> bool {
+        let same = |a: &Option<Credential>, b: &Option<Credential>| match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.same_login(b),
+            _ => false,
+        };
+        self.current.same_login(&other.current)
+            && same(&self.pending, &other.pending)
+            && same(&self.previous, &other.previous)
+    }
+}
+
+/// A snapshot the pool logs in with.
+#[derive(Debug)]
+pub struct CredentialSet {
+    pub generation: Generation,
+    pub secret: StagedSecret,
+}
+
+impl CredentialSet {
+    /// Login candidates in the order a new backend connection tries them, without repeats.
+    pub fn candidates(&self) -> Vec<(Stage, &Credential)> {
+        let mut out: Vec<(Stage, &Credential)> = vec![(Stage::Current, &self.secret.current)];
+        for (stage, c) in [(Stage::Pending, &self.secret.pending), (Stage::Previous, &self.secret.previous)] {
+            if let Some(c) = c {
+                if !out.iter().any(|(_, seen)| seen.same_login(c)) {
+                    out.push((stage, c));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum CredentialError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: std::path::PathBuf, #[source] source: std::io::Error },
+    /// Never carries secret text: only the JSON error's category and position.
+    #[error("secret is not valid RDS secret JSON ({category} at line {line}, column {column})")]
+    BadJson { category: &'static str, line: usize, column: usize },
+    #[error("secret has no {0} version")]
+    MissingStage(&'static str),
+}
+
+impl CredentialError {
+    pub(crate) fn from_json(e: &serde_json::Error) -> CredentialError {
+        let category = match e.classify() {
+            serde_json::error::Category::Io => "I/O error",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "missing or mistyped field",
+            serde_json::error::Category::Eof => "unexpected end",
+        };
+        CredentialError::BadJson { category, line: e.line(), column: e.column() }
+    }
+
+    /// Worth retrying later (the source may come back), as opposed to a secret that is wrong.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CredentialError::Io { .. })
+    }
+}
+
+/// Parses secret JSON: either one RDS secret (taken as AWSCURRENT) or an object of stages
+/// `{"AWSCURRENT": {...}, "AWSPENDING": {...}, "AWSPREVIOUS": {...}}`.
+pub fn parse_secret_json(text: &str) -> Result<StagedSecret, CredentialError> {
+    #[derive(Deserialize)]
+    struct Staged {
+        #[serde(rename = "AWSCURRENT")]
+        current: Option<Credential>,
+        #[serde(rename = "AWSPENDING", default)]
+        pending: Option<Credential>,
+        #[serde(rename = "AWSPREVIOUS", default)]
+        previous: Option<Credential>,
+    }
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| CredentialError::from_json(&e))?;
+    let is_staged = value.get("AWSCURRENT").is_some() || value.get("AWSPENDING").is_some();
+    if is_staged {
+        let s: Staged = serde_json::from_value(value).map_err(|e| CredentialError::from_json(&e))?;
+        let current = s.current.ok_or(CredentialError::MissingStage("AWSCURRENT"))?;
+        Ok(StagedSecret { current, pending: s.pending, previous: s.previous })
+    } else {
+        let current: Credential = serde_json::from_value(value).map_err(|e| CredentialError::from_json(&e))?;
+        Ok(StagedSecret { current, pending: None, previous: None })
+    }
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where a secret lives. Implementations fetch all stages they can see.
+pub trait CredentialSource: Send + Sync + 'static {
+    fn fetch(&self) -> BoxFuture<'_, Result<StagedSecret, CredentialError>>;
+    /// A name for logs (a path or a secret id; never secret content).
+    fn describe(&self) -> String;
+}
+
+/// The latest snapshot of one user's credential, with a loop that refreshes it.
+pub struct CredentialStore {
+    source: Arc<dyn CredentialSource>,
+    tx: watch::Sender<Arc<CredentialSet>>,
+}
+
+impl CredentialStore {
+    /// Fetches once (an error here is a start-up error) and returns the store.
+    pub async fn load(source: Arc<dyn CredentialSource>) -> Result<Arc<CredentialStore>, CredentialError> {
+        let secret = source.fetch().await?;
+        let (tx, _) = watch::channel(Arc::new(CredentialSet { generation: Generation(1), secret }));
+        Ok(Arc::new(CredentialStore { source, tx }))
+    }
+
+    pub fn snapshot(&self) -> Arc<CredentialSet> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<CredentialSet>> {
+        self.tx.subscribe()
+    }
+
+    /// Fetches now; publishes a new generation only when some stage changed. On error the
+    /// last good snapshot stays in service.
+    pub async fn refresh(&self) -> Result<bool, CredentialError> {
+        let secret = self.source.fetch().await?;
+        let current = self.snapshot();
+        if current.secret.same_as(&secret) {
+            return Ok(false);
+        }
+        let next = Generation(current.generation.0 + 1);
+        self.tx.send_replace(Arc::new(CredentialSet { generation: next, secret }));
+        tracing::info!(source = %self.source.describe(), generation = next.0, "credential changed");
+        Ok(true)
+    }
+
+    /// Refreshes every `interval` until the process ends.
+    pub fn spawn_refresh_loop(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let store = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = store.refresh().await {
+                    tracing::warn!(source = %store.source.describe(), error = %e, "credential refresh failed; keeping the last good credential");
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_plain_secret_is_current() {
+        let s = parse_secret_json(r#"{"engine":"postgres","username":"app","password":"pw","port":5432}"#).unwrap();
+        assert_eq!(s.current.username, "app");
+        assert!(s.pending.is_none());
+    }
+
+    #[test]
+    fn parse_staged_secret_keeps_all_stages() {
+        let s = parse_secret_json(
+            r#"{"AWSCURRENT":{"username":"app","password":"a"},"AWSPENDING":{"username":"app","password":"b"}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.pending.unwrap().password.expose_secret(), "b");
+    }
+
+    #[test]
+    fn parse_error_never_echoes_secret_text() {
+        let err = parse_secret_json(r#"{"username":"app","password":12345678}"#).err().unwrap();
+        assert!(!err.to_string().contains("12345678"), "{err}");
+        let err = parse_secret_json(r#"{"username":"app"}"#).err().unwrap();
+        assert!(matches!(err, CredentialError::BadJson { .. }));
+        let err = parse_secret_json(r#"{"AWSPENDING":{"username":"a","password":"topsecret"}}"#).err().unwrap();
+        assert!(matches!(err, CredentialError::MissingStage("AWSCURRENT")));
+    }
+
+    #[test]
+    fn credential_debug_redacts_password() {
+        let s = parse_secret_json(r#"{"username":"app","password":"hunter2"}"#).unwrap();
+        let shown = format!("{:?}", s);
+        assert!(!shown.contains("hunter2") && shown.contains("redacted"), "{shown}");
+    }
+
+    #[test]
+    fn candidates_skip_duplicate_logins() {
+        let s = parse_secret_json(
+            r#"{"AWSCURRENT":{"username":"app","password":"a"},"AWSPENDING":{"username":"app","password":"a"},"AWSPREVIOUS":{"username":"app","password":"z"}}"#,
+        )
+        .unwrap();
+        let set = CredentialSet { generation: Generation(1), secret: s };
+        let stages: Vec<Stage> = set.candidates().iter().map(|(s, _)| *s).collect();
+        assert_eq!(stages, vec![Stage::Current, Stage::Previous]);
+    }
+}

@@ -1,0 +1,125 @@
+//! Start-up and the accept loop. [`Server::bind`] turns a [`Config`] into the one [`Shared`]
+//! state every session hangs off (credential stores, pools, cancel keys, metrics), binds the
+//! client listener, and [`Server::run`] accepts until shutdown, one task per client, capped by
+//! `max_client_connections`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::auth::UserEntry;
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, SourceConfig};
+use crate::credentials::file::FileSource;
+use crate::credentials::{CredentialError, CredentialSource, CredentialStore};
+use crate::metrics::{Exporter, Metrics};
+use crate::pool::Pools;
+use crate::session::{self, SessionId};
+
+/// State shared by every session, built once at start-up.
+pub struct Shared {
+    pub config: Config,
+    /// Configured database users, by the name clients log in with.
+    pub users: HashMap<String, UserEntry>,
+    pub pools: Pools,
+    pub cancels: Arc<CancelRegistry>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("credentials for user {user}: {source}")]
+    Credential { user: String, #[source] source: CredentialError },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    #[error("metrics: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    /// Caps concurrent clients; a permit lives as long as its session.
+    client_slots: Arc<Semaphore>,
+}
+
+impl Server {
+    /// Loads every credential once (a failure here stops start-up), starts their refresh loops,
+    /// the metrics exporter, and binds the client listener.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let exporter = match config.metrics_listen {
+            Some(addr) => Exporter::Http(addr),
+            None => Exporter::None,
+        };
+        let metrics = Arc::new(Metrics::start(exporter)?);
+        let mut users = HashMap::new();
+        for c in &config.credentials {
+            let source: Arc<dyn CredentialSource> = match &c.source {
+                SourceConfig::File { path } => Arc::new(FileSource::new(path.clone())),
+            };
+            let store = CredentialStore::load(source)
+                .await
+                .map_err(|source| StartError::Credential { user: c.user.clone(), source })?;
+            store.spawn_refresh_loop(c.refresh_interval);
+            users.insert(c.user.clone(), UserEntry::new(c.user.clone(), store));
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let client_slots = Arc::new(Semaphore::new(config.pool.max_client_connections));
+        let pools = Pools::new(config.database.clone(), config.pool.clone(), Arc::clone(&metrics));
+        let shared = Arc::new(Shared { config, users, pools, cancels: Arc::new(CancelRegistry::default()), metrics });
+        Ok(Server { shared, listener, client_slots })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Accepts clients until `shutdown` completes. Sessions already running keep running.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tracing::info!(listen = %self.local_addr(), "pgwarden accepting clients");
+        let next_id = AtomicU64::new(1);
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = &mut shutdown => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let id = SessionId(next_id.fetch_add(1, Ordering::Relaxed));
+            match Arc::clone(&self.client_slots).try_acquire_owned() {
+                Ok(permit) => {
+                    let shared = Arc::clone(&self.shared);
+                    tokio::spawn(async move {
+                        session::run(shared, stream, peer, id).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "client connection limit reached");
+                    tokio::spawn(session::refuse_too_many(stream, self.shared.config.pool.max_client_connections));
+                }
+            }
+        }
+        tracing::info!("pgwarden stopped accepting clients");
+    }
+}

@@ -1,0 +1,138 @@
+//! Prometheus metrics named after RDS Proxy's CloudWatch metrics, so existing dashboards carry
+//! over. Handles are registered once on a recorder owned by this server (no global recorder),
+//! so the hot path only touches atomics. Latencies are in microseconds, as CloudWatch's are.
+//! Labels never carry secrets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+const LATENCY_BUCKETS_US: &[f64] = &[
+    50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 25_000.0, 50_000.0, 100_000.0, 250_000.0,
+    1_000_000.0, 5_000_000.0, 30_000_000.0, 120_000_000.0,
+];
+
+pub struct Metrics {
+    pub handle: PrometheusHandle,
+    pub client_connections: Gauge,
+    pub client_connections_received: Counter,
+    pub client_connections_closed: Counter,
+    pub client_connections_no_tls: Counter,
+    pub client_connections_setup_succeeded: Counter,
+    pub client_connections_setup_failed_auth: Counter,
+    pub database_connections: Gauge,
+    pub database_connection_requests: Counter,
+    pub database_connections_setup_succeeded: Counter,
+    pub database_connections_setup_failed: Counter,
+    pub database_connections_currently_borrowed: Gauge,
+    pub database_connections_borrow_latency: Histogram,
+    pub max_database_connections_allowed: Gauge,
+    pub query_requests: Counter,
+    pub query_requests_no_tls: Counter,
+    pub query_database_response_latency: Histogram,
+    pub borrow_timeouts: Counter,
+}
+
+pub enum Exporter {
+    /// Serve `/metrics` on this address.
+    Http(SocketAddr),
+    /// Keep metrics in memory only (tests render them directly).
+    None,
+}
+
+impl Metrics {
+    /// Builds the recorder and, for [`Exporter::Http`], starts its listener. Needs a runtime.
+    pub fn start(exporter: Exporter) -> Result<Metrics, metrics_exporter_prometheus::BuildError> {
+        let builder = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS_US)?;
+        let recorder = match exporter {
+            Exporter::Http(addr) => {
+                let (recorder, serve) = builder.with_http_listener(addr).build()?;
+                tokio::spawn(async move {
+                    if serve.await.is_err() {
+                        tracing::error!("metrics listener stopped");
+                    }
+                });
+                recorder
+            }
+            Exporter::None => {
+                let recorder = builder.build_recorder();
+                let handle = recorder.handle();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        handle.run_upkeep();
+                    }
+                });
+                recorder
+            }
+        };
+        let handle = recorder.handle();
+        Ok(metrics::with_local_recorder(&recorder, || {
+            use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+            describe_gauge!("ClientConnections", "Client connections currently open.");
+            describe_counter!("ClientConnectionsReceived", "Client connections accepted.");
+            describe_counter!("ClientConnectionsClosed", "Client connections closed.");
+            describe_counter!("ClientConnectionsNoTLS", "Client connections without TLS.");
+            describe_counter!("ClientConnectionsSetupSucceeded", "Client connections that completed login.");
+            describe_counter!("ClientConnectionsSetupFailedAuth", "Client logins refused.");
+            describe_gauge!("DatabaseConnections", "Backend connections currently open.");
+            describe_counter!("DatabaseConnectionRequests", "Backend connections attempted.");
+            describe_counter!("DatabaseConnectionsSetupSucceeded", "Backend logins that succeeded.");
+            describe_counter!("DatabaseConnectionsSetupFailed", "Backend connects or logins that failed.");
+            describe_gauge!("DatabaseConnectionsCurrentlyBorrowed", "Backend connections lent to a client now.");
+            describe_histogram!("DatabaseConnectionsBorrowLatency", Unit::Microseconds, "Time to borrow a backend.");
+            describe_gauge!("MaxDatabaseConnectionsAllowed", "Configured backend connections, all pools.");
+            describe_counter!("QueryRequests", "Queries (simple Query or extended Sync) received from clients.");
+            describe_counter!("QueryRequestsNoTLS", "Queries received over plaintext.");
+            describe_histogram!(
+                "QueryDatabaseResponseLatency",
+                Unit::Microseconds,
+                "Time from forwarding a request to the first byte of the database's answer."
+            );
+            describe_counter!("pgwarden_borrow_timeouts", "Clients that gave up waiting for a backend.");
+            Metrics {
+                handle,
+                client_connections: gauge!("ClientConnections"),
+                client_connections_received: counter!("ClientConnectionsReceived"),
+                client_connections_closed: counter!("ClientConnectionsClosed"),
+                client_connections_no_tls: counter!("ClientConnectionsNoTLS"),
+                client_connections_setup_succeeded: counter!("ClientConnectionsSetupSucceeded"),
+                client_connections_setup_failed_auth: counter!("ClientConnectionsSetupFailedAuth"),
+                database_connections: gauge!("DatabaseConnections"),
+                database_connection_requests: counter!("DatabaseConnectionRequests"),
+                database_connections_setup_succeeded: counter!("DatabaseConnectionsSetupSucceeded"),
+                database_connections_setup_failed: counter!("DatabaseConnectionsSetupFailed"),
+                database_connections_currently_borrowed: gauge!("DatabaseConnectionsCurrentlyBorrowed"),
+                database_connections_borrow_latency: histogram!("DatabaseConnectionsBorrowLatency"),
+                max_database_connections_allowed: gauge!("MaxDatabaseConnectionsAllowed"),
+                query_requests: counter!("QueryRequests"),
+                query_requests_no_tls: counter!("QueryRequestsNoTLS"),
+                query_database_response_latency: histogram!("QueryDatabaseResponseLatency"),
+                borrow_timeouts: counter!("pgwarden_borrow_timeouts"),
+            }
+        }))
+    }
+
+    /// The current exposition text (what `/metrics` serves).
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+/// Decrements a gauge when dropped: ties a gauge to an object's life.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &Gauge) -> GaugeGuard {
+        gauge.increment(1.0);
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}

@@ -1,0 +1,256 @@
+//! Backend pools, one per (user, database): deadpool holds the idle connections and the fair
+//! FIFO queue of waiting clients; [`BackendManager`] opens connections with the user's current
+//! credential and refuses, at checkout, any that expired, died while idle, or logged in with a
+//! credential generation older than the newest one that works. A janitor evicts expired idle
+//! connections and keeps `min_idle` warm. Must not: authenticate clients or touch client sockets.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use deadpool::managed::{self, Metrics as ObjectMetrics, Object, RecycleError, RecycleResult, Timeouts};
+use thiserror::Error;
+
+use crate::backend::{self, BackendConn, BackendError};
+use crate::config::{DatabaseConfig, PoolConfig};
+use crate::credentials::CredentialStore;
+use crate::metrics::{GaugeGuard, Metrics};
+use crate::protocol::SqlState;
+
+/// Which pool a client's transactions go to. Every field that changes what a backend may do
+/// is part of the key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub user: String,
+    pub database: String,
+}
+
+#[derive(Debug, Error)]
+pub enum PoolError {
+    #[error("timed out waiting for a backend connection")]
+    BorrowTimeout,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("pool is closed")]
+    Closed,
+}
+
+impl PoolError {
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            PoolError::BorrowTimeout => SqlState::TOO_MANY_CONNECTIONS,
+            PoolError::Backend(e) => e.sqlstate(),
+            PoolError::Closed => SqlState::ADMIN_SHUTDOWN,
+        }
+    }
+
+    pub fn client_message(&self) -> String {
+        match self {
+            PoolError::BorrowTimeout => "Timed-out waiting to acquire database connection.".into(),
+            PoolError::Backend(e) => e.client_message(),
+            PoolError::Closed => "pgwarden is shutting down.".into(),
+        }
+    }
+}
+
+/// Opens and vets backend connections for one pool.
+pub struct BackendManager {
+    target: DatabaseConfig,
+    database: String,
+    store: Arc<CredentialStore>,
+    cfg: PoolConfig,
+    metrics: Arc<Metrics>,
+    server_params: Arc<OnceLock<Vec<(String, String)>>>,
+    /// Newest credential generation a backend has logged in with; older connections retire.
+    newest_working: AtomicU64,
+}
+
+impl BackendManager {
+    fn staggered_lifetime(&self) -> Option<Duration> {
+        // Up to 10% shorter, so connections opened together do not all retire together.
+        self.cfg.backend_max_lifetime.map(|l| l.mul_f64(1.0 - rand::random::<f64>() * 0.1))
+    }
+}
+
+impl managed::Manager for BackendManager {
+    type Type = BackendConn;
+    type Error = BackendError;
+
+    async fn create(&self) -> Result<BackendConn, BackendError> {
+        self.metrics.database_connection_requests.increment(1);
+        let creds = self.store.snapshot();
+        match backend::connect(&self.target, &self.database, &creds, self.staggered_lifetime()).await {
+            Ok(mut conn) => {
+                self.metrics.database_connections_setup_succeeded.increment(1);
+                conn.open_guard = Some(GaugeGuard::new(&self.metrics.database_connections));
+                self.newest_working.fetch_max(conn.generation.0, Ordering::Relaxed);
+                let _ = self.server_params.set(conn.server_params.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                self.metrics.database_connections_setup_failed.increment(1);
+                tracing::warn!(database = %self.database, error = %e, "backend connection failed");
+                Err(e)
+            }
+        }
+    }
+
+    async fn recycle(&self, conn: &mut BackendConn, _: &ObjectMetrics) -> RecycleResult<BackendError> {
+        if conn.expired(Instant::now(), self.cfg.backend_idle_timeout) {
+            return Err(RecycleError::message("expired"));
+        }
+        if conn.generation.0 < self.newest_working.load(Ordering::Relaxed) {
+            return Err(RecycleError::message("credential rotated"));
+        }
+        if conn.is_closed_or_dirty() {
+            tracing::info!(pid = ?conn.key.map(|k| k.pid.0), "backend closed while idle; replacing it");
+            return Err(RecycleError::message("closed while idle"));
+        }
+        Ok(())
+    }
+}
+
+/// One pool and what its clients need to know about its backends.
+pub struct PoolEntry {
+    pub key: PoolKey,
+    pool: managed::Pool<BackendManager>,
+    server_params: Arc<OnceLock<Vec<(String, String)>>>,
+    timeouts: Timeouts,
+    metrics: Arc<Metrics>,
+}
+
+/// A backend lent to one client. Drop returns it to the pool; [`Lease::discard`] closes it.
+pub struct Lease {
+    obj: Object<BackendManager>,
+    _borrowed: GaugeGuard,
+}
+
+impl Lease {
+    pub fn conn(&mut self) -> &mut BackendConn {
+        &mut self.obj
+    }
+
+    /// Returns a clean, idle connection to the pool.
+    pub fn release(mut self) {
+        self.obj.idle_since = Instant::now();
+    }
+
+    /// Closes a connection in an unknown state instead of returning it.
+    pub fn discard(self) {
+        let conn = Object::take(self.obj);
+        tokio::spawn(conn.close());
+    }
+}
+
+impl PoolEntry {
+    /// Borrows a backend, waiting in line up to the borrow timeout.
+    pub async fn checkout(&self) -> Result<Lease, PoolError> {
+        let started = Instant::now();
+        let obj = self.pool.timeout_get(&self.timeouts).await.map_err(|e| match e {
+            managed::PoolError::Timeout(managed::TimeoutType::Wait) => {
+                self.metrics.borrow_timeouts.increment(1);
+                PoolError::BorrowTimeout
+            }
+            managed::PoolError::Timeout(_) => PoolError::Backend(BackendError::Timeout),
+            managed::PoolError::Backend(e) => PoolError::Backend(e),
+            _ => PoolError::Closed,
+        })?;
+        self.metrics.database_connections_borrow_latency.record(started.elapsed().as_micros() as f64);
+        Ok(Lease { obj, _borrowed: GaugeGuard::new(&self.metrics.database_connections_currently_borrowed) })
+    }
+
+    /// The parameters the backend reported at login, once any backend has logged in.
+    pub fn server_params(&self) -> Option<&[(String, String)]> {
+        self.server_params.get().map(|v| v.as_slice())
+    }
+
+    pub fn status(&self) -> deadpool::Status {
+        self.pool.status()
+    }
+}
+
+/// All pools, created on first use.
+pub struct Pools {
+    target: DatabaseConfig,
+    cfg: PoolConfig,
+    metrics: Arc<Metrics>,
+    map: Mutex<HashMap<PoolKey, Arc<PoolEntry>>>,
+}
+
+impl Pools {
+    pub fn new(target: DatabaseConfig, cfg: PoolConfig, metrics: Arc<Metrics>) -> Pools {
+        Pools { target, cfg, metrics, map: Mutex::new(HashMap::new()) }
+    }
+
+    /// The pool for `key`, created (with its janitor) if this is its first client.
+    pub fn entry(&self, key: &PoolKey, store: &Arc<CredentialStore>) -> Arc<PoolEntry> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get(key) {
+            return Arc::clone(e);
+        }
+        let server_params = Arc::new(OnceLock::new());
+        let manager = BackendManager {
+            target: self.target.clone(),
+            database: key.database.clone(),
+            store: Arc::clone(store),
+            cfg: self.cfg.clone(),
+            metrics: Arc::clone(&self.metrics),
+            server_params: Arc::clone(&server_params),
+            newest_working: AtomicU64::new(0),
+        };
+        let pool = managed::Pool::builder(manager)
+            .max_size(self.cfg.max_backend_connections)
+            .queue_mode(deadpool::managed::QueueMode::Lifo)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .expect("a runtime is set, so building cannot fail");
+        let entry = Arc::new(PoolEntry {
+            key: key.clone(),
+            pool,
+            server_params,
+            timeouts: Timeouts {
+                wait: Some(self.cfg.borrow_timeout),
+                create: Some(self.target.connect_timeout.saturating_mul(3)),
+                recycle: None,
+            },
+            metrics: Arc::clone(&self.metrics),
+        });
+        self.metrics.max_database_connections_allowed.increment(self.cfg.max_backend_connections as f64);
+        spawn_janitor(Arc::downgrade(&entry), self.cfg.clone());
+        map.insert(key.clone(), Arc::clone(&entry));
+        entry
+    }
+}
+
+/// Every second: drop idle connections past their idle timeout or lifetime, then top the pool
+/// up to `min_idle`. Stops when the pool is gone.
+fn spawn_janitor(entry: Weak<PoolEntry>, cfg: PoolConfig) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(entry) = entry.upgrade() else { return };
+            let now = Instant::now();
+            let evicted = entry.pool.retain(|conn, _| !conn.expired(now, cfg.backend_idle_timeout));
+            for conn in evicted.removed {
+                tokio::spawn(conn.close());
+            }
+            let status = entry.pool.status();
+            let want = cfg.min_idle_backend_connections.saturating_sub(status.available);
+            let room = status.max_size.saturating_sub(status.size);
+            let open = want.min(room);
+            if open > 0 {
+                // Borrowing every idle connection plus `open` more makes deadpool create them.
+                let mut held = Vec::new();
+                for _ in 0..status.available + open {
+                    match entry.pool.timeout_get(&Timeouts { wait: Some(Duration::ZERO), ..entry.timeouts }).await {
+                        Ok(obj) => held.push(obj),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+    });
+}

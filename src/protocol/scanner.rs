@@ -1,0 +1,170 @@
+//! Finds message boundaries in a stream of tagged messages (`tag`, `i32` length, body) as bytes
+//! arrive in arbitrary chunks, without buffering or decoding bodies. The relay forwards chunks
+//! untouched and only asks the scanner where messages start and end, and for the bodies of the
+//! few tags it must read (ReadyForQuery, ParameterStatus). Every length is checked against a cap.
+
+use super::ProtocolError;
+
+/// One complete message found in a chunk.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub tag: u8,
+    /// The body, only for tags the caller asked to see; empty otherwise.
+    pub body: &'a [u8],
+    /// Offset in this chunk where the message started, `None` if it began in an earlier chunk.
+    pub start: Option<usize>,
+    /// Offset in this chunk just past the message's last byte.
+    pub end: usize,
+}
+
+#[derive(Debug)]
+pub struct MessageScanner {
+    max_body: usize,
+    header: [u8; 5],
+    header_len: usize,
+    in_body: bool,
+    remaining: usize,
+    tag: u8,
+    capture: bool,
+    split_body: Vec<u8>,
+    start: Option<usize>,
+}
+
+impl MessageScanner {
+    /// `max_body` caps the body length of any single message.
+    pub fn new(max_body: usize) -> MessageScanner {
+        MessageScanner {
+            max_body,
+            header: [0; 5],
+            header_len: 0,
+            in_body: false,
+            remaining: 0,
+            tag: 0,
+            capture: false,
+            split_body: Vec::new(),
+            start: None,
+        }
+    }
+
+    /// True when no message is partly seen: the stream can be handed to another peer here.
+    pub fn at_boundary(&self) -> bool {
+        self.header_len == 0 && !self.in_body
+    }
+
+    /// Scans `data`, calling `on_frame` for each message completed in it. `wants_body` says
+    /// which tags' bodies the caller needs.
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        wants_body: impl Fn(u8) -> bool,
+        mut on_frame: impl FnMut(Frame<'_>),
+    ) -> Result<(), ProtocolError> {
+        let mut pos = 0;
+        while pos < data.len() {
+            if !self.in_body {
+                if self.header_len == 0 {
+                    self.start = Some(pos);
+                }
+                let take = (5 - self.header_len).min(data.len() - pos);
+                self.header[self.header_len..self.header_len + take].copy_from_slice(&data[pos..pos + take]);
+                self.header_len += take;
+                pos += take;
+                if self.header_len < 5 {
+                    return Ok(());
+                }
+                let len = i32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+                if len < 4 || (len as usize - 4) > self.max_body {
+                    return Err(ProtocolError::BadLength { len: len as i64, max: self.max_body });
+                }
+                self.tag = self.header[0];
+                self.remaining = len as usize - 4;
+                self.header_len = 0;
+                self.in_body = true;
+                self.capture = wants_body(self.tag);
+                self.split_body.clear();
+            }
+            let take = self.remaining.min(data.len() - pos);
+            let chunk = &data[pos..pos + take];
+            pos += take;
+            self.remaining -= take;
+            let whole_here = self.split_body.is_empty() && self.remaining == 0;
+            if self.capture && !whole_here {
+                self.split_body.extend_from_slice(chunk);
+            }
+            if self.remaining == 0 {
+                self.in_body = false;
+                let body: &[u8] = match (self.capture, whole_here) {
+                    (false, _) => &[],
+                    (true, true) => chunk,
+                    (true, false) => &self.split_body,
+                };
+                on_frame(Frame { tag: self.tag, body, start: self.start.take(), end: pos });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn collect(scanner: &mut MessageScanner, data: &[u8]) -> Vec<(u8, Vec<u8>, Option<usize>, usize)> {
+        let mut out = Vec::new();
+        scanner
+            .feed(data, |t| t == b'Z' || t == b'S', |f| out.push((f.tag, f.body.to_vec(), f.start, f.end)))
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn feed_whole_messages_reports_offsets_and_wanted_bodies() {
+        let mut data = msg(b'C', b"SELECT 1\0");
+        data.extend(msg(b'Z', b"I"));
+        data.extend(msg(b'S', b""));
+        let mut s = MessageScanner::new(1024);
+        let got = collect(&mut s, &data);
+        assert_eq!(
+            got,
+            vec![(b'C', vec![], Some(0), 14), (b'Z', b"I".to_vec(), Some(14), 20), (b'S', vec![], Some(20), 25)]
+        );
+        assert!(s.at_boundary());
+    }
+
+    #[test]
+    fn feed_byte_by_byte_reassembles_split_headers_and_bodies() {
+        let mut data = msg(b'S', b"TimeZone\0UTC\0");
+        data.extend(msg(b'Z', b"T"));
+        let mut s = MessageScanner::new(1024);
+        let mut got = Vec::new();
+        for (i, b) in data.iter().enumerate() {
+            for f in collect(&mut s, std::slice::from_ref(b)) {
+                got.push((f.0, f.1, i));
+            }
+            assert_eq!(s.at_boundary(), i == 17 || i == data.len() - 1);
+        }
+        assert_eq!(got, vec![(b'S', b"TimeZone\0UTC\0".to_vec(), 17), (b'Z', b"T".to_vec(), 23)]);
+    }
+
+    #[test]
+    fn feed_oversize_length_is_refused() {
+        let mut s = MessageScanner::new(1024);
+        let err = s.feed(&[b'Q', 0x7f, 0xff, 0xff, 0xff], |_| false, |_| {}).unwrap_err();
+        assert!(matches!(err, ProtocolError::BadLength { .. }));
+    }
+
+    #[test]
+    fn feed_length_below_four_is_refused() {
+        let mut s = MessageScanner::new(1024);
+        assert!(s.feed(&[b'Q', 0, 0, 0, 3], |_| false, |_| {}).is_err());
+        let mut s = MessageScanner::new(1024);
+        assert!(s.feed(&[b'Q', 0xff, 0xff, 0xff, 0xff], |_| false, |_| {}).is_err());
+    }
+}
