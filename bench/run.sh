@@ -63,6 +63,9 @@ has()  { [[ " $SYSTEMS " == *" $1 "* ]]; }
 # than 65536 in containers; take what we can get.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
+if [[ " $WORKLOADS " == *" select300 "* ]] && (( DURATION < 10 )) && [[ $MODE != idle ]]; then
+  warn "DURATION=$DURATION: pgbench's -T clock includes connecting 300 SCRAM clients (seconds through a pooler); select300 may process 0 transactions"
+fi
 if (( NOFILE < IDLE_CLIENTS + 200 )); then
   warn "ulimit -n is $NOFILE; idle test with $IDLE_CLIENTS clients may fail"
 fi
@@ -340,7 +343,7 @@ declare -A W_ARGS=(
   [extended32]="-S -M extended -c 32"
   [connect32]="-S -C -c 32"
 )
-declare -A TPS LAT FAIL NOTE
+declare -A TPS LAT FAIL CONN NOTE
 
 # Reset tpcb-like state so each system starts from the same point
 # (what pgbench does itself unless -n; we pass -n so poolers are not asked to VACUUM).
@@ -366,11 +369,17 @@ run_pgbench() {
   LAT[$w,$sys]=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
   FAIL[$w,$sys]=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -1)
   FAIL[$w,$sys]=${FAIL[$w,$sys]:-0}
+  # "initial connection time" (normal runs) or "average connection time" (-C)
+  CONN[$w,$sys]=$(sed -n 's/^\(initial\|average\) connection time = \([0-9.]*\) ms.*/\2/p' "$out" | head -1)
   local aborted
   aborted=$(grep -c 'aborted' "$out" || true)
   NOTE[$w,$sys]=""
   if (( rc != 0 )); then NOTE[$w,$sys]="exit $rc"; fi
   if (( aborted > 0 )); then NOTE[$w,$sys]+="${NOTE[$w,$sys]:+, }$aborted abort msgs"; fi
+  if grep -q '^number of transactions actually processed: 0$' "$out"; then
+    # pgbench's -T clock includes connecting all clients first
+    NOTE[$w,$sys]+="${NOTE[$w,$sys]:+, }0 tx: connecting took longer than DURATION?"
+  fi
   printf '    %-10s tps=%-12s lat=%-8s ms failed=%s %s\n' "$sys" "${TPS[$w,$sys]:-ERR}" \
     "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${NOTE[$w,$sys]}" >&2
 }
@@ -388,23 +397,28 @@ if [[ $MODE == all || $MODE == tps ]]; then
       echo "#### ${W_LABEL[$w]}"
       echo
       {
-        echo "system|TPS|mean latency (ms)|failed tx|notes"
-        echo "-|-|-|-|-"
+        echo "system|TPS|mean latency (ms)|failed tx|connect (ms)|notes"
+        echo "-|-|-|-|-|-"
         for sys in direct pgbouncer pgwarden; do
           has "$sys" || continue
-          echo "$sys|$(fmt1 "${TPS[$w,$sys]:-}")|${LAT[$w,$sys]:--}|${FAIL[$w,$sys]}|${NOTE[$w,$sys]}"
+          echo "$sys|$(fmt1 "${TPS[$w,$sys]:-}")|${LAT[$w,$sys]:--}|${FAIL[$w,$sys]}|${CONN[$w,$sys]:--}|${NOTE[$w,$sys]}"
         done
         if has pgwarden; then
           for base in direct pgbouncer; do
             has "$base" || continue
             # latency ratio < 1 and TPS ratio > 1 are both "pgwarden better"
-            echo "pgwarden / $base|$(ratio "${TPS[$w,pgwarden]:-}" "${TPS[$w,$base]:-}")|$(ratio "${LAT[$w,pgwarden]:-}" "${LAT[$w,$base]:-}")||"
+            echo "pgwarden / $base|$(ratio "${TPS[$w,pgwarden]:-}" "${TPS[$w,$base]:-}")|$(ratio "${LAT[$w,pgwarden]:-}" "${LAT[$w,$base]:-}")||$(ratio "${CONN[$w,pgwarden]:-}" "${CONN[$w,$base]:-}")|"
           done
         fi
       } | md_table
       echo
     } >>"$REPORT"
   done
+  {
+    echo "TPS excludes initial connection time, except for -C where it includes reconnection."
+    echo "connect (ms) = pgbench's \"initial connection time\" (all clients, serial per thread) or, for -C, \"average connection time\"."
+    echo
+  } >>"$REPORT"
 fi
 
 # ------------------------------------------------------ idle-client memory --
