@@ -1,0 +1,197 @@
+//! Transaction pooling under load and faults: many clients over few backends, clients and
+//! backends dying mid-transaction, the borrow timeout, and query cancellation.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, sqlstate};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_share_five_backends_with_every_result_checked() {
+    let h = Harness::start().await;
+    h.client().await.batch_execute("CREATE TABLE ledger (client int, n int, PRIMARY KEY (client, n))").await.unwrap();
+    let mut tasks = Vec::new();
+    for client_id in 0..200i32 {
+        let conn = h.conn_str();
+        tasks.push(tokio::spawn(async move {
+            let mut c = common::connect(&conn).await.expect("connect");
+            for n in 0..10i32 {
+                let tx = c.transaction().await.unwrap();
+                tx.execute("INSERT INTO ledger VALUES ($1, $2)", &[&client_id, &n]).await.unwrap();
+                let sum: i64 =
+                    tx.query_one("SELECT sum(n)::int8 FROM ledger WHERE client = $1", &[&client_id]).await.unwrap().get(0);
+                assert_eq!(sum, (0..=n as i64).sum::<i64>(), "client {client_id} sees its own rows only");
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task succeeds");
+    }
+    let c = h.client().await;
+    let total: i64 = c.query_one("SELECT count(*) FROM ledger", &[]).await.unwrap().get(0);
+    assert_eq!(total, 2000);
+    assert!(h.backend_count() <= 5, "pool of 5: {} backends", h.backend_count());
+    let metrics = h.shared.metrics.render();
+    assert!(metrics.contains("ClientConnectionsSetupSucceeded 202"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_transaction_leaves_no_dirty_backend() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let setup = h.client().await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    drop(setup);
+    {
+        let mut raw = common::RawClient::connect(h.addr).await;
+        raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+        raw.send(&common::query_message("BEGIN; INSERT INTO t VALUES (1); SET LOCAL work_mem = '77MB'")).await;
+        while raw.recv().await.expect("reply").tag != b'Z' {}
+        // Vanish without Terminate while the transaction is open.
+    }
+    // The only backend must come back rolled back, not carrying the open transaction.
+    let c = h.client().await;
+    let count: i64 = c.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(count, 0, "the abandoned insert was rolled back");
+    let wm: String = c.query_one("SELECT current_setting('work_mem')", &[]).await.unwrap().get(0);
+    assert_ne!(wm, "77MB");
+    let state = h.admin("SELECT count(*) FROM pg_stat_activity WHERE usename = 'dev' AND state LIKE 'idle in transaction%'");
+    assert_eq!(state, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_query_gets_its_backend_discarded() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    {
+        let mut raw = common::RawClient::connect(h.addr).await;
+        raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+        raw.send(&common::query_message("SELECT pg_sleep(0.3)")).await;
+        // Leave before the answer: the backend is mid-query and must not be reused as is.
+    }
+    let c = h.client().await;
+    let v: i32 = c.query_one("SELECT 5", &[]).await.unwrap().get(0);
+    assert_eq!(v, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_backend_terminated_is_replaced_without_client_error() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 2).await;
+    let c = h.client().await;
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    h.admin(&format!("SELECT pg_terminate_backend({pid}, 5000)"));
+    for _ in 0..5 {
+        let got: i32 = c.query_one("SELECT 11", &[]).await.expect("pool replaced the dead backend").get(0);
+        assert_eq!(got, 11);
+    }
+    let new_pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_ne!(new_pid, pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_terminated_mid_transaction_fails_that_client_only() {
+    let h = Harness::start().await;
+    let victim = h.client().await;
+    victim.batch_execute("BEGIN").await.unwrap();
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let bystander = h.client().await;
+    h.admin(&format!("SELECT pg_terminate_backend({pid}, 5000)"));
+    let err = victim.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(err.is_closed() || sqlstate(&err).as_deref() == Some("57P01"), "{err:?}");
+    let v: i32 = bystander.query_one("SELECT 3", &[]).await.unwrap().get(0);
+    assert_eq!(v, 3);
+    let again = h.client().await;
+    assert_eq!(again.query_one("SELECT 4", &[]).await.unwrap().get::<_, i32>(0), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn borrow_timeout_answers_rds_proxy_error() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.borrow_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiter = h.client().await;
+    let err = waiter.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err:?}");
+    assert_eq!(err.as_db_error().unwrap().message(), "Timed-out waiting to acquire database connection.");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let after = h.client().await;
+    assert_eq!(after.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_stops_long_pg_sleep() {
+    let h = Harness::start().await;
+    let c = h.client().await;
+    let token = c.cancel_token();
+    let running = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
+    // Wait until the query is really running on a backend, as seen by Postgres itself.
+    let mut seen = false;
+    for _ in 0..200 {
+        let n = h.admin("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'");
+        if n == "1" {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(seen, "query reached the backend");
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_with_wrong_secret_is_ignored() {
+    let h = Harness::start().await;
+    let mut raw = common::RawClient::connect(h.addr).await;
+    let greeting = raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let key = greeting.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
+    let pid = i32::from_be_bytes(key.body[0..4].try_into().unwrap());
+    let secret = i32::from_be_bytes(key.body[4..8].try_into().unwrap());
+    raw.send(&common::query_message("SELECT pg_sleep(0.5), 'done'")).await;
+    let mut cancel = common::RawClient::connect(h.addr).await;
+    let mut packet = 16i32.to_be_bytes().to_vec();
+    packet.extend(80_877_102i32.to_be_bytes());
+    packet.extend(pid.to_be_bytes());
+    packet.extend(secret.wrapping_add(1).to_be_bytes());
+    cancel.send(&packet).await;
+    assert!(cancel.closed().await);
+    let mut tags = Vec::new();
+    loop {
+        let m = raw.recv().await.expect("reply");
+        tags.push(m.tag);
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    assert!(!tags.contains(&b'E'), "query was not cancelled: {tags:?}");
+    assert!(tags.contains(&b'D'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_timeout_closes_with_57p05() {
+    let h = Harness::start_with(|c| c.pool.idle_client_timeout = Some(Duration::from_millis(200))).await;
+    let mut raw = common::RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let m = raw.recv().await.expect("an error before close");
+    assert_eq!(m.tag, b'E');
+    assert_eq!(m.error_fields().0, "57P05");
+    assert!(raw.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_cap_refuses_with_rds_proxy_text() {
+    let h = Harness::start_with(|c| c.pool.max_client_connections = 2).await;
+    let _a = h.client().await;
+    let _b = h.client().await;
+    let err = common::connect(&h.conn_str()).await.err().expect("third client refused");
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"));
+    assert_eq!(
+        err.as_db_error().unwrap().message(),
+        "The maximum number of client connections to the proxy exceeded 2."
+    );
+}
