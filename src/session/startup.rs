@@ -75,8 +75,10 @@ pub async fn login(
     let cancel = shared.cancels.register();
     messages::auth_ok(&mut out);
     for (name, value) in entry.server_params().unwrap_or_default() {
-        let value = startup.settings.get(name).unwrap_or(value);
-        messages::parameter_status(&mut out, name, value);
+        match startup.settings.get(name) {
+            Some(asked) => messages::parameter_status(&mut out, name, &reported_value(name, asked)),
+            None => messages::parameter_status(&mut out, name, value),
+        }
     }
     messages::backend_key_data(&mut out, cancel.pid, cancel.secret);
     messages::ready_for_query_idle(&mut out);
@@ -84,6 +86,19 @@ pub async fn login(
     shared.metrics.client_connections_setup_succeeded.increment(1);
     tracing::debug!(session = id.0, %peer, user = %startup.user, database = %startup.database, "client logged in");
     Ok(Some(LoggedIn { entry, desired: startup.settings, cancel }))
+}
+
+/// What PostgreSQL would report for a client-chosen value. Only client_encoding needs care:
+/// drivers send spellings like `'utf-8'` and then expect the canonical `UTF8` back.
+fn reported_value(name: &str, value: &str) -> String {
+    if !name.eq_ignore_ascii_case("client_encoding") {
+        return value.to_owned();
+    }
+    let clean: String = value.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_uppercase();
+    match clean.as_str() {
+        "UNICODE" => "UTF8".to_owned(),
+        _ => clean,
+    }
 }
 
 /// Reads first packets until a StartupMessage, refusing SSL and GSS encryption on the way.
@@ -177,4 +192,14 @@ async fn expect_password_message(client: &mut ClientSide) -> Result<BytesMut, Se
         return Err(ProtocolError::UnexpectedTag { tag: tag as char, context: "expected a password message" }.into());
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reported_value_canonicalizes_client_encoding_only() {
+        assert_eq!(super::reported_value("client_encoding", "'utf-8'"), "UTF8");
+        assert_eq!(super::reported_value("client_encoding", "unicode"), "UTF8");
+        assert_eq!(super::reported_value("application_name", "'x-y'"), "'x-y'");
+    }
 }

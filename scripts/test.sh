@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every pgwarden test. Installs what a fresh Debian machine lacks first: the PostgreSQL
+# server binaries the test harness starts its throwaway clusters with (and psql/pgbench, which
+# the tests drive through the proxy). Safe to run again; installs nothing already present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_pg_server() {
+  [ -n "${PGWARDEN_PG_BIN:-}" ] && [ -x "$PGWARDEN_PG_BIN/initdb" ] && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 0
+  command -v initdb >/dev/null 2>&1
+}
+
+need_install=()
+have_pg_server || need_install+=(postgresql)
+command -v psql >/dev/null 2>&1 || need_install+=(postgresql-client)
+command -v pgbench >/dev/null 2>&1 || need_install+=(postgresql-contrib)
+if [ ${#need_install[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${need_install[*]} (missing)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}" >/dev/null
+  else
+    echo "missing PostgreSQL tools (${need_install[*]}): install Debian's postgresql package or set PGWARDEN_PG_BIN" >&2
+    exit 1
+  fi
+fi
+# As root, the harness runs PostgreSQL as the `postgres` OS user (Debian's package creates it).
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+cargo test --locked --all-targets "$@"
