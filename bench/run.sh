@@ -8,6 +8,8 @@
 #
 # Environment overrides:
 #   DURATION=15        seconds per pgbench run
+#   ROUNDS=3           runs per (workload, system), interleaved across systems;
+#                      the table reports the median round (by TPS)
 #   POOL=20            backend pool size (PgBouncer default_pool_size,
 #                      pgwarden max_backend_connections)
 #   IDLE_CLIENTS=5000  idle connections opened for the memory measurement
@@ -39,6 +41,7 @@ case "$MODE" in
 esac
 
 DURATION=${DURATION:-15}
+ROUNDS=${ROUNDS:-3}
 POOL=${POOL:-20}
 IDLE_CLIENTS=${IDLE_CLIENTS:-5000}
 SYSTEMS=${SYSTEMS:-"direct pgbouncer pgwarden"}
@@ -305,7 +308,7 @@ PGW_REV=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "(no comm
   echo
   echo "- machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
   echo "- PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), PgBouncer $("$PGBOUNCER_BIN" --version 2>/dev/null | head -1 | awk '{print $2}'), pgwarden $PGW_REV"
-  echo "- pool size $POOL, pgbench -s 10, $DURATION s per run, -j 2, TCP on 127.0.0.1, SCRAM auth, sslmode=disable"
+  echo "- pool size $POOL, pgbench -s 10, $DURATION s per run, $ROUNDS interleaved rounds (median kept), -j 2, TCP on 127.0.0.1, SCRAM auth, sslmode=disable"
   echo "- PostgreSQL: fsync=off, synchronous_commit=off, shared_buffers=128MB, max_connections=400"
   echo
 } >"$REPORT"
@@ -343,7 +346,19 @@ declare -A W_ARGS=(
   [extended32]="-S -M extended -c 32"
   [connect32]="-S -C -c 32"
 )
-declare -A TPS LAT FAIL CONN NOTE
+declare -A TPS LAT FAIL CONN NOTE CPU_US
+declare -A R_TPS R_LAT R_FAIL R_CONN R_NOTE R_CPU
+
+# utime+stime of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+pid_of() {
+  case $1 in
+    pgbouncer) echo "${PGB_PID:-}" ;;
+    pgwarden) echo "${PGW_PID:-}" ;;
+    *) echo "" ;;
+  esac
+}
+CLK_TCK=$(getconf CLK_TCK)
 
 # Reset tpcb-like state so each system starts from the same point
 # (what pgbench does itself unless -n; we pass -n so poolers are not asked to VACUUM).
@@ -353,10 +368,12 @@ reset_tables() {
 }
 
 run_pgbench() {
-  local w=$1 sys=$2 port out rc=0
+  local w=$1 sys=$2 round=$3 port out rc=0 pid cpu0=0 cpu1=0 processed
   port=$(port_of "$sys")
-  out=$OUT_DIR/raw/$w-$sys.txt
+  out=$OUT_DIR/raw/$w-$sys-r$round.txt
+  pid=$(pid_of "$sys")
   reset_tables
+  [[ -n $pid ]] && cpu0=$(cpu_ticks "$pid")
   # Background + wait, so INT/TERM reach our trap at once instead of after pgbench.
   # shellcheck disable=SC2086  # W_ARGS is a word list on purpose
   PGPASSWORD=$BENCH_PW timeout $((DURATION + 120)) \
@@ -365,6 +382,13 @@ run_pgbench() {
   BENCH_PID=$!
   wait "$BENCH_PID" || rc=$?
   BENCH_PID=""
+  [[ -n $pid ]] && cpu1=$(cpu_ticks "$pid")
+  processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
+  if [[ -n $pid && -n $processed && $processed -gt 0 ]]; then
+    CPU_US[$w,$sys]=$(awk -v t=$((cpu1 - cpu0)) -v hz="$CLK_TCK" -v n="$processed" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+  else
+    CPU_US[$w,$sys]=""
+  fi
   TPS[$w,$sys]=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
   LAT[$w,$sys]=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
   FAIL[$w,$sys]=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -1)
@@ -380,9 +404,30 @@ run_pgbench() {
     # pgbench's -T clock includes connecting all clients first
     NOTE[$w,$sys]+="${NOTE[$w,$sys]:+, }0 tx: connecting took longer than DURATION?"
   fi
-  printf '    %-10s tps=%-12s lat=%-8s ms failed=%s %s\n' "$sys" "${TPS[$w,$sys]:-ERR}" \
-    "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${NOTE[$w,$sys]}" >&2
+  printf '    %-10s r%s tps=%-12s lat=%-8s ms failed=%s cpu/tx=%sus %s\n' "$sys" "$round" "${TPS[$w,$sys]:-ERR}" \
+    "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${CPU_US[$w,$sys]:--}" "${NOTE[$w,$sys]}" >&2
+  R_TPS[$w,$sys,$round]=${TPS[$w,$sys]:-}
+  R_LAT[$w,$sys,$round]=${LAT[$w,$sys]:-}
+  R_FAIL[$w,$sys,$round]=${FAIL[$w,$sys]}
+  R_CONN[$w,$sys,$round]=${CONN[$w,$sys]:-}
+  R_NOTE[$w,$sys,$round]=${NOTE[$w,$sys]}
+  R_CPU[$w,$sys,$round]=${CPU_US[$w,$sys]:-}
 }
+
+# Keep the median round (by TPS) of (workload, system) as its result; failures are summed.
+pick_median() {
+  local w=$1 sys=$2 r best total_fail=0
+  best=$(for ((r = 1; r <= ROUNDS; r++)); do echo "${R_TPS[$w,$sys,$r]:-0} $r"; done | sort -g | awk -v m=$(( (ROUNDS + 1) / 2 )) 'NR == m {print $2}')
+  for ((r = 1; r <= ROUNDS; r++)); do total_fail=$((total_fail + ${R_FAIL[$w,$sys,$r]:-0})); done
+  TPS[$w,$sys]=${R_TPS[$w,$sys,$best]}
+  LAT[$w,$sys]=${R_LAT[$w,$sys,$best]}
+  CONN[$w,$sys]=${R_CONN[$w,$sys,$best]}
+  NOTE[$w,$sys]=${R_NOTE[$w,$sys,$best]}
+  CPU_US[$w,$sys]=${R_CPU[$w,$sys,$best]}
+  FAIL[$w,$sys]=$total_fail
+  RANGE[$w,$sys]=$(for ((r = 1; r <= ROUNDS; r++)); do echo "${R_TPS[$w,$sys,$r]:-0}"; done | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.0f–%.0f", lo, hi}')
+}
+declare -A RANGE
 
 if [[ $MODE == all || $MODE == tps ]]; then
   echo "### Throughput (pgbench)" >>"$REPORT"
@@ -390,24 +435,29 @@ if [[ $MODE == all || $MODE == tps ]]; then
   for w in $WORKLOADS; do
     [[ -n ${W_ARGS[$w]:-} ]] || die "unknown workload '$w'"
     log "workload $w: ${W_LABEL[$w]}"
+    for ((round = 1; round <= ROUNDS; round++)); do
+      for sys in direct pgbouncer pgwarden; do
+        if has "$sys"; then run_pgbench "$w" "$sys" "$round"; fi
+      done
+    done
     for sys in direct pgbouncer pgwarden; do
-      if has "$sys"; then run_pgbench "$w" "$sys"; fi
+      if has "$sys"; then pick_median "$w" "$sys"; fi
     done
     {
       echo "#### ${W_LABEL[$w]}"
       echo
       {
-        echo "system|TPS|mean latency (ms)|failed tx|connect (ms)|notes"
-        echo "-|-|-|-|-|-"
+        echo "system|TPS (median)|TPS range|mean latency (ms)|failed tx (all rounds)|proxy CPU µs/tx|connect (ms)|notes"
+        echo "-|-|-|-|-|-|-|-"
         for sys in direct pgbouncer pgwarden; do
           has "$sys" || continue
-          echo "$sys|$(fmt1 "${TPS[$w,$sys]:-}")|${LAT[$w,$sys]:--}|${FAIL[$w,$sys]}|${CONN[$w,$sys]:--}|${NOTE[$w,$sys]}"
+          echo "$sys|$(fmt1 "${TPS[$w,$sys]:-}")|${RANGE[$w,$sys]}|${LAT[$w,$sys]:--}|${FAIL[$w,$sys]}|${CPU_US[$w,$sys]:--}|${CONN[$w,$sys]:--}|${NOTE[$w,$sys]}"
         done
         if has pgwarden; then
           for base in direct pgbouncer; do
             has "$base" || continue
             # latency ratio < 1 and TPS ratio > 1 are both "pgwarden better"
-            echo "pgwarden / $base|$(ratio "${TPS[$w,pgwarden]:-}" "${TPS[$w,$base]:-}")|$(ratio "${LAT[$w,pgwarden]:-}" "${LAT[$w,$base]:-}")||$(ratio "${CONN[$w,pgwarden]:-}" "${CONN[$w,$base]:-}")|"
+            echo "pgwarden / $base|$(ratio "${TPS[$w,pgwarden]:-}" "${TPS[$w,$base]:-}")||$(ratio "${LAT[$w,pgwarden]:-}" "${LAT[$w,$base]:-}")||$(ratio "${CPU_US[$w,pgwarden]:-}" "${CPU_US[$w,$base]:-}")|$(ratio "${CONN[$w,pgwarden]:-}" "${CONN[$w,$base]:-}")|"
           done
         fi
       } | md_table

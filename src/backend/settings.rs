@@ -13,15 +13,17 @@ pub struct Settings(Vec<(String, String)>);
 
 impl Settings {
     pub fn get(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+        self.0.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn set(&mut self, name: &str, value: &str) {
-        let name = name.to_ascii_lowercase();
-        match self.0.iter_mut().find(|(n, _)| *n == name) {
-            Some(slot) => slot.1 = value.to_owned(),
-            None => self.0.push((name, value.to_owned())),
+        match self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            Some(slot) => {
+                if slot.1 != value {
+                    slot.1 = value.to_owned();
+                }
+            }
+            None => self.0.push((name.to_ascii_lowercase(), value.to_owned())),
         }
     }
 
@@ -32,9 +34,8 @@ impl Settings {
     /// Records a ParameterStatus the backend sent while a client held it, if it is one a
     /// client can set. Returns whether it was recorded.
     pub fn track_reported(&mut self, name: &str, value: &str) -> bool {
-        let lower = name.to_ascii_lowercase();
-        if TRACKED_REPORTED.contains(&lower.as_str()) {
-            self.set(&lower, value);
+        if TRACKED_REPORTED.iter().any(|t| t.eq_ignore_ascii_case(name)) {
+            self.set(name, value);
             true
         } else {
             false
