@@ -1,14 +1,16 @@
 //! Query cancellation. Each client session gets its own BackendKeyData from the proxy (a unique
-//! pid and a random secret); while the session holds a backend, its slot points at that
+//! pid and a random secret); while the session holds a backend, its entry points at that
 //! backend's real key. A CancelRequest naming a proxy key is forwarded to the backend serving
 //! that client right now, or dropped silently if none is (as PostgreSQL does for unknown keys).
+//!
+//! One map under one lock, no per-session allocation: an idle client costs one map entry.
 //!
 //! Known limit: a cancel that races with the end of a transaction can, in a tiny window,
 //! reach the backend after it was handed to another client (PgBouncer has the same window).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
 use subtle::ConstantTimeEq;
@@ -18,15 +20,15 @@ use tokio::net::TcpStream;
 use crate::backend::BackendKey;
 use crate::protocol::messages;
 
-#[derive(Default)]
-struct Slot {
-    target: Mutex<Option<BackendKey>>,
+struct Entry {
+    secret: i32,
+    target: Option<BackendKey>,
 }
 
 #[derive(Default)]
 pub struct CancelRegistry {
     next_pid: AtomicI32,
-    slots: Mutex<HashMap<i32, (i32, Arc<Slot>)>>,
+    entries: Mutex<HashMap<i32, Entry>>,
 }
 
 /// A session's registration; removed from the registry when dropped.
@@ -34,42 +36,47 @@ pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
     pub pid: i32,
     pub secret: i32,
-    slot: Arc<Slot>,
 }
 
 impl CancelHandle {
     /// Points this session's key at the backend it now holds, or at nothing.
     pub fn set_target(&self, key: Option<BackendKey>) {
-        *self.slot.target.lock().unwrap_or_else(|p| p.into_inner()) = key;
+        if let Some(e) = self.registry.lock().get_mut(&self.pid) {
+            e.target = key;
+        }
     }
 }
 
 impl Drop for CancelHandle {
     fn drop(&mut self) {
-        self.registry.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.pid);
+        self.registry.lock().remove(&self.pid);
     }
 }
 
 impl CancelRegistry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<i32, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn register(self: &Arc<Self>) -> CancelHandle {
-        // Positive, unique among live sessions: wraps after 2^31 sessions.
-        let pid = (self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff) + 1;
         let secret: i32 = rand::random();
-        let slot = Arc::new(Slot::default());
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).insert(pid, (secret, Arc::clone(&slot)));
-        CancelHandle { registry: Arc::clone(self), pid, secret, slot }
+        let mut entries = self.lock();
+        // Positive and unique among live sessions (skips any still in use after wrapping).
+        let pid = loop {
+            let pid = (self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff) + 1;
+            if !entries.contains_key(&pid) {
+                break pid;
+            }
+        };
+        entries.insert(pid, Entry { secret, target: None });
+        CancelHandle { registry: Arc::clone(self), pid, secret }
     }
 
     /// Forwards a cancel for proxy key (`pid`, `secret`). Unknown keys are ignored.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let target = {
-            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            match slots.get(&pid) {
-                Some((s, slot)) if bool::from(s.to_be_bytes().ct_eq(&secret.to_be_bytes())) => {
-                    *slot.target.lock().unwrap_or_else(|p| p.into_inner())
-                }
-                _ => None,
-            }
+        let target = match self.lock().get(&pid) {
+            Some(e) if bool::from(e.secret.to_be_bytes().ct_eq(&secret.to_be_bytes())) => e.target,
+            _ => None,
         };
         let Some(key) = target else {
             tracing::debug!(pid, "cancel request for no running query; ignored");

@@ -143,6 +143,8 @@ fn startup_params(shared: &Shared, minor: u16, params: Vec<(String, String)>) ->
             _ => return Err(SessionError::UnsupportedOption(name)),
         }
     }
+    // Held for the whole session: keep it exactly as large as it needs to be.
+    settings.shrink_to_fit();
     let user = user.filter(|u| !u.is_empty()).ok_or(SessionError::NoUser)?;
     let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| shared.config.database.dbname.clone());
     Ok(Startup { user, database, settings, unknown_protocol_options, minor })
