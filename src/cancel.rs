@@ -9,6 +9,7 @@
 //! reach the backend after it was handed to another client (PgBouncer has the same window).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -25,10 +26,31 @@ struct Entry {
     target: Option<BackendKey>,
 }
 
+/// Proxy pids are sequential integers handed out by us, not attacker-chosen keys: a
+/// multiplicative hash spreads them, and is far cheaper than SipHash on every transaction.
+#[derive(Default)]
+struct PidHasher(u64);
+
+impl Hasher for PidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_i32(&mut self, n: i32) {
+        self.0 = (n as u32 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Entries = HashMap<i32, Entry, BuildHasherDefault<PidHasher>>;
+
 #[derive(Default)]
 pub struct CancelRegistry {
     next_pid: AtomicI32,
-    entries: Mutex<HashMap<i32, Entry>>,
+    entries: Mutex<Entries>,
 }
 
 /// A session's registration; removed from the registry when dropped.
@@ -54,7 +76,7 @@ impl Drop for CancelHandle {
 }
 
 impl CancelRegistry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<i32, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod bufpool;
 pub mod cancel;
 pub mod config;
 pub mod credentials;

@@ -66,18 +66,38 @@ pub struct BackendManager {
     newest_working: AtomicU64,
 }
 
+impl managed::Manager for BackendManager {
+    type Type = BackendConn;
+    type Error = BackendError;
+
+    /// Boxed: opening a connection is rare and its future is large; inline, it would make every
+    /// checkout future (and so every transaction) kilobytes bigger.
+    fn create(&self) -> impl std::future::Future<Output = Result<BackendConn, BackendError>> + Send {
+        Box::pin(self.open())
+    }
+
+    async fn recycle(&self, conn: &mut BackendConn, _: &ObjectMetrics) -> RecycleResult<BackendError> {
+        if conn.expired(Instant::now(), self.cfg.backend_idle_timeout) {
+            return Err(RecycleError::message("expired"));
+        }
+        if conn.generation.0 < self.newest_working.load(Ordering::Relaxed) {
+            return Err(RecycleError::message("credential rotated"));
+        }
+        if conn.is_closed_or_dirty() {
+            tracing::info!(pid = ?conn.key.map(|k| k.pid.0), "backend closed while idle; replacing it");
+            return Err(RecycleError::message("closed while idle"));
+        }
+        Ok(())
+    }
+}
+
 impl BackendManager {
     fn staggered_lifetime(&self) -> Option<Duration> {
         // Up to 10% shorter, so connections opened together do not all retire together.
         self.cfg.backend_max_lifetime.map(|l| l.mul_f64(1.0 - rand::random::<f64>() * 0.1))
     }
-}
 
-impl managed::Manager for BackendManager {
-    type Type = BackendConn;
-    type Error = BackendError;
-
-    async fn create(&self) -> Result<BackendConn, BackendError> {
+    async fn open(&self) -> Result<BackendConn, BackendError> {
         self.metrics.database_connection_requests.increment(1);
         let creds = self.store.snapshot();
         match backend::connect(&self.target, &self.database, &creds, self.staggered_lifetime()).await {
@@ -94,20 +114,6 @@ impl managed::Manager for BackendManager {
                 Err(e)
             }
         }
-    }
-
-    async fn recycle(&self, conn: &mut BackendConn, _: &ObjectMetrics) -> RecycleResult<BackendError> {
-        if conn.expired(Instant::now(), self.cfg.backend_idle_timeout) {
-            return Err(RecycleError::message("expired"));
-        }
-        if conn.generation.0 < self.newest_working.load(Ordering::Relaxed) {
-            return Err(RecycleError::message("credential rotated"));
-        }
-        if conn.is_closed_or_dirty() {
-            tracing::info!(pid = ?conn.key.map(|k| k.pid.0), "backend closed while idle; replacing it");
-            return Err(RecycleError::message("closed while idle"));
-        }
-        Ok(())
     }
 }
 

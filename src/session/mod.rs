@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::backend::settings::Settings;
@@ -27,8 +27,6 @@ pub use error::SessionError;
 pub struct SessionId(pub u64);
 
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Read buffer allocated when a client becomes active.
-const READ_BUFFER: usize = 8192;
 
 /// Runs one client connection to completion. Never panics on client input; every failure ends
 /// in an ErrorResponse (when the client can still read one) and a log line.
@@ -82,17 +80,19 @@ async fn transactions(
 ) -> Result<(), SessionError> {
     loop {
         if client.buf.is_empty() {
-            // An idle client holds no read buffer: wait for readability, then allocate.
+            // An idle client holds no read buffer: wait for readability, then take one.
             if client.buf.capacity() > 0 {
-                client.buf = BytesMut::new();
+                crate::bufpool::give(std::mem::take(&mut client.buf));
             }
             let read = async {
                 loop {
                     client.stream.readable().await?;
-                    client.buf.reserve(READ_BUFFER);
+                    client.buf = crate::bufpool::take();
                     match client.stream.try_read_buf(&mut client.buf) {
                         // Readiness can be stale (left over from login): give the buffer back.
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => client.buf = BytesMut::new(),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            crate::bufpool::give(std::mem::take(&mut client.buf))
+                        }
                         other => return other,
                     }
                 }
@@ -140,11 +140,11 @@ async fn transaction(
             Ok(Next::WaitForClient)
         }
         Outcome::ClientGone => {
-            finish_abandoned(lease, end.backend_clean, end.backend_rollbackable).await;
+            Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable)).await;
             Ok(Next::Close)
         }
         Outcome::ClientProtocol(e) => {
-            finish_abandoned(lease, end.backend_clean, end.backend_rollbackable).await;
+            Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable)).await;
             Err(SessionError::Protocol(e))
         }
         Outcome::BackendGone => {
@@ -166,7 +166,8 @@ async fn checkout_with_settings(entry: &PoolEntry, desired: &Settings) -> Result
         let mut lease = entry.checkout().await.map_err(SessionError::Pool)?;
         let conn = lease.conn();
         let Some(sql) = Settings::sync_sql(&conn.applied, desired) else { return Ok(lease) };
-        match conn.simple_query(&sql).await {
+        // Boxed: settings change rarely, and this keeps every transaction's future small.
+        match Box::pin(conn.simple_query(&sql)).await {
             Ok((TxStatus::Idle, None)) => {
                 conn.applied = desired.clone();
                 return Ok(lease);
@@ -234,5 +235,18 @@ mod tests {
     fn session_future_stays_under_one_kib() {
         let size = future_size::<Arc<Shared>, TcpStream, SocketAddr, SessionId, _>(run);
         assert!(size <= 1024, "session future grew to {size} bytes");
+    }
+
+    fn future_size5<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    #[test]
+    fn print_sizes() {
+        eprintln!("transaction {}", future_size5::<&'static Arc<Shared>, &'static mut ClientSide, &'static PoolEntry, &'static mut Settings, &'static crate::cancel::CancelHandle, _>(transaction));
+        fn f2<A, B, F>(_: fn(A, B) -> F) -> usize { std::mem::size_of::<F>() }
+        eprintln!("checkout_with_settings {}", f2::<&'static PoolEntry, &'static Settings, _>(checkout_with_settings));
+        fn f1<A, F>(_: fn(A) -> F) -> usize { std::mem::size_of::<F>() }
+        eprintln!("PoolEntry::checkout {}", f1::<&'static PoolEntry, _>(PoolEntry::checkout));
+        eprintln!("relay {}", future_size5::<&'static mut ClientSide, &'static mut crate::backend::BackendConn, &'static mut Settings, &'static crate::metrics::Metrics, usize, _>(relay::relay));
     }
 }
