@@ -16,6 +16,7 @@
 #   SYSTEMS="direct pgbouncer pgwarden"   subset to run (idle skips "direct")
 #   WORKLOADS="select32 select300 tpcb32 extended32 connect32"  subset
 #   SKIP_BUILD=1       do not run cargo build (use existing binary)
+#   PGW_WORKERS=N      pgwarden worker_threads (default: pgwarden's own default)
 #   KEEP_TMP=1         keep the temp dir (logs, configs) after exit
 #
 # What it does, in one run:
@@ -269,6 +270,7 @@ if has pgwarden; then
     "$PG_PORT" "$BENCH_PW" >"$TMP/bench.secret.json")
   cat >"$TMP/pgwarden.toml" <<EOF
 listen = "127.0.0.1:$PGW_PORT"
+${PGW_WORKERS:+worker_threads = $PGW_WORKERS}
 
 [database]
 host = "127.0.0.1"

@@ -15,6 +15,7 @@ pub struct DevOptions {
     pub port: u16,
     pub metrics_port: Option<u16>,
     pub pool_size: usize,
+    pub worker_threads: usize,
 }
 
 /// Everything `pgwarden dev` set up; dropping it stops Postgres and deletes its files.
@@ -48,6 +49,7 @@ impl DevEnv {
             write_private(&secret_path, secret.to_string().as_bytes())?;
             let config = Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], opts.port)),
+                worker_threads: opts.worker_threads,
                 database: DatabaseConfig {
                     host: "127.0.0.1".into(),
                     port: cluster.port,

@@ -32,6 +32,9 @@ enum Cmd {
         metrics_port: Option<u16>,
         #[arg(long, default_value_t = 10)]
         pool_size: usize,
+        /// Threads serving clients (default: half the cores, at least one).
+        #[arg(long)]
+        worker_threads: Option<usize>,
     },
 }
 
@@ -58,39 +61,46 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// A single worker runs a current-thread event loop (no hand-offs between threads).
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match std::env::var("PGWARDEN_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
-        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
-        None => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
-    };
-    runtime.block_on(async {
-        match cli.command {
-            Cmd::Serve { config } => {
-                let config = Config::from_file(&config)?;
+    match cli.command {
+        Cmd::Serve { config } => {
+            let config = Config::from_file(&config)?;
+            runtime(config.worker_threads)?.block_on(async {
                 let server = Server::bind(config).await?;
                 server.run(shutdown_signal()).await;
                 Ok(())
-            }
-            Cmd::CheckConfig { config } => {
-                let c = Config::from_file(&config)?;
-                println!(
-                    "{}: ok (listen {}, database {}:{}/{}, {} credential entr{})",
-                    config.display(),
-                    c.listen,
-                    c.database.host,
-                    c.database.port,
-                    c.database.dbname,
-                    c.credentials.len(),
-                    if c.credentials.len() == 1 { "y" } else { "ies" }
-                );
-                Ok(())
-            }
-            Cmd::Dev { port, metrics_port, pool_size } => dev(DevOptions { port, metrics_port, pool_size }).await,
+            })
         }
-    })
+        Cmd::CheckConfig { config } => {
+            let c = Config::from_file(&config)?;
+            println!(
+                "{}: ok (listen {}, {} worker thread(s), database {}:{}/{}, {} credential entr{})",
+                config.display(),
+                c.listen,
+                c.worker_threads,
+                c.database.host,
+                c.database.port,
+                c.database.dbname,
+                c.credentials.len(),
+                if c.credentials.len() == 1 { "y" } else { "ies" }
+            );
+            Ok(())
+        }
+        Cmd::Dev { port, metrics_port, pool_size, worker_threads } => {
+            let threads = worker_threads.unwrap_or_else(pgwarden::config::default_worker_threads);
+            runtime(threads)?.block_on(dev(DevOptions { port, metrics_port, pool_size, worker_threads: threads }))
+        }
+    }
 }
 
 async fn dev(opts: DevOptions) -> anyhow::Result<()> {

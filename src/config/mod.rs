@@ -5,6 +5,8 @@
 
 mod raw;
 
+pub use raw::default_worker_threads;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -72,6 +74,8 @@ pub struct CredentialConfig {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Threads serving clients: 1 runs a single-threaded event loop (like PgBouncer).
+    pub worker_threads: usize,
     pub database: DatabaseConfig,
     pub pool: PoolConfig,
     pub metrics_listen: Option<SocketAddr>,

@@ -11,6 +11,8 @@ use super::*;
 pub(super) struct RawConfig {
     #[serde(default = "default_listen")]
     listen: String,
+    #[serde(default)]
+    worker_threads: Option<usize>,
     database: RawDatabase,
     #[serde(default)]
     pool: RawPool,
@@ -18,6 +20,12 @@ pub(super) struct RawConfig {
     metrics: Option<RawMetrics>,
     #[serde(default)]
     credentials: Vec<RawCredential>,
+}
+
+/// Half the cores, at least one: the database and the clients usually share the machine, and
+/// on a small one a single event loop wastes less time handing work between threads.
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get() / 2).unwrap_or(1).max(1)
 }
 
 fn default_listen() -> String {
@@ -107,6 +115,11 @@ fn optional_duration(key: &str, value: &Option<String>) -> Result<Option<Duratio
 impl RawConfig {
     pub(super) fn validate(self, base: &Path) -> Result<Config, ConfigError> {
         let listen = parse_addr("listen", &self.listen)?;
+        let worker_threads = match self.worker_threads {
+            Some(0) => return Err(invalid("worker_threads", "must be at least 1")),
+            Some(n) => n,
+            None => default_worker_threads(),
+        };
         let d = self.database;
         if d.host.is_empty() {
             return Err(invalid("database.host", "must not be empty"));
@@ -173,6 +186,6 @@ impl RawConfig {
             };
             credentials.push(CredentialConfig { user: c.user, source, refresh_interval });
         }
-        Ok(Config { listen, database, pool, metrics_listen, credentials })
+        Ok(Config { listen, worker_threads, database, pool, metrics_listen, credentials })
     }
 }

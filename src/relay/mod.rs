@@ -66,6 +66,8 @@ struct Tracker {
     /// Partial bytes of a message were forwarded that the backend will never see the end of.
     poisoned: bool,
     request_at: Option<Instant>,
+    /// Requests seen, added to the QueryRequests counters once, when the relay ends.
+    requests: u64,
 }
 
 impl Tracker {
@@ -90,7 +92,7 @@ pub async fn relay(
     // Both directions run in this one task; the Mutex and atomic are never contended, they only
     // make the shared state Send. No lock is held across an await.
     let tracker =
-        Mutex::new(Tracker { pending: 0, unsynced: false, status: TxStatus::Idle, writing: false, poisoned: false, request_at: None });
+        Mutex::new(Tracker { pending: 0, unsynced: false, status: TxStatus::Idle, writing: false, poisoned: false, request_at: None, requests: 0 });
     let client_mid_message = AtomicBool::new(!client.scanner.at_boundary());
     let mut backend_scanner = MessageScanner::new(max_message);
     let ClientSide { stream: client_stream, buf: client_buf, scanner: client_scanner } = client;
@@ -143,12 +145,11 @@ pub async fn relay(
                         return Outcome::ClientProtocol(e);
                     }
                     t.writing = true;
+                    t.requests += requests;
                     if requests > 0 && t.request_at.is_none() {
                         t.request_at = Some(Instant::now());
                     }
                 }
-                metrics.query_requests.increment(requests);
-                metrics.query_requests_no_tls.increment(requests);
                 client_mid_message.store(!terminate && !client_scanner.at_boundary(), Ordering::Relaxed);
                 if backend_wr.write_all(&client_buf[..forward_to]).await.is_err() {
                     return Outcome::BackendGone;
@@ -230,6 +231,8 @@ pub async fn relay(
         o = backend_to_client => o,
     };
     let t = tracker.into_inner().unwrap_or_else(|p| p.into_inner());
+    metrics.query_requests.increment(t.requests);
+    metrics.query_requests_no_tls.increment(t.requests);
     let quiet = t.settled() && backend_scanner.at_boundary() && !client_mid_message.load(Ordering::Relaxed);
     RelayEnd {
         backend_clean: quiet && t.status == TxStatus::Idle && matches!(outcome, Outcome::TransactionDone | Outcome::ClientGone),

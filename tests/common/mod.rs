@@ -31,7 +31,7 @@ impl Harness {
     /// Starts with the dev defaults (pool of 5), after `tweak` adjusts the config.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
         let _ = tracing_subscriber::fmt().with_env_filter("pgwarden=debug").with_test_writer().try_init();
-        let env = DevEnv::prepare(&DevOptions { port: 0, metrics_port: None, pool_size: 5 })
+        let env = DevEnv::prepare(&DevOptions { port: 0, metrics_port: None, pool_size: 5, worker_threads: 1 })
             .await
             .expect("throwaway PostgreSQL starts");
         let mut config = env.config.clone();
