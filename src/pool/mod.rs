@@ -26,6 +26,12 @@ pub struct PoolKey {
     pub database: String,
 }
 
+impl PoolKey {
+    pub fn new(user: &str, database: &str) -> PoolKey {
+        PoolKey { user: user.to_owned(), database: database.to_owned() }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum PoolError {
     #[error("timed out waiting for a backend connection")]
@@ -169,10 +175,6 @@ impl PoolEntry {
     /// The parameters the backend reported at login, once any backend has logged in.
     pub fn server_params(&self) -> Option<&[(String, String)]> {
         self.server_params.get().map(|v| v.as_slice())
-    }
-
-    pub fn status(&self) -> deadpool::Status {
-        self.pool.status()
     }
 }
 

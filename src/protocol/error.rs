@@ -9,14 +9,12 @@ pub struct SqlState(pub &'static str);
 impl SqlState {
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
     pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
-    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
     pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");
     pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
-    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 
     pub fn code(&self) -> &'static str {
         self.0

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use crate::backend::settings::Settings;
 use crate::listener::Shared;
 use crate::metrics::GaugeGuard;
-use crate::pool::{Lease, PoolEntry, PoolError, PoolKey};
+use crate::pool::{Lease, PoolEntry, PoolError};
 use crate::protocol::{MessageScanner, TxStatus, messages};
 use crate::relay::{self, ClientSide, Outcome};
 pub use error::SessionError;
@@ -225,12 +225,6 @@ pub async fn refuse_too_many(mut stream: TcpStream, limit: usize) {
         &format!("The maximum number of client connections to the proxy exceeded {limit}."),
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
-}
-
-impl PoolKey {
-    pub fn new(user: &str, database: &str) -> PoolKey {
-        PoolKey { user: user.to_owned(), database: database.to_owned() }
-    }
 }
 
 #[cfg(test)]
