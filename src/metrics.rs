@@ -27,6 +27,7 @@ pub struct Metrics {
     pub database_connections_setup_succeeded: Counter,
     pub database_connections_setup_failed: Counter,
     pub database_connections_currently_borrowed: Gauge,
+    pub database_connections_currently_session_pinned: Gauge,
     pub database_connections_borrow_latency: Histogram,
     pub max_database_connections_allowed: Gauge,
     pub query_requests: Counter,
@@ -82,6 +83,10 @@ impl Metrics {
             describe_counter!("DatabaseConnectionsSetupSucceeded", "Backend logins that succeeded.");
             describe_counter!("DatabaseConnectionsSetupFailed", "Backend connects or logins that failed.");
             describe_gauge!("DatabaseConnectionsCurrentlyBorrowed", "Backend connections lent to a client now.");
+            describe_gauge!(
+                "DatabaseConnectionsCurrentlySessionPinned",
+                "Backend connections pinned to one client session (named prepared statements)."
+            );
             describe_histogram!("DatabaseConnectionsBorrowLatency", Unit::Microseconds, "Time to borrow a backend.");
             describe_gauge!("MaxDatabaseConnectionsAllowed", "Configured backend connections, all pools.");
             describe_counter!("QueryRequests", "Queries (simple Query or extended Sync) received from clients.");
@@ -105,6 +110,7 @@ impl Metrics {
                 database_connections_setup_succeeded: counter!("DatabaseConnectionsSetupSucceeded"),
                 database_connections_setup_failed: counter!("DatabaseConnectionsSetupFailed"),
                 database_connections_currently_borrowed: gauge!("DatabaseConnectionsCurrentlyBorrowed"),
+                database_connections_currently_session_pinned: gauge!("DatabaseConnectionsCurrentlySessionPinned"),
                 database_connections_borrow_latency: histogram!("DatabaseConnectionsBorrowLatency"),
                 max_database_connections_allowed: gauge!("MaxDatabaseConnectionsAllowed"),
                 query_requests: counter!("QueryRequests"),

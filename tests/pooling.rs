@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Harness, sqlstate};
+use tokio_postgres::types::Type;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_clients_share_five_backends_with_every_result_checked() {
@@ -18,9 +19,16 @@ async fn two_hundred_clients_share_five_backends_with_every_result_checked() {
             let mut c = common::connect(&conn).await.expect("connect");
             for n in 0..10i32 {
                 let tx = c.transaction().await.unwrap();
-                tx.execute("INSERT INTO ledger VALUES ($1, $2)", &[&client_id, &n]).await.unwrap();
-                let sum: i64 =
-                    tx.query_one("SELECT sum(n)::int8 FROM ledger WHERE client = $1", &[&client_id]).await.unwrap().get(0);
+                // Unnamed statements (query_typed): nothing pins the session, so all 200 clients
+                // really share the 5 backends transaction by transaction.
+                tx.execute_typed("INSERT INTO ledger VALUES ($1, $2)", &[(&client_id, Type::INT4), (&n, Type::INT4)])
+                    .await
+                    .unwrap();
+                let sum: i64 = tx
+                    .query_typed_one("SELECT sum(n)::int8 FROM ledger WHERE client = $1", &[(&client_id, Type::INT4)])
+                    .await
+                    .unwrap()
+                    .get(0);
                 assert_eq!(sum, (0..=n as i64).sum::<i64>(), "client {client_id} sees its own rows only");
                 tx.commit().await.unwrap();
             }
@@ -78,13 +86,13 @@ async fn client_killed_mid_query_gets_its_backend_discarded() {
 async fn idle_backend_terminated_is_replaced_without_client_error() {
     let h = Harness::start_with(|c| c.pool.max_backend_connections = 2).await;
     let c = h.client().await;
-    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid: i32 = c.query_typed_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     h.admin(&format!("SELECT pg_terminate_backend({pid}, 5000)"));
     for _ in 0..5 {
-        let got: i32 = c.query_one("SELECT 11", &[]).await.expect("pool replaced the dead backend").get(0);
+        let got: i32 = c.query_typed_one("SELECT 11", &[]).await.expect("pool replaced the dead backend").get(0);
         assert_eq!(got, 11);
     }
-    let new_pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let new_pid: i32 = c.query_typed_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     assert_ne!(new_pid, pid);
 }
 
@@ -194,4 +202,30 @@ async fn client_cap_refuses_with_rds_proxy_text() {
         err.as_db_error().unwrap().message(),
         "The maximum number of client connections to the proxy exceeded 2."
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_prepared_statement_pins_session_and_keeps_working() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 2).await;
+    let pinned = h.client().await;
+    let other = h.client().await;
+    // tokio-postgres prepares named statements ("s0", ...): they live on one backend only.
+    let stmt = pinned.prepare("SELECT $1::int4 + 1, pg_backend_pid()").await.unwrap();
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..20i32 {
+        let row = pinned.query_one(&stmt, &[&i]).await.expect("statement still exists on its backend");
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+        pids.insert(row.get::<_, i32>(1));
+        let v: i32 = other.query_typed_one("SELECT 9", &[]).await.unwrap().get(0);
+        assert_eq!(v, 9);
+    }
+    assert_eq!(pids.len(), 1, "one backend served the pinned session");
+    assert!(h.shared.metrics.render().contains("DatabaseConnectionsCurrentlySessionPinned 1"));
+    drop(stmt);
+    drop(pinned);
+    // Once the pinned client leaves, its backend serves everyone again.
+    let a = h.client().await;
+    let b = h.client().await;
+    assert_eq!(a.query_typed_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(b.query_typed_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
 }

@@ -35,6 +35,21 @@ async fn extended_query_binds_parameters_and_returns_typed_rows() {
 }
 
 #[tokio::test]
+async fn extended_query_with_unnamed_statements_binds_parameters() {
+    use tokio_postgres::types::Type;
+    let h = Harness::start().await;
+    let c = h.client().await;
+    for i in 0..20i32 {
+        let row = c
+            .query_typed_one("SELECT $1::int4 * 3, $2::text", &[(&i, Type::INT4), (&"x", Type::TEXT)])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), i * 3);
+        assert_eq!(row.get::<_, String>(1), "x");
+    }
+}
+
+#[tokio::test]
 async fn transaction_commit_and_rollback_are_honoured() {
     let h = Harness::start().await;
     let mut c = h.client().await;
@@ -90,18 +105,26 @@ async fn startup_settings_follow_the_client_across_backends() {
     let c = common::connect(&conn).await.unwrap();
     let other = h.client().await;
     // Interleave so the two clients trade backends; each must keep seeing its own settings.
+    // Unnamed statements only, so neither session is pinned: the two take turns on the pool's
+    // backends (LIFO: usually the very same one), which must switch settings between them.
     for _ in 0..10 {
-        let row = c.query_one("SELECT current_setting('application_name'), current_setting('search_path')", &[]).await.unwrap();
+        let row = c
+            .query_typed_one(
+                "SELECT current_setting('application_name'), current_setting('search_path')",
+                &[],
+            )
+            .await
+            .unwrap();
         assert_eq!(row.get::<_, String>(0), "warden-test");
         assert_eq!(row.get::<_, String>(1), "custom,public");
-        let row = other.query_one("SELECT current_setting('search_path')", &[]).await.unwrap();
+        let row = other.query_typed_one("SELECT current_setting('search_path')", &[]).await.unwrap();
         assert_eq!(row.get::<_, String>(0), "\"$user\", public");
     }
     c.batch_execute("SET TimeZone = 'Asia/Tokyo'").await.unwrap();
     for _ in 0..5 {
-        let tz: String = c.query_one("SELECT current_setting('TimeZone')", &[]).await.unwrap().get(0);
+        let tz: String = c.query_typed_one("SELECT current_setting('TimeZone')", &[]).await.unwrap().get(0);
         assert_eq!(tz, "Asia/Tokyo");
-        let tz: String = other.query_one("SELECT current_setting('TimeZone')", &[]).await.unwrap().get(0);
+        let tz: String = other.query_typed_one("SELECT current_setting('TimeZone')", &[]).await.unwrap().get(0);
         assert_ne!(tz, "Asia/Tokyo");
     }
 }

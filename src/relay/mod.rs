@@ -52,6 +52,9 @@ pub struct RelayEnd {
     pub backend_clean: bool,
     /// Nothing outstanding but a transaction is open: a ROLLBACK makes it clean.
     pub backend_rollbackable: bool,
+    /// The client now depends on state that lives on this backend (a named prepared
+    /// statement), so the backend must stay with it for the rest of the session.
+    pub pins_session: bool,
 }
 
 #[derive(Debug)]
@@ -68,6 +71,8 @@ struct Tracker {
     request_at: Option<Instant>,
     /// Requests seen, added to the QueryRequests counters once, when the relay ends.
     requests: u64,
+    /// The client created a named prepared statement: it lives on this backend only.
+    pins_session: bool,
 }
 
 impl Tracker {
@@ -92,7 +97,7 @@ pub async fn relay(
     // Both directions run in this one task; the Mutex and atomic are never contended, they only
     // make the shared state Send. No lock is held across an await.
     let tracker =
-        Mutex::new(Tracker { pending: 0, unsynced: false, status: TxStatus::Idle, writing: false, poisoned: false, request_at: None, requests: 0 });
+        Mutex::new(Tracker { pending: 0, unsynced: false, status: TxStatus::Idle, writing: false, poisoned: false, request_at: None, requests: 0, pins_session: false });
     let client_mid_message = AtomicBool::new(!client.scanner.at_boundary());
     let mut backend_scanner = MessageScanner::new(max_message);
     let ClientSide { stream: client_stream, buf: client_buf, scanner: client_scanner } = client;
@@ -108,7 +113,7 @@ pub async fn relay(
                 let mut requests = 0u64;
                 {
                     let mut t = lock(&tracker);
-                    let scanned = client_scanner.feed(client_buf, |_| false, |f| {
+                    let scanned = client_scanner.feed(client_buf, |tag| tag == frontend_tag::PARSE, |f| {
                         if terminate {
                             return;
                         }
@@ -122,8 +127,14 @@ pub async fn relay(
                                 t.unsynced = false;
                                 requests += 1;
                             }
-                            frontend_tag::PARSE
-                            | frontend_tag::BIND
+                            frontend_tag::PARSE => {
+                                t.unsynced = true;
+                                // A Parse body starts with the statement name; empty is unnamed.
+                                if f.body.first().is_some_and(|&b| b != 0) {
+                                    t.pins_session = true;
+                                }
+                            }
+                            frontend_tag::BIND
                             | frontend_tag::DESCRIBE
                             | frontend_tag::EXECUTE
                             | frontend_tag::CLOSE
@@ -235,6 +246,7 @@ pub async fn relay(
     metrics.query_requests_no_tls.increment(t.requests);
     let quiet = t.settled() && backend_scanner.at_boundary() && !client_mid_message.load(Ordering::Relaxed);
     RelayEnd {
+        pins_session: t.pins_session,
         backend_clean: quiet && t.status == TxStatus::Idle && matches!(outcome, Outcome::TransactionDone | Outcome::ClientGone),
         backend_rollbackable: quiet && t.status != TxStatus::Idle && matches!(outcome, Outcome::ClientGone | Outcome::ClientProtocol(_)),
         outcome,

@@ -144,31 +144,42 @@ async fn transaction(
 ) -> Result<Next, SessionError> {
     let mut lease = checkout_with_settings(entry, desired).await?;
     cancel.set_target(lease.conn().key);
-    let end = relay::relay(client, lease.conn(), desired, &shared.metrics, shared.config.pool.max_message_bytes).await;
+    let max_message = shared.config.pool.max_message_bytes;
+    let mut pinned: Option<GaugeGuard> = None;
+    let result = loop {
+        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, max_message).await;
+        if end.pins_session && pinned.is_none() {
+            // RDS Proxy's rule: state that lives on one backend pins the session to it.
+            tracing::debug!("named prepared statement: session pinned to its backend");
+            pinned = Some(GaugeGuard::new(&shared.metrics.database_connections_currently_session_pinned));
+        }
+        match end.outcome {
+            Outcome::TransactionDone if pinned.is_some() => continue,
+            Outcome::TransactionDone => {
+                lease.release();
+                break Ok(Next::WaitForClient);
+            }
+            Outcome::ClientGone => {
+                Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable)).await;
+                break Ok(Next::Close);
+            }
+            Outcome::ClientProtocol(e) => {
+                Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable)).await;
+                break Err(SessionError::Protocol(e));
+            }
+            Outcome::BackendGone => {
+                lease.discard();
+                break Err(SessionError::BackendLost);
+            }
+            Outcome::BackendProtocol(e) => {
+                tracing::error!(error = %e, "backend broke the protocol; closing it");
+                lease.discard();
+                break Err(SessionError::BackendLost);
+            }
+        }
+    };
     cancel.set_target(None);
-    match end.outcome {
-        Outcome::TransactionDone => {
-            lease.release();
-            Ok(Next::WaitForClient)
-        }
-        Outcome::ClientGone => {
-            Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable)).await;
-            Ok(Next::Close)
-        }
-        Outcome::ClientProtocol(e) => {
-            Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable)).await;
-            Err(SessionError::Protocol(e))
-        }
-        Outcome::BackendGone => {
-            lease.discard();
-            Err(SessionError::BackendLost)
-        }
-        Outcome::BackendProtocol(e) => {
-            tracing::error!(error = %e, "backend broke the protocol; closing it");
-            lease.discard();
-            Err(SessionError::BackendLost)
-        }
-    }
+    result
 }
 
 /// Borrows a backend and brings its session settings in line with the client's.
