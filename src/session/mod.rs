@@ -27,6 +27,8 @@ pub use error::SessionError;
 pub struct SessionId(pub u64);
 
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stands in for "no idle timeout" (a year; re-armed if ever reached).
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Runs one client connection to completion. Never panics on client input; every failure ends
 /// in an ErrorResponse (when the client can still read one) and a log line.
@@ -78,12 +80,17 @@ async fn transactions(
     desired: &mut Settings,
     cancel: &crate::cancel::CancelHandle,
 ) -> Result<(), SessionError> {
+    // One timer per session, re-armed lazily: it fires at most once per `idle_client_timeout`
+    // while the client is busy, instead of being registered and cleared on every transaction.
+    let limit = shared.config.pool.idle_client_timeout;
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
     loop {
         if client.buf.is_empty() {
             // An idle client holds no read buffer: wait for readability, then take one.
             if client.buf.capacity() > 0 {
                 crate::bufpool::give(std::mem::take(&mut client.buf));
             }
+            let idle_since = tokio::time::Instant::now();
             let read = async {
                 loop {
                     client.stream.readable().await?;
@@ -95,9 +102,23 @@ async fn transactions(
                     crate::bufpool::give(std::mem::take(&mut client.buf));
                 }
             };
-            // One timeout state whether or not a limit is set keeps the session future small.
-            let limit = shared.config.pool.idle_client_timeout.unwrap_or(Duration::MAX);
-            let n = tokio::time::timeout(limit, read).await.map_err(|_| SessionError::IdleTimeout)?;
+            let mut read = std::pin::pin!(read);
+            let n = loop {
+                tokio::select! {
+                    biased;
+                    n = &mut read => break n,
+                    _ = &mut idle_timer => {
+                        let Some(limit) = limit else {
+                            idle_timer.as_mut().reset(tokio::time::Instant::now() + FAR_FUTURE);
+                            continue;
+                        };
+                        if idle_since.elapsed() >= limit {
+                            return Err(SessionError::IdleTimeout);
+                        }
+                        idle_timer.as_mut().reset(idle_since + limit);
+                    }
+                }
+            };
             match n {
                 Ok(0) | Err(_) => return Ok(()),
                 Ok(_) => {}
