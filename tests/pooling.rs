@@ -185,10 +185,7 @@ async fn idle_client_timeout_closes_with_57p05() {
     let h = Harness::start_with(|c| c.pool.idle_client_timeout = Some(Duration::from_millis(200))).await;
     let mut raw = common::RawClient::connect(h.addr).await;
     raw.login(&h.env.user, &h.env.database, h.env.password()).await;
-    let m = raw.recv().await.expect("an error before close");
-    assert_eq!(m.tag, b'E');
-    assert_eq!(m.error_fields().0, "57P05");
-    assert!(raw.closed().await);
+    raw.expect_fatal_then_close("57P05").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -151,6 +151,17 @@ impl RawClient {
         b[0]
     }
 
+    /// Expects a FATAL ErrorResponse with `code`, then the proxy closing the connection.
+    /// Returns the error's message.
+    pub async fn expect_fatal_then_close(&mut self, code: &str) -> String {
+        let m = self.recv().await.expect("an ErrorResponse, not a silent close or a hang");
+        assert_eq!(m.tag, b'E', "expected an ErrorResponse");
+        let (got, message) = m.error_fields();
+        assert_eq!(got, code, "{message}");
+        assert!(self.closed().await);
+        message
+    }
+
     /// True once the proxy has closed the connection (after any messages still in flight).
     pub async fn closed(&mut self) -> bool {
         while self.recv().await.is_some() {}
