@@ -133,11 +133,6 @@ impl CredentialError {
         };
         CredentialError::BadJson { category, line: e.line(), column: e.column() }
     }
-
-    /// Worth retrying later (the source may come back), as opposed to a secret that is wrong.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, CredentialError::Io { .. })
-    }
 }
 
 /// Parses secret JSON: either one RDS secret (taken as AWSCURRENT) or an object of stages
