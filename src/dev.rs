@@ -1,13 +1,15 @@
 //! `pgwarden dev`: the embedded default. A throwaway PostgreSQL, a `dev` role with a random
-//! password kept in a `file` credential, and the proxy in front of it on 127.0.0.1, all removed
-//! again on Ctrl-C. Prints ready-to-paste psql and pgbench lines.
+//! password kept in a `file` credential, a self-signed TLS certificate, a keyring with one dev
+//! access key (so IAM tokens work without AWS), and the proxy in front of it all on 127.0.0.1,
+//! all removed again on Ctrl-C. Prints ready-to-paste psql and pgbench lines.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::{
-    BackendTls, Config, CredentialConfig, DatabaseConfig, PoolConfig, SourceConfig,
+    AuditTarget, BackendTlsMode, Config, CredentialConfig, DatabaseConfig, IamAuth, IamConfig, KeyringSourceConfig,
+    PoolConfig, SourceConfig, TlsConfig,
 };
 use crate::devdb::{ClusterOptions, TempCluster};
 
@@ -26,7 +28,19 @@ pub struct DevEnv {
     pub database: String,
     password: secrecy::SecretString,
     pub secret_path: PathBuf,
+    /// The CA that signed the proxy's certificate (for `sslmode=verify-full`).
+    pub ca_cert_path: PathBuf,
+    pub keyring_path: PathBuf,
+    pub audit_path: PathBuf,
+    /// The dev access key in the keyring, for minting tokens.
+    pub access_key_id: String,
+    secret_access_key: secrecy::SecretString,
 }
+
+/// Region and account the dev keyring and policy use.
+pub const DEV_REGION: &str = "us-east-1";
+pub const DEV_ACCOUNT: &str = "000000000000";
+pub const DEV_PROXY_ID: &str = "prx-pgwarden-dev";
 
 impl DevEnv {
     /// Starts Postgres, creates the dev role and database, writes the credential file.
@@ -47,6 +61,18 @@ impl DevEnv {
             });
             let secret_path = cluster.dir().join("dev.secret.json");
             write_private(&secret_path, secret.to_string().as_bytes())?;
+            let (ca_cert_path, cert, key) = crate::tls::write_generated_certs(cluster.dir(), &["localhost", "127.0.0.1"])?;
+            let access_key_id = format!("AKIDDEV{}", random_alnum(13).expose_secret().to_ascii_uppercase());
+            let secret_access_key = random_alnum(40);
+            let keyring = serde_json::json!({"keys": [{
+                "access_key_id": access_key_id,
+                "secret_access_key": secret_access_key.expose_secret(),
+                "principal": format!("arn:aws:iam::{DEV_ACCOUNT}:user/pgwarden-dev"),
+                "allow": [format!("arn:aws:rds-db:{DEV_REGION}:{DEV_ACCOUNT}:dbuser:{DEV_PROXY_ID}/*")],
+            }]});
+            let keyring_path = cluster.dir().join("dev.keyring.json");
+            write_private(&keyring_path, keyring.to_string().as_bytes())?;
+            let audit_path = cluster.dir().join("audit.log");
             let config = Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], opts.port)),
                 worker_threads: opts.worker_threads,
@@ -54,7 +80,8 @@ impl DevEnv {
                     host: "127.0.0.1".into(),
                     port: cluster.port,
                     dbname: database.clone(),
-                    tls: BackendTls::Disable,
+                    tls: BackendTlsMode::Disable,
+                    ca_file: None,
                     connect_timeout: Duration::from_secs(10),
                 },
                 pool: PoolConfig {
@@ -69,13 +96,37 @@ impl DevEnv {
                     max_message_bytes: 64 * 1024 * 1024,
                 },
                 metrics_listen: opts.metrics_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+                tls: Some(TlsConfig { cert, key, require: false, reload_interval: Duration::from_secs(10) }),
+                iam: Some(IamConfig {
+                    endpoints: vec![("127.0.0.1".into(), None), ("localhost".into(), None)],
+                    proxy_id: DEV_PROXY_ID.into(),
+                    account_id: DEV_ACCOUNT.into(),
+                    max_clock_skew: Duration::from_secs(300),
+                    keyring: KeyringSourceConfig::File { path: keyring_path.clone() },
+                    keyring_refresh_interval: Duration::from_secs(10),
+                }),
+                audit: AuditTarget::File(audit_path.clone()),
                 credentials: vec![CredentialConfig {
                     user: user.clone(),
                     source: SourceConfig::File { path: secret_path.clone() },
                     refresh_interval: Duration::from_secs(1),
+                    // Over TLS: an IAM token or the password; without TLS: SCRAM.
+                    iam_auth: IamAuth::Optional,
                 }],
             };
-            Ok(DevEnv { cluster, config, user, database, password, secret_path })
+            Ok(DevEnv {
+                cluster,
+                config,
+                user,
+                database,
+                password,
+                secret_path,
+                ca_cert_path,
+                keyring_path,
+                audit_path,
+                access_key_id,
+                secret_access_key,
+            })
         }
     }
 
@@ -83,12 +134,33 @@ impl DevEnv {
         use secrecy::ExposeSecret;
         self.password.expose_secret()
     }
+
+    /// The dev access key's secret, for minting tokens (`pgwarden token` reads it from the
+    /// standard AWS environment variables).
+    pub fn secret_access_key(&self) -> &secrecy::SecretString {
+        &self.secret_access_key
+    }
+
+    /// A token for the dev user, as `aws rds generate-db-auth-token` would make it.
+    pub fn token(&self, host: &str, port: u16, user: &str) -> secrecy::SecretString {
+        let creds = crate::auth::sigv4::SigningCredentials {
+            access_key_id: &self.access_key_id,
+            secret_access_key: &self.secret_access_key,
+            session_token: None,
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        crate::auth::sigv4::mint(host, port, user, DEV_REGION, &creds, now, 900)
+    }
 }
 
 fn random_password() -> secrecy::SecretString {
+    random_alnum(32)
+}
+
+fn random_alnum(len: usize) -> secrecy::SecretString {
     use rand::RngExt;
     let mut rng = rand::rng();
-    let s: String = (0..32).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect();
+    let s: String = (0..len).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect();
     secrecy::SecretString::from(s)
 }
 

@@ -3,16 +3,19 @@
 //! The data flow, one module per stage:
 //!
 //! ```text
-//!  client ─TCP─▶ listener ─▶ session ─▶ auth (SCRAM) ─▶ pool::checkout ─▶ relay ◀──▶ Postgres
-//!                                                        │ miss                ▲ release at
-//!                                                        ▼                     │ ReadyForQuery 'I'
-//!                                                 backend::connect ◀── credentials (file source,
-//!                                                 (CURRENT → PENDING → PREVIOUS)  refresh loop)
+//!  client ─TCP/TLS─▶ listener ─▶ session ─▶ auth (IAM token | SCRAM) ─▶ pool::checkout ─▶ relay ◀──▶ Postgres
+//!                                  │  └──▶ audit                       │ miss                ▲ release at
+//!                                  │                                   ▼                     │ ReadyForQuery 'I'
+//!                                tls (certs, reload)            backend::connect ◀── credentials (file source,
+//!                                                               (CURRENT → PENDING → PREVIOUS)   refresh loop)
 //! ```
+//!
+//! `stream` gives both sides one byte-stream type (TCP or TLS); `tls` configures both sides.
 //!
 //! `protocol` is sans-io and depends on nothing else here; `session` is the only module that
 //! sees the whole flow and the only one that decides what a client is told.
 
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod bufpool;
@@ -28,6 +31,8 @@ pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod session;
+pub mod stream;
+pub mod tls;
 
 pub use config::Config;
 pub use listener::{Server, Shared};

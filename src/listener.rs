@@ -13,7 +13,9 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::audit::AuditLog;
 use crate::auth::UserEntry;
+use crate::auth::iam::{IamVerifier, KeyringLoadError};
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, SourceConfig};
 use crate::credentials::file::FileSource;
@@ -21,6 +23,7 @@ use crate::credentials::{CredentialError, CredentialSource, CredentialStore};
 use crate::metrics::{Exporter, Metrics};
 use crate::pool::Pools;
 use crate::session::{self, SessionId};
+use crate::tls::{BackendTls, ClientTls, TlsError};
 
 /// State shared by every session, built once at start-up.
 pub struct Shared {
@@ -30,6 +33,11 @@ pub struct Shared {
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
+    /// Client-facing TLS, if configured (SSLRequest is answered 'N' otherwise).
+    pub tls: Option<Arc<ClientTls>>,
+    /// IAM token verification, if configured.
+    pub iam: Option<Arc<IamVerifier>>,
+    pub audit: AuditLog,
 }
 
 #[derive(Debug, Error)]
@@ -40,6 +48,14 @@ pub enum StartError {
     Bind { addr: SocketAddr, #[source] source: std::io::Error },
     #[error("metrics: {0}")]
     Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("tls: {0}")]
+    ClientTls(#[source] TlsError),
+    #[error("database.tls: {0}")]
+    BackendTls(#[source] TlsError),
+    #[error("iam.keyring: {0}")]
+    Keyring(#[from] KeyringLoadError),
+    #[error("audit.output: {0}")]
+    Audit(#[source] std::io::Error),
 }
 
 pub struct Server {
@@ -67,14 +83,34 @@ impl Server {
                 .await
                 .map_err(|source| StartError::Credential { user: c.user.clone(), source })?;
             store.spawn_refresh_loop(c.refresh_interval);
-            users.insert(c.user.clone(), UserEntry::new(c.user.clone(), store));
+            users.insert(c.user.clone(), UserEntry::new(c.user.clone(), store, c.iam_auth));
         }
+        let tls = match &config.tls {
+            Some(t) => {
+                let tls = ClientTls::load(t).map_err(StartError::ClientTls)?;
+                tls.spawn_reload_loop(t.reload_interval);
+                Some(tls)
+            }
+            None => None,
+        };
+        let backend_tls = BackendTls::new(&config.database).map_err(StartError::BackendTls)?.map(Arc::new);
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let listen_port = listener.local_addr().map(|a| a.port()).unwrap_or(config.listen.port());
+        let iam = match &config.iam {
+            Some(i) => {
+                let iam = IamVerifier::load(i, listen_port)?;
+                iam.spawn_reload_loop(i.keyring_refresh_interval);
+                Some(iam)
+            }
+            None => None,
+        };
+        let audit = AuditLog::open(&config.audit).map_err(StartError::Audit)?;
         let client_slots = Arc::new(Semaphore::new(config.pool.max_client_connections));
-        let pools = Pools::new(config.database.clone(), config.pool.clone(), Arc::clone(&metrics));
-        let shared = Arc::new(Shared { config, users, pools, cancels: Arc::new(CancelRegistry::default()), metrics });
+        let pools = Pools::new(config.database.clone(), backend_tls, config.pool.clone(), Arc::clone(&metrics));
+        let cancels = Arc::new(CancelRegistry::default());
+        let shared = Arc::new(Shared { config, users, pools, cancels, metrics, tls, iam, audit });
         Ok(Server { shared, listener, client_slots })
     }
 

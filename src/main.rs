@@ -1,4 +1,4 @@
-//! The `pgwarden` command: `serve`, `check-config`, `dev`.
+//! The `pgwarden` command: `serve`, `check-config`, `dev`, `token`.
 
 use std::path::PathBuf;
 
@@ -35,6 +35,23 @@ enum Cmd {
         /// Threads serving clients (default: half the cores, at least one).
         #[arg(long)]
         worker_threads: Option<usize>,
+    },
+    /// Print an IAM auth token, as `aws rds generate-db-auth-token` does, signed with the
+    /// standard AWS credential chain (environment, profile, ...).
+    Token {
+        /// The proxy endpoint name clients connect to (one of its iam.endpoints).
+        #[arg(long)]
+        hostname: String,
+        #[arg(long, default_value_t = 5432)]
+        port: u16,
+        #[arg(long)]
+        username: String,
+        /// Defaults to the AWS region of the environment or profile.
+        #[arg(long)]
+        region: Option<String>,
+        /// Token lifetime in seconds (at most 900).
+        #[arg(long, default_value_t = 900)]
+        expires_in: u64,
     },
 }
 
@@ -100,7 +117,31 @@ fn main() -> anyhow::Result<()> {
             let threads = worker_threads.unwrap_or_else(pgwarden::config::default_worker_threads);
             runtime(threads)?.block_on(dev(DevOptions { port, metrics_port, pool_size, worker_threads: threads }))
         }
+        Cmd::Token { hostname, port, username, region, expires_in } => {
+            anyhow::ensure!((1..=900).contains(&expires_in), "--expires-in must be between 1 and 900 seconds");
+            runtime(1)?.block_on(token(&hostname, port, &username, region, expires_in))
+        }
     }
+}
+
+async fn token(hostname: &str, port: u16, username: &str, region: Option<String>, expires_in: u64) -> anyhow::Result<()> {
+    use aws_credential_types::provider::ProvideCredentials;
+    use pgwarden::auth::sigv4::{SigningCredentials, mint};
+    use secrecy::{ExposeSecret, SecretString};
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r));
+    }
+    let sdk = loader.load().await;
+    let region = sdk.region().context("no AWS region: pass --region or set AWS_REGION")?.to_string();
+    let provider = sdk.credentials_provider().context("no AWS credential provider configured")?;
+    let creds = provider.provide_credentials().await.context("loading AWS credentials")?;
+    let secret = SecretString::from(creds.secret_access_key());
+    let session = creds.session_token().map(SecretString::from);
+    let signing = SigningCredentials { access_key_id: creds.access_key_id(), secret_access_key: &secret, session_token: session.as_ref() };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    println!("{}", mint(hostname, port, username, &region, &signing, now, expires_in).expose_secret());
+    Ok(())
 }
 
 async fn dev(opts: DevOptions) -> anyhow::Result<()> {
@@ -113,13 +154,29 @@ async fn dev(opts: DevOptions) -> anyhow::Result<()> {
     if let Some(p) = opts.metrics_port {
         println!("Metrics: http://127.0.0.1:{p}/metrics");
     }
-    println!("\nPaste into another terminal:\n");
+    println!("TLS certificate's CA: {}", env.ca_cert_path.display());
+    println!("Audit log (one JSON line per login): {}", env.audit_path.display());
+    println!("\nPaste into another terminal. With the password (SCRAM, or over TLS):\n");
     println!("  export PGPASSWORD='{}'", env.password());
     println!("  psql \"{conn}\"");
     println!("  pgbench -i -s 1 \"{conn}\"");
     println!("  pgbench -c 16 -j 2 -T 10 -M extended \"{conn}\"");
+    // The dev keyring's one key, passed inline so it never clobbers real AWS settings.
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "pgwarden".into());
+    let aws_env = format!(
+        "AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY={} AWS_REGION={}",
+        env.access_key_id,
+        secrecy::ExposeSecret::expose_secret(env.secret_access_key()),
+        pgwarden::dev::DEV_REGION
+    );
+    let token = format!("$({aws_env} {exe} token --hostname {} --port {} --username {})", addr.ip(), addr.port(), env.user);
+    println!("\nWith an IAM auth token over TLS (the dev key lives only in this throwaway keyring):\n");
+    println!("  PGPASSWORD=\"{token}\" psql \"{conn} sslmode=require\"");
+    println!("  PGPASSWORD=\"{token}\" pgbench -C -c 16 -j 2 -T 10 -S \"{conn} sslmode=require\"");
     println!("\nCtrl-C stops pgwarden and deletes the database.\n");
+    let shared = server.shared();
     server.run(shutdown_signal()).await;
+    shared.audit.sync();
     drop(env);
     Ok(())
 }

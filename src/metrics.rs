@@ -20,10 +20,14 @@ pub struct Metrics {
     pub client_connections_received: Counter,
     pub client_connections_closed: Counter,
     pub client_connections_no_tls: Counter,
+    pub client_connections_tls: Counter,
+    pub iam_token_cache_hits: Counter,
     pub client_connections_setup_succeeded: Counter,
     pub client_connections_setup_failed_auth: Counter,
     pub database_connections: Gauge,
     pub database_connection_requests: Counter,
+    pub database_connection_requests_with_tls: Counter,
+    pub database_connections_with_tls: Gauge,
     pub database_connections_setup_succeeded: Counter,
     pub database_connections_setup_failed: Counter,
     pub database_connections_currently_borrowed: Gauge,
@@ -32,6 +36,7 @@ pub struct Metrics {
     pub max_database_connections_allowed: Gauge,
     pub query_requests: Counter,
     pub query_requests_no_tls: Counter,
+    pub query_requests_tls: Counter,
     pub query_database_response_latency: Histogram,
     pub borrow_timeouts: Counter,
 }
@@ -76,6 +81,11 @@ impl Metrics {
             describe_counter!("ClientConnectionsReceived", "Client connections accepted.");
             describe_counter!("ClientConnectionsClosed", "Client connections closed.");
             describe_counter!("ClientConnectionsNoTLS", "Client connections without TLS.");
+            describe_counter!("ClientConnectionsTLS", "Client connections that completed a TLS handshake.");
+            describe_counter!("pgwarden_iam_token_cache_hits", "IAM logins answered from the token verdict cache.");
+            describe_counter!("DatabaseConnectionRequestsWithTLS", "Backend connections attempted with TLS.");
+            describe_gauge!("DatabaseConnectionsWithTLS", "Backend connections currently open over TLS.");
+            describe_counter!("QueryRequestsTLS", "Queries received over TLS.");
             describe_counter!("ClientConnectionsSetupSucceeded", "Client connections that completed login.");
             describe_counter!("ClientConnectionsSetupFailedAuth", "Client logins refused.");
             describe_gauge!("DatabaseConnections", "Backend connections currently open.");
@@ -103,6 +113,11 @@ impl Metrics {
                 client_connections_received: counter!("ClientConnectionsReceived"),
                 client_connections_closed: counter!("ClientConnectionsClosed"),
                 client_connections_no_tls: counter!("ClientConnectionsNoTLS"),
+                client_connections_tls: counter!("ClientConnectionsTLS"),
+                iam_token_cache_hits: counter!("pgwarden_iam_token_cache_hits"),
+                database_connection_requests_with_tls: counter!("DatabaseConnectionRequestsWithTLS"),
+                database_connections_with_tls: gauge!("DatabaseConnectionsWithTLS"),
+                query_requests_tls: counter!("QueryRequestsTLS"),
                 client_connections_setup_succeeded: counter!("ClientConnectionsSetupSucceeded"),
                 client_connections_setup_failed_auth: counter!("ClientConnectionsSetupFailedAuth"),
                 database_connections: gauge!("DatabaseConnections"),

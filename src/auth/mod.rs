@@ -1,14 +1,19 @@
-//! Client authentication. Today: SCRAM-SHA-256 against the password of the user's current
-//! backend credential (RDS Proxy's non-IAM mode), with the verifier derived once per credential
-//! generation. Must not: touch pools or backends.
+//! Client authentication: AWS IAM auth tokens ([`iam`], checked against the [`keyring`] with
+//! [`sigv4`]), or SCRAM-SHA-256 against the password of the user's current backend credential
+//! (RDS Proxy's non-IAM mode), with the verifier derived once per credential generation.
+//! Must not: touch pools or backends, or talk to clients (the session drives the exchange).
 
+pub mod iam;
+pub mod keyring;
 pub mod scram;
+pub mod sigv4;
 
 use std::sync::{Arc, Mutex};
 
 use secrecy::ExposeSecret;
 use thiserror::Error;
 
+use crate::config::IamAuth;
 use crate::credentials::{CredentialStore, Generation};
 use scram::{ScramError, ScramVerifier};
 
@@ -20,6 +25,10 @@ pub enum AuthError {
     BadPassword(String),
     #[error("SCRAM exchange failed: {0}")]
     Scram(#[from] ScramError),
+    #[error("IAM authentication for {0} attempted without TLS")]
+    IamWithoutTls(String),
+    #[error("client did not use TLS and tls.require is set")]
+    TlsRequired,
 }
 
 /// One configured database user: where its credential lives and the SCRAM verifier of its
@@ -27,12 +36,21 @@ pub enum AuthError {
 pub struct UserEntry {
     pub user: String,
     pub store: Arc<CredentialStore>,
+    pub iam_auth: IamAuth,
     verifier: Mutex<Option<(Generation, Arc<ScramVerifier>)>>,
 }
 
 impl UserEntry {
-    pub fn new(user: String, store: Arc<CredentialStore>) -> UserEntry {
-        UserEntry { user, store, verifier: Mutex::new(None) }
+    pub fn new(user: String, store: Arc<CredentialStore>, iam_auth: IamAuth) -> UserEntry {
+        UserEntry { user, store, iam_auth, verifier: Mutex::new(None) }
+    }
+
+    /// Compares a cleartext password (sent over TLS) with the current credential's, in
+    /// constant time.
+    pub fn password_matches(&self, password: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let snapshot = self.store.snapshot();
+        bool::from(snapshot.secret.current.password.expose_secret().as_bytes().ct_eq(password.as_bytes()))
     }
 
     /// The verifier for the current password, derived at most once per generation.

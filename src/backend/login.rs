@@ -1,5 +1,6 @@
-//! Opening a backend connection and logging in, trying the credential's stages in order
-//! (AWSCURRENT, then AWSPENDING, then AWSPREVIOUS) until one is accepted.
+//! Opening a backend connection (TCP, then TLS when configured: SSLRequest, 'S', handshake) and
+//! logging in, trying the credential's stages in order (AWSCURRENT, then AWSPENDING, then
+//! AWSPREVIOUS) until one is accepted.
 
 use std::time::{Duration, Instant};
 
@@ -8,25 +9,28 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
 use secrecy::ExposeSecret;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{BackendConn, BackendError, BackendKey, BackendPid, MAX_CONTROL_MESSAGE, Settings};
 use crate::config::DatabaseConfig;
 use crate::credentials::{Credential, CredentialSet, Stage};
 use crate::net::read_message;
-use crate::protocol::{ProtocolError, messages, read_cstr};
+use crate::protocol::{ProtocolError, SSL_REQUEST_CODE, messages, read_cstr};
+use crate::stream::{Stream, send};
+use crate::tls::BackendTls;
 
 /// Connects to `dbname` on the target and logs in with the first credential stage that works.
 pub async fn connect(
     target: &DatabaseConfig,
+    tls: Option<&BackendTls>,
     dbname: &str,
     creds: &CredentialSet,
     lifetime: Option<Duration>,
 ) -> Result<BackendConn, BackendError> {
     let mut tried = Vec::new();
     for (stage, credential) in creds.candidates() {
-        let attempt = tokio::time::timeout(target.connect_timeout, login(target, dbname, credential)).await;
+        let attempt = tokio::time::timeout(target.connect_timeout, login(target, tls, dbname, credential)).await;
         match attempt {
             Err(_) => return Err(BackendError::Timeout),
             Ok(Err(e)) if e.is_auth_failure() => {
@@ -48,11 +52,31 @@ pub async fn connect(
     Err(BackendError::AuthRejected { user: creds.secret.current.username.clone(), tried: tried.join(", ") })
 }
 
-async fn login(target: &DatabaseConfig, dbname: &str, credential: &Credential) -> Result<BackendConn, BackendError> {
+async fn login(
+    target: &DatabaseConfig,
+    tls: Option<&BackendTls>,
+    dbname: &str,
+    credential: &Credential,
+) -> Result<BackendConn, BackendError> {
     let addr = format!("{}:{}", target.host, target.port);
-    let stream = TcpStream::connect(&addr).await.map_err(|source| BackendError::Connect { addr: addr.clone(), source })?;
-    stream.set_nodelay(true)?;
-    let peer = stream.peer_addr()?;
+    let mut tcp = TcpStream::connect(&addr).await.map_err(|source| BackendError::Connect { addr: addr.clone(), source })?;
+    tcp.set_nodelay(true)?;
+    let peer = tcp.peer_addr()?;
+    let stream = match tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let mut request = [0u8; 8];
+            request[..4].copy_from_slice(&8i32.to_be_bytes());
+            request[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+            tcp.write_all(&request).await?;
+            if tcp.read_u8().await? != b'S' {
+                return Err(BackendError::TlsRefused);
+            }
+            let (connector, name) = tls.connector();
+            let tls_stream = connector.connect(name, tcp).await.map_err(BackendError::Tls)?;
+            Stream::Tls(Box::new(tls_stream.into()))
+        }
+    };
     let mut conn = BackendConn {
         stream,
         buf: BytesMut::with_capacity(8192),
@@ -65,11 +89,12 @@ async fn login(target: &DatabaseConfig, dbname: &str, credential: &Credential) -
         idle_since: Instant::now(),
         lifetime: None,
         open_guard: None,
+        tls_guard: None,
     };
     let mut out = BytesMut::new();
     let params = [("user", credential.username.as_str()), ("database", dbname), ("application_name", "pgwarden")];
     frontend::startup_message(params.iter().copied(), &mut out)?;
-    conn.stream.write_all(&out).await?;
+    send(&mut conn.stream, &out).await?;
     authenticate(&mut conn, credential).await?;
     loop {
         let (tag, mut body) = read_message(&mut conn.stream, &mut conn.buf, MAX_CONTROL_MESSAGE).await?;
@@ -164,6 +189,6 @@ async fn authenticate(conn: &mut BackendConn, credential: &Credential) -> Result
             9 => return Err(BackendError::UnsupportedAuth("SSPI")),
             _ => return Err(BackendError::UnsupportedAuth("unknown method")),
         }
-        conn.stream.write_all(&out).await?;
+        send(&mut conn.stream, &out).await?;
     }
 }

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use crate::stream::{Stream, send};
 
 use crate::credentials::{Generation, Stage};
 use crate::net::{ReadError, read_message};
@@ -52,6 +51,10 @@ pub enum BackendError {
     Io(#[from] std::io::Error),
     #[error("backend closed the connection")]
     Closed,
+    #[error("the database does not accept TLS, and database.tls asks for it")]
+    TlsRefused,
+    #[error("TLS handshake with the database failed: {0}")]
+    Tls(#[source] std::io::Error),
     #[error("backend protocol error: {0}")]
     Protocol(#[from] ProtocolError),
 }
@@ -93,7 +96,7 @@ impl BackendError {
 
 /// One logged-in backend connection.
 pub struct BackendConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Read buffer; empty whenever the connection is idle.
     pub buf: BytesMut,
     pub key: Option<BackendKey>,
@@ -110,6 +113,8 @@ pub struct BackendConn {
     pub lifetime: Option<Duration>,
     /// Keeps the DatabaseConnections gauge counting this connection while it lives.
     pub open_guard: Option<crate::metrics::GaugeGuard>,
+    /// Keeps DatabaseConnectionsWithTLS counting this connection, if it is encrypted.
+    pub tls_guard: Option<crate::metrics::GaugeGuard>,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -120,12 +125,19 @@ impl std::fmt::Debug for BackendConn {
 
 impl BackendConn {
     /// True if the backend closed or sent something unprompted while idle (a FATAL from
-    /// `pg_terminate_backend`, say). Costs one non-blocking read.
-    pub fn is_closed_or_dirty(&self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            _ => true,
+    /// `pg_terminate_backend`, say). Costs at most one non-blocking read.
+    pub fn is_closed_or_dirty(&mut self) -> bool {
+        match &self.stream {
+            Stream::Plain(tcp) => {
+                let mut probe = [0u8; 1];
+                !matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            // A TLS record may carry no data (a session ticket): read through rustls, into the
+            // connection's own (empty, idle) buffer, and call it dirty only if data came out.
+            _ => {
+                let dirty = !matches!(self.stream.read_now(&mut self.buf), None);
+                dirty || !self.buf.is_empty()
+            }
         }
     }
 
@@ -140,7 +152,7 @@ impl BackendConn {
     pub async fn simple_query(&mut self, sql: &str) -> Result<(TxStatus, Option<(String, String)>), BackendError> {
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        send(&mut self.stream, &out).await?;
         let mut first_error = None;
         loop {
             let (tag, body) = read_message(&mut self.stream, &mut self.buf, MAX_CONTROL_MESSAGE).await?;
@@ -164,6 +176,6 @@ impl BackendConn {
     pub async fn close(mut self) {
         let mut out = BytesMut::new();
         messages::terminate(&mut out);
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut self.stream, &out)).await;
     }
 }

@@ -27,9 +27,13 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), reason: reason.into() }
 }
 
+/// libpq's `sslmode` values that make sense for a proxy (no "prefer": the operator decides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendTls {
+pub enum BackendTlsMode {
     Disable,
+    Require,
+    VerifyCa,
+    VerifyFull,
 }
 
 #[derive(Clone, Debug)]
@@ -38,8 +42,60 @@ pub struct DatabaseConfig {
     pub port: u16,
     /// Database used when a client names none.
     pub dbname: String,
-    pub tls: BackendTls,
+    pub tls: BackendTlsMode,
+    /// CA bundle for `verify-ca` / `verify-full` (e.g. RDS's global bundle).
+    pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
+}
+
+/// Client-facing TLS.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Refuse clients that do not ask for TLS.
+    pub require: bool,
+    /// How often the certificate files are checked for changes.
+    pub reload_interval: Duration,
+}
+
+/// RDS Proxy's per-secret `IAMAuth`, plus a mode that takes either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IamAuth {
+    /// SCRAM with the credential's password.
+    Disabled,
+    /// Only an IAM auth token, only over TLS.
+    Required,
+    /// Over TLS: an IAM token or the credential's password; without TLS: SCRAM.
+    Optional,
+}
+
+#[derive(Clone, Debug)]
+pub enum KeyringSourceConfig {
+    File { path: PathBuf },
+}
+
+/// IAM token verification.
+#[derive(Clone, Debug)]
+pub struct IamConfig {
+    /// `host:port` names clients put in their tokens (the proxy's endpoint names). A bare host
+    /// means the listen port.
+    pub endpoints: Vec<(String, Option<u16>)>,
+    /// The proxy's resource id in `arn:aws:rds-db:<region>:<account>:dbuser:<proxy_id>/<user>`.
+    pub proxy_id: String,
+    pub account_id: String,
+    /// How far in the future a token's X-Amz-Date may be.
+    pub max_clock_skew: Duration,
+    pub keyring: KeyringSourceConfig,
+    pub keyring_refresh_interval: Duration,
+}
+
+/// Where the audit log goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditTarget {
+    Stdout,
+    File(PathBuf),
+    Off,
 }
 
 #[derive(Clone, Debug)]
@@ -69,6 +125,7 @@ pub struct CredentialConfig {
     pub user: String,
     pub source: SourceConfig,
     pub refresh_interval: Duration,
+    pub iam_auth: IamAuth,
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +136,9 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub pool: PoolConfig,
     pub metrics_listen: Option<SocketAddr>,
+    pub tls: Option<TlsConfig>,
+    pub iam: Option<IamConfig>,
+    pub audit: AuditTarget,
     pub credentials: Vec<CredentialConfig>,
 }
 

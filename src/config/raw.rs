@@ -19,7 +19,63 @@ pub(super) struct RawConfig {
     #[serde(default)]
     metrics: Option<RawMetrics>,
     #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    iam: Option<RawIam>,
+    #[serde(default)]
+    audit: Option<RawAudit>,
+    #[serde(default)]
     credentials: Vec<RawCredential>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    #[serde(default)]
+    require: bool,
+    #[serde(default = "default_tls_reload")]
+    reload_interval: String,
+}
+
+fn default_tls_reload() -> String {
+    "10s".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIam {
+    endpoints: Vec<String>,
+    proxy_id: String,
+    account_id: String,
+    #[serde(default = "default_skew")]
+    max_clock_skew: String,
+    keyring: RawKeyring,
+}
+
+fn default_skew() -> String {
+    "5m".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyring {
+    source: String,
+    path: Option<String>,
+    #[serde(default = "default_keyring_refresh")]
+    refresh_interval: String,
+}
+
+fn default_keyring_refresh() -> String {
+    "10s".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    /// A file path, "stdout", or "off".
+    output: String,
 }
 
 /// Half the cores, at least one: the database and the clients usually share the machine, and
@@ -42,6 +98,8 @@ struct RawDatabase {
     dbname: String,
     #[serde(default = "default_tls")]
     tls: String,
+    #[serde(default)]
+    ca_file: Option<String>,
     #[serde(default = "default_connect_timeout")]
     connect_timeout: String,
 }
@@ -102,6 +160,55 @@ struct RawCredential {
     source: String,
     path: Option<String>,
     refresh_interval: Option<String>,
+    #[serde(default)]
+    iam_auth: Option<String>,
+}
+
+fn existing_file(key: &str, base: &Path, path: &str) -> Result<PathBuf, ConfigError> {
+    let path = base.join(path);
+    if !path.is_file() {
+        return Err(invalid(key, format!("{} is not a readable file", path.display())));
+    }
+    Ok(path)
+}
+
+fn validate_iam(i: RawIam, base: &Path) -> Result<IamConfig, ConfigError> {
+    if i.endpoints.is_empty() {
+        return Err(invalid("iam.endpoints", "list at least one host or host:port clients connect to"));
+    }
+    let mut endpoints = Vec::new();
+    for e in &i.endpoints {
+        let bad = || invalid("iam.endpoints", format!("{e:?} is not a host or host:port"));
+        let (host, port) = match e.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
+            None => (e.as_str(), None),
+        };
+        if host.is_empty() || host.contains(['/', ' ', '@']) {
+            return Err(bad());
+        }
+        endpoints.push((host.to_ascii_lowercase(), port));
+    }
+    if i.proxy_id.is_empty() || i.proxy_id.contains(['/', ':']) {
+        return Err(invalid("iam.proxy_id", "must be a resource id like prx-0123456789abcdef"));
+    }
+    if i.account_id.len() != 12 || !i.account_id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid("iam.account_id", "must be a 12-digit AWS account id"));
+    }
+    let keyring = match i.keyring.source.as_str() {
+        "file" => {
+            let path = i.keyring.path.ok_or_else(|| invalid("iam.keyring.path", "required for source = \"file\""))?;
+            KeyringSourceConfig::File { path: existing_file("iam.keyring.path", base, &path)? }
+        }
+        other => return Err(invalid("iam.keyring.source", format!("unknown source kind {other:?} (known: \"file\")"))),
+    };
+    Ok(IamConfig {
+        endpoints,
+        proxy_id: i.proxy_id,
+        account_id: i.account_id,
+        max_clock_skew: parse_duration("iam.max_clock_skew", &i.max_clock_skew)?,
+        keyring,
+        keyring_refresh_interval: parse_duration("iam.keyring.refresh_interval", &i.keyring.refresh_interval)?,
+    })
 }
 
 /// "off" turns an optional timeout off; anything else must parse.
@@ -125,14 +232,27 @@ impl RawConfig {
             return Err(invalid("database.host", "must not be empty"));
         }
         let tls = match d.tls.as_str() {
-            "disable" => BackendTls::Disable,
-            other => return Err(invalid("database.tls", format!("{other:?} is not supported yet (use \"disable\")"))),
+            "disable" => BackendTlsMode::Disable,
+            "require" => BackendTlsMode::Require,
+            "verify-ca" => BackendTlsMode::VerifyCa,
+            "verify-full" => BackendTlsMode::VerifyFull,
+            other => {
+                return Err(invalid(
+                    "database.tls",
+                    format!("{other:?} is not one of \"disable\", \"require\", \"verify-ca\", \"verify-full\""),
+                ));
+            }
         };
+        let ca_file = d.ca_file.map(|p| existing_file("database.ca_file", base, &p)).transpose()?;
+        if matches!(tls, BackendTlsMode::VerifyCa | BackendTlsMode::VerifyFull) && ca_file.is_none() {
+            return Err(invalid("database.ca_file", format!("required when database.tls = {:?}", d.tls)));
+        }
         let database = DatabaseConfig {
             host: d.host,
             port: d.port,
             dbname: d.dbname,
             tls,
+            ca_file,
             connect_timeout: parse_duration("database.connect_timeout", &d.connect_timeout)?,
         };
         let p = self.pool;
@@ -160,6 +280,22 @@ impl RawConfig {
             max_message_bytes: p.max_message_bytes,
         };
         let metrics_listen = self.metrics.map(|m| parse_addr("metrics.listen", &m.listen)).transpose()?;
+        let tls = match self.tls {
+            None => None,
+            Some(t) => Some(TlsConfig {
+                cert: existing_file("tls.cert", base, &t.cert)?,
+                key: existing_file("tls.key", base, &t.key)?,
+                require: t.require,
+                reload_interval: parse_duration("tls.reload_interval", &t.reload_interval)?,
+            }),
+        };
+        let iam = self.iam.map(|i| validate_iam(i, base)).transpose()?;
+        let audit = match self.audit.as_ref().map(|a| a.output.as_str()) {
+            None | Some("stdout") => AuditTarget::Stdout,
+            Some("off") => AuditTarget::Off,
+            Some("") => return Err(invalid("audit.output", "must be a file path, \"stdout\" or \"off\"")),
+            Some(path) => AuditTarget::File(base.join(path)),
+        };
         let mut credentials = Vec::new();
         for (i, c) in self.credentials.into_iter().enumerate() {
             let key = |k: &str| format!("credentials[{i}].{k}");
@@ -184,8 +320,24 @@ impl RawConfig {
                 Some(v) => parse_duration(&key("refresh_interval"), v)?,
                 None => Duration::from_secs(1),
             };
-            credentials.push(CredentialConfig { user: c.user, source, refresh_interval });
+            let iam_auth = match c.iam_auth.as_deref() {
+                None | Some("disabled") => IamAuth::Disabled,
+                Some("required") => IamAuth::Required,
+                Some("optional") => IamAuth::Optional,
+                Some(other) => {
+                    return Err(invalid(key("iam_auth"), format!("{other:?} is not one of \"disabled\", \"required\", \"optional\"")));
+                }
+            };
+            if iam_auth != IamAuth::Disabled {
+                if iam.is_none() {
+                    return Err(invalid(key("iam_auth"), "needs an [iam] section (endpoints, proxy_id, account_id, keyring)"));
+                }
+                if tls.is_none() {
+                    return Err(invalid(key("iam_auth"), "needs a [tls] section: IAM tokens are accepted only over TLS"));
+                }
+            }
+            credentials.push(CredentialConfig { user: c.user, source, refresh_interval, iam_auth });
         }
-        Ok(Config { listen, worker_threads, database, pool, metrics_listen, credentials })
+        Ok(Config { listen, worker_threads, database, pool, metrics_listen, tls, iam, audit, credentials })
     }
 }

@@ -17,6 +17,7 @@ use crate::config::{DatabaseConfig, PoolConfig};
 use crate::credentials::CredentialStore;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::protocol::SqlState;
+use crate::tls::BackendTls;
 
 /// Which pool a client's transactions go to. Every field that changes what a backend may do
 /// is part of the key.
@@ -63,6 +64,7 @@ impl PoolError {
 /// Opens and vets backend connections for one pool.
 pub struct BackendManager {
     target: DatabaseConfig,
+    tls: Option<Arc<BackendTls>>,
     database: String,
     store: Arc<CredentialStore>,
     cfg: PoolConfig,
@@ -105,11 +107,17 @@ impl BackendManager {
 
     async fn open(&self) -> Result<BackendConn, BackendError> {
         self.metrics.database_connection_requests.increment(1);
+        if self.tls.is_some() {
+            self.metrics.database_connection_requests_with_tls.increment(1);
+        }
         let creds = self.store.snapshot();
-        match backend::connect(&self.target, &self.database, &creds, self.staggered_lifetime()).await {
+        match backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, self.staggered_lifetime()).await {
             Ok(mut conn) => {
                 self.metrics.database_connections_setup_succeeded.increment(1);
                 conn.open_guard = Some(GaugeGuard::new(&self.metrics.database_connections));
+                if conn.stream.is_tls() {
+                    conn.tls_guard = Some(GaugeGuard::new(&self.metrics.database_connections_with_tls));
+                }
                 self.newest_working.fetch_max(conn.generation.0, Ordering::Relaxed);
                 let _ = self.server_params.set(conn.server_params.clone());
                 Ok(conn)
@@ -181,14 +189,15 @@ impl PoolEntry {
 /// All pools, created on first use.
 pub struct Pools {
     target: DatabaseConfig,
+    tls: Option<Arc<BackendTls>>,
     cfg: PoolConfig,
     metrics: Arc<Metrics>,
     map: Mutex<HashMap<PoolKey, Arc<PoolEntry>>>,
 }
 
 impl Pools {
-    pub fn new(target: DatabaseConfig, cfg: PoolConfig, metrics: Arc<Metrics>) -> Pools {
-        Pools { target, cfg, metrics, map: Mutex::new(HashMap::new()) }
+    pub fn new(target: DatabaseConfig, tls: Option<Arc<BackendTls>>, cfg: PoolConfig, metrics: Arc<Metrics>) -> Pools {
+        Pools { target, tls, cfg, metrics, map: Mutex::new(HashMap::new()) }
     }
 
     /// The pool for `key`, created (with its janitor) if this is its first client.
@@ -200,6 +209,7 @@ impl Pools {
         let server_params = Arc::new(OnceLock::new());
         let manager = BackendManager {
             target: self.target.clone(),
+            tls: self.tls.clone(),
             database: key.database.clone(),
             store: Arc::clone(store),
             cfg: self.cfg.clone(),

@@ -16,16 +16,16 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::backend::BackendConn;
 use crate::backend::settings::Settings;
 use crate::metrics::Metrics;
 use crate::protocol::{MessageScanner, ProtocolError, TxStatus, backend_tag, frontend_tag, read_cstr};
+use crate::stream::Stream;
 
 /// The client's socket and what has been read from it but not yet forwarded.
 pub struct ClientSide {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub buf: BytesMut,
     pub scanner: MessageScanner,
 }
@@ -99,6 +99,7 @@ pub async fn relay(
     let tracker =
         Mutex::new(Tracker { pending: 0, unsynced: false, status: TxStatus::Idle, writing: false, poisoned: false, request_at: None, requests: 0, pins_session: false });
     let client_mid_message = AtomicBool::new(!client.scanner.at_boundary());
+    let client_tls = client.stream.is_tls();
     let mut backend_scanner = MessageScanner::new(max_message);
     let ClientSide { stream: client_stream, buf: client_buf, scanner: client_scanner } = client;
     let (mut client_rd, mut client_wr) = client_stream.split();
@@ -162,7 +163,7 @@ pub async fn relay(
                     }
                 }
                 client_mid_message.store(!terminate && !client_scanner.at_boundary(), Ordering::Relaxed);
-                if backend_wr.write_all(&client_buf[..forward_to]).await.is_err() {
+                if backend_wr.write_all(&client_buf[..forward_to]).await.is_err() || backend_wr.flush().await.is_err() {
                     return Outcome::BackendGone;
                 }
                 lock(&tracker).writing = false;
@@ -225,7 +226,7 @@ pub async fn relay(
                     return Outcome::BackendProtocol(ProtocolError::Malformed("ReadyForQuery without a valid status"));
                 }
             }
-            if client_wr.write_all(backend_buf).await.is_err() {
+            if client_wr.write_all(backend_buf).await.is_err() || client_wr.flush().await.is_err() {
                 backend_buf.clear();
                 return Outcome::ClientGone;
             }
@@ -243,7 +244,11 @@ pub async fn relay(
     };
     let t = tracker.into_inner().unwrap_or_else(|p| p.into_inner());
     metrics.query_requests.increment(t.requests);
-    metrics.query_requests_no_tls.increment(t.requests);
+    if client_tls {
+        metrics.query_requests_tls.increment(t.requests);
+    } else {
+        metrics.query_requests_no_tls.increment(t.requests);
+    }
     let quiet = t.settled() && backend_scanner.at_boundary() && !client_mid_message.load(Ordering::Relaxed);
     RelayEnd {
         pins_session: t.pins_session,

@@ -6,6 +6,7 @@ use thiserror::Error;
 
 use super::SessionId;
 use crate::auth::AuthError;
+use crate::auth::iam::IamFailure;
 use crate::auth::scram::ScramError;
 use crate::net::ReadError;
 use crate::pool::PoolError;
@@ -36,6 +37,10 @@ pub enum SessionError {
     SettingRejected { code: String, message: String },
     #[error("backend connection lost during a transaction")]
     BackendLost,
+    #[error("TLS handshake with the client failed: {0}")]
+    TlsHandshake(#[source] std::io::Error),
+    #[error("IAM authentication for {user} refused: {}", failure.error)]
+    IamRefused { user: String, failure: IamFailure },
 }
 
 impl From<ReadError> for SessionError {
@@ -73,6 +78,19 @@ impl SessionError {
                 fatal(SqlState::INVALID_PASSWORD, "password authentication failed".into())
             }
             SessionError::Auth(AuthError::Scram(e)) => fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()),
+            SessionError::Auth(AuthError::IamWithoutTls(_)) => {
+                fatal(SqlState::INVALID_AUTHORIZATION, "IAM authentication is allowed only with SSL connections.".into())
+            }
+            SessionError::Auth(AuthError::TlsRequired) => fatal(
+                SqlState::INVALID_AUTHORIZATION,
+                "This proxy accepts only TLS connections. Connect with sslmode=require.".into(),
+            ),
+            SessionError::IamRefused { user, failure } => fatal(
+                if failure.error.is_authorization() { SqlState::INVALID_AUTHORIZATION } else { SqlState::INVALID_PASSWORD },
+                format!("The IAM authentication failed for the role {user}. Check the IAM token for this role and try again."),
+            ),
+            // The handshake failed: the client cannot read a plaintext message any more.
+            SessionError::TlsHandshake(_) => None,
             SessionError::LoginTimeout => fatal(SqlState::CONNECTION_FAILURE, "authentication timed out".into()),
             SessionError::IdleTimeout => {
                 fatal(SqlState::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout".into())
@@ -91,7 +109,12 @@ impl SessionError {
             SessionError::ClientClosed | SessionError::Io(_) => {
                 tracing::debug!(session = id.0, %peer, error = %self, "session ended")
             }
-            SessionError::Auth(_) | SessionError::Protocol(_) | SessionError::NoUser | SessionError::UnsupportedOption(_) => {
+            SessionError::Auth(_)
+            | SessionError::IamRefused { .. }
+            | SessionError::TlsHandshake(_)
+            | SessionError::Protocol(_)
+            | SessionError::NoUser
+            | SessionError::UnsupportedOption(_) => {
                 tracing::info!(session = id.0, %peer, error = %self, "client refused")
             }
             _ => tracing::warn!(session = id.0, %peer, error = %self, "session failed"),

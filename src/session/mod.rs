@@ -3,6 +3,7 @@
 //! turns errors into what the client sees (an ErrorResponse with a SQLSTATE and a message that
 //! names no secret); details go to the log.
 
+mod authenticate;
 mod error;
 mod startup;
 
@@ -13,6 +14,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+use crate::stream::{Stream, send};
 
 use crate::backend::settings::Settings;
 use crate::listener::Shared;
@@ -35,10 +38,9 @@ const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
 pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: SessionId) {
     let _open = GaugeGuard::new(&shared.metrics.client_connections);
     shared.metrics.client_connections_received.increment(1);
-    shared.metrics.client_connections_no_tls.increment(1);
     let _ = stream.set_nodelay(true);
     let mut client = ClientSide {
-        stream,
+        stream: Stream::Plain(stream),
         buf: BytesMut::new(),
         scanner: MessageScanner::new(shared.config.pool.max_message_bytes),
     };
@@ -64,11 +66,11 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: S
 }
 
 /// Sends the client the ErrorResponse for `e`, if it can still read one.
-async fn reply_error(stream: &mut TcpStream, e: &SessionError) {
+async fn reply_error(stream: &mut Stream, e: &SessionError) {
     if let Some((severity, code, message)) = e.client_reply() {
         let mut out = BytesMut::new();
         messages::error_response(&mut out, severity, code, &message);
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), send(stream, &out)).await;
     }
 }
 
@@ -91,17 +93,7 @@ async fn transactions(
                 crate::bufpool::give(std::mem::take(&mut client.buf));
             }
             let idle_since = tokio::time::Instant::now();
-            let read = async {
-                loop {
-                    client.stream.readable().await?;
-                    client.buf = crate::bufpool::take();
-                    if let Some(read) = read_now(&mut client.stream, &mut client.buf) {
-                        return read;
-                    }
-                    // Readiness was stale (left over from login): give the buffer back.
-                    crate::bufpool::give(std::mem::take(&mut client.buf));
-                }
-            };
+            let read = std::future::poll_fn(|cx| client.stream.poll_idle_read(cx, &mut client.buf));
             let mut read = std::pin::pin!(read);
             let n = loop {
                 tokio::select! {
@@ -131,20 +123,6 @@ async fn transactions(
         if Box::pin(transaction(shared, client, entry, desired, cancel)).await? == Next::Close {
             return Ok(());
         }
-    }
-}
-
-/// One non-blocking read through tokio's `poll_read`, which (unlike `try_read_buf`) also
-/// clears the socket's readiness after a short read, saving the relay a wasted `recv`.
-/// `None` means nothing was there.
-fn read_now(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<std::io::Result<usize>> {
-    use std::future::Future;
-    use std::task::{Context, Poll, Waker};
-    use tokio::io::AsyncReadExt;
-    let mut read = std::pin::pin!(stream.read_buf(buf));
-    match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(r) => Some(r),
-        Poll::Pending => None,
     }
 }
 

@@ -1,27 +1,25 @@
-//! The login half of a session: the first packet (SSL/GSS refusals, cancel requests, protocol
-//! version), the startup parameters, SCRAM authentication, and the greeting (ParameterStatus,
-//! BackendKeyData, ReadyForQuery).
+//! The login half of a session: the first packet (TLS upgrade or 'N', GSS refusal, cancel
+//! requests, protocol version), the startup parameters, authentication (see
+//! [`super::authenticate`]), and the greeting (ParameterStatus, BackendKeyData, ReadyForQuery).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
+use super::authenticate::{Attempt, audit_refusal, authenticate};
 use super::{SessionError, SessionId};
 use crate::auth::AuthError;
-use crate::auth::scram::{SCRAM_SHA_256, ScramServer};
 use crate::backend::settings::{Settings, is_valid_name};
 use crate::cancel::CancelHandle;
 use crate::listener::Shared;
-use crate::net::{read_message, read_startup_packet};
+use crate::net::read_startup_packet;
 use crate::pool::{PoolEntry, PoolKey};
 use crate::protocol::startup::parse_options;
-use crate::protocol::{
-    MAX_AUTH_MESSAGE_LEN, MAX_STARTUP_LEN, ProtocolError, StartupRequest, frontend_tag, messages, parse_startup,
-    read_cstr,
-};
+use crate::protocol::{MAX_STARTUP_LEN, ProtocolError, StartupRequest, messages, parse_startup};
 use crate::relay::ClientSide;
+use crate::stream::{Stream, send};
 
 pub struct LoggedIn {
     pub entry: Arc<PoolEntry>,
@@ -46,13 +44,20 @@ pub async fn login(
     id: SessionId,
 ) -> Result<Option<LoggedIn>, SessionError> {
     let Some(startup) = first_packet(shared, client).await? else { return Ok(None) };
-    let user = shared.users.get(&startup.user).ok_or_else(|| AuthError::UnknownUser(startup.user.clone()));
-    let user = match user {
-        Ok(u) => u,
-        Err(e) => {
-            shared.metrics.client_connections_setup_failed_auth.increment(1);
-            return Err(e.into());
-        }
+    let tls = client.stream.is_tls();
+    if !tls {
+        shared.metrics.client_connections_no_tls.increment(1);
+    }
+    let attempt = Attempt { peer, user: &startup.user, database: &startup.database };
+    if !tls && shared.tls.as_ref().is_some_and(|t| t.require) {
+        shared.metrics.client_connections_setup_failed_auth.increment(1);
+        audit_refusal(shared, &attempt, tls, "TLS required");
+        return Err(AuthError::TlsRequired.into());
+    }
+    let Some(user) = shared.users.get(&startup.user) else {
+        shared.metrics.client_connections_setup_failed_auth.increment(1);
+        audit_refusal(shared, &attempt, tls, "no credentials for the role");
+        return Err(AuthError::UnknownUser(startup.user.clone()).into());
     };
 
     let mut out = BytesMut::new();
@@ -60,10 +65,7 @@ pub async fn login(
         let names: Vec<&str> = startup.unknown_protocol_options.iter().map(String::as_str).collect();
         messages::negotiate_protocol_version(&mut out, &names);
     }
-    if let Err(e) = authenticate_scram(client, user, &mut out).await {
-        shared.metrics.client_connections_setup_failed_auth.increment(1);
-        return Err(e);
-    }
+    authenticate(shared, client, user, &attempt, &mut out).await?;
 
     let entry = shared.pools.entry(&PoolKey::new(&startup.user, &startup.database), &user.store);
     if entry.server_params().is_none() {
@@ -82,7 +84,7 @@ pub async fn login(
     }
     messages::backend_key_data(&mut out, cancel.pid, cancel.secret);
     messages::ready_for_query_idle(&mut out);
-    client.stream.write_all(&out).await.map_err(SessionError::Io)?;
+    send(&mut client.stream, &out).await.map_err(SessionError::Io)?;
     shared.metrics.client_connections_setup_succeeded.increment(1);
     tracing::debug!(session = id.0, %peer, user = %startup.user, database = %startup.database, "client logged in");
     Ok(Some(LoggedIn { entry, desired: startup.settings, cancel }))
@@ -101,14 +103,23 @@ fn reported_value(name: &str, value: &str) -> String {
     }
 }
 
-/// Reads first packets until a StartupMessage, refusing SSL and GSS encryption on the way.
+/// Reads first packets until a StartupMessage: upgrades to TLS on SSLRequest when TLS is
+/// configured (else 'N'), refuses GSS encryption.
 async fn first_packet(shared: &Shared, client: &mut ClientSide) -> Result<Option<Startup>, SessionError> {
     // SSLRequest, then GSSENCRequest, then the StartupMessage is the longest legal sequence.
     for _ in 0..3 {
         let body = read_startup_packet(&mut client.stream, MAX_STARTUP_LEN).await?;
         match parse_startup(&body)? {
+            StartupRequest::Ssl if shared.tls.is_some() && !client.stream.is_tls() => {
+                let Some(tls) = &shared.tls else { continue };
+                let Some(mut tcp) = client.stream.take_plain() else { continue };
+                tcp.write_all(b"S").await.map_err(SessionError::Io)?;
+                let accepted = tls.acceptor().accept(tcp).await.map_err(SessionError::TlsHandshake)?;
+                client.stream = Stream::Tls(Box::new(accepted.into()));
+                shared.metrics.client_connections_tls.increment(1);
+            }
             StartupRequest::Ssl | StartupRequest::GssEnc => {
-                client.stream.write_all(b"N").await.map_err(SessionError::Io)?;
+                send(&mut client.stream, b"N").await.map_err(SessionError::Io)?;
             }
             StartupRequest::Cancel { pid, secret } => {
                 shared.cancels.cancel(pid, secret).await;
@@ -148,52 +159,6 @@ fn startup_params(shared: &Shared, minor: u16, params: Vec<(String, String)>) ->
     let user = user.filter(|u| !u.is_empty()).ok_or(SessionError::NoUser)?;
     let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| shared.config.database.dbname.clone());
     Ok(Startup { user, database, settings, unknown_protocol_options, minor })
-}
-
-/// SCRAM-SHA-256 against the user's current password. `out` holds messages to send first.
-async fn authenticate_scram(
-    client: &mut ClientSide,
-    user: &crate::auth::UserEntry,
-    out: &mut BytesMut,
-) -> Result<(), SessionError> {
-    let verifier = user.scram_verifier().await;
-    let mut server = ScramServer::new(&verifier);
-    messages::auth_sasl(out, &[SCRAM_SHA_256]);
-    client.stream.write_all(out).await.map_err(SessionError::Io)?;
-    out.clear();
-
-    let mut body = expect_password_message(client).await?;
-    let (mechanism, rest) = read_cstr(&body)?;
-    let mechanism = mechanism.to_owned();
-    let consumed = body.len() - rest.len();
-    body.advance(consumed);
-    if body.len() < 4 {
-        return Err(ProtocolError::Malformed("short SASLInitialResponse").into());
-    }
-    let data_len = body.get_i32();
-    if data_len < 0 || data_len as usize != body.len() {
-        return Err(ProtocolError::Malformed("SASLInitialResponse length mismatch").into());
-    }
-    let server_first = server.client_first(&mechanism, &body).map_err(AuthError::from)?;
-    messages::auth_sasl_continue(out, &server_first);
-    client.stream.write_all(out).await.map_err(SessionError::Io)?;
-    out.clear();
-
-    let body = expect_password_message(client).await?;
-    let server_final = server.client_final(&body).map_err(|e| match e {
-        crate::auth::scram::ScramError::BadProof => AuthError::BadPassword(user.user.clone()),
-        other => AuthError::Scram(other),
-    })?;
-    messages::auth_sasl_final(out, &server_final);
-    Ok(())
-}
-
-async fn expect_password_message(client: &mut ClientSide) -> Result<BytesMut, SessionError> {
-    let (tag, body) = read_message(&mut client.stream, &mut client.buf, MAX_AUTH_MESSAGE_LEN).await?;
-    if tag != frontend_tag::PASSWORD {
-        return Err(ProtocolError::UnexpectedTag { tag: tag as char, context: "expected a password message" }.into());
-    }
-    Ok(body)
 }
 
 #[cfg(test)]

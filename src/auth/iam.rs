@@ -1,0 +1,276 @@
+//! IAM auth token verification, as RDS Proxy does it: the token must be a SigV4 presign of
+//! `rds-db:connect` for one of the proxy's endpoint names and for the user logging in, signed
+//! within its lifetime by an access key in the [`Keyring`] whose policy covers that user.
+//!
+//! Lambda bursts send thousands of logins with the same few tokens, so two caches keep a
+//! repeated token cheap: the SigV4 signing key per (key id, date, region), and the verdict per
+//! token (keyed by the token's SHA-256, never the token) until the token expires. Both are
+//! dropped whenever the keyring changes. Must not: talk to clients (the session does) or log
+//! a token.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::keyring::{Keyring, connect_resource};
+use super::sigv4::{self, MAX_EXPIRES_SECS, TokenError};
+use crate::config::{IamConfig, KeyringSourceConfig};
+
+/// Cached verdicts beyond this many are swept (expired first, then all).
+const MAX_CACHED_TOKENS: usize = 100_000;
+
+/// Why a token was refused. The client sees one generic text; this goes to the log and audit.
+#[derive(Debug, thiserror::Error)]
+pub enum IamError {
+    #[error("malformed token: {0}")]
+    Token(#[from] TokenError),
+    #[error("token is for endpoint {0}, which is not one of this proxy's endpoints")]
+    WrongEndpoint(String),
+    #[error("token is for database user {token_user:?}, not {startup_user:?}")]
+    WrongUser { token_user: String, startup_user: String },
+    #[error("X-Amz-Expires is {0} s; at most 900 is allowed")]
+    ExpiresTooLong(u64),
+    #[error("token expired")]
+    Expired,
+    #[error("token is dated in the future beyond the allowed clock skew")]
+    NotYetValid,
+    #[error("unknown access key id")]
+    UnknownKey,
+    #[error("signature does not match")]
+    BadSignature,
+    #[error("session token does not match the keyring entry")]
+    SessionTokenMismatch,
+    #[error("principal is not allowed rds-db:connect on {0}")]
+    NotAllowed(String),
+    #[error("IAM authentication is not configured (no [iam] section)")]
+    NotConfigured,
+}
+
+impl IamError {
+    /// Authorization refusals (the signer is known but may not connect) are 28000; a token
+    /// that does not prove anything is a bad password, 28P01.
+    pub fn is_authorization(&self) -> bool {
+        matches!(self, IamError::NotAllowed(_) | IamError::UnknownKey | IamError::NotConfigured)
+    }
+}
+
+/// A refusal, with what is known of the signer (for the audit line).
+#[derive(Debug)]
+pub struct IamFailure {
+    pub error: IamError,
+    pub key_id: Option<String>,
+    pub principal: Option<String>,
+}
+
+/// An accepted token's signer.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub key_id: Arc<str>,
+    pub principal: Arc<str>,
+    /// Answered from the verdict cache.
+    pub cached: bool,
+}
+
+#[derive(Clone)]
+struct CachedVerdict {
+    verified: Verified,
+    db_user: Arc<str>,
+    expires_at: u64,
+}
+
+pub struct IamVerifier {
+    /// Lower-cased host and port of every endpoint name clients may sign for.
+    endpoints: Vec<(String, u16)>,
+    proxy_id: String,
+    account_id: String,
+    max_skew_secs: u64,
+    keyring: RwLock<Arc<Keyring>>,
+    signing_keys: Mutex<HashMap<(String, String, String), [u8; 32]>>,
+    verdicts: Mutex<HashMap<[u8; 32], CachedVerdict>>,
+    source: KeyringSourceConfig,
+    keyring_text_hash: Mutex<[u8; 32]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringLoadError {
+    #[error("cannot read keyring {path}: {source}")]
+    Read { path: String, #[source] source: std::io::Error },
+    #[error(transparent)]
+    Invalid(#[from] super::keyring::KeyringError),
+}
+
+impl IamVerifier {
+    /// Loads the keyring; `listen_port` stands in for endpoints written without a port.
+    pub fn load(cfg: &IamConfig, listen_port: u16) -> Result<Arc<IamVerifier>, KeyringLoadError> {
+        let (text, hash) = read_source(&cfg.keyring)?;
+        let keyring = Keyring::from_json(text.expose_secret())?;
+        Ok(Arc::new(IamVerifier {
+            endpoints: cfg.endpoints.iter().map(|(h, p)| (h.clone(), p.unwrap_or(listen_port))).collect(),
+            proxy_id: cfg.proxy_id.clone(),
+            account_id: cfg.account_id.clone(),
+            max_skew_secs: cfg.max_clock_skew.as_secs(),
+            keyring: RwLock::new(Arc::new(keyring)),
+            signing_keys: Mutex::default(),
+            verdicts: Mutex::default(),
+            source: cfg.keyring.clone(),
+            keyring_text_hash: Mutex::new(hash),
+        }))
+    }
+
+    /// Re-reads the keyring; swaps it in (and drops both caches) if its text changed and is
+    /// valid. An unreadable or invalid keyring leaves the current one in place.
+    pub fn reload_keyring(&self) -> Result<bool, KeyringLoadError> {
+        let (text, hash) = read_source(&self.source)?;
+        if *self.keyring_text_hash.lock().unwrap_or_else(|p| p.into_inner()) == hash {
+            return Ok(false);
+        }
+        let keyring = Keyring::from_json(text.expose_secret())?;
+        tracing::info!(keys = keyring.len(), "keyring reloaded");
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keyring);
+        self.signing_keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.verdicts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *self.keyring_text_hash.lock().unwrap_or_else(|p| p.into_inner()) = hash;
+        Ok(true)
+    }
+
+    pub fn spawn_reload_loop(self: &Arc<Self>, every: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(v) = weak.upgrade() else { return };
+                match tokio::task::spawn_blocking(move || v.reload_keyring()).await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "keyring reload failed; keeping the current keyring"),
+                    Ok(Ok(_)) | Err(_) => {}
+                }
+            }
+        });
+    }
+
+    /// Verifies `token` for a client logging in as `startup_user`, at `now` (seconds since
+    /// the epoch).
+    pub fn verify(&self, token: &str, startup_user: &str, now: u64) -> Result<Verified, IamFailure> {
+        let fail = |error| IamFailure { error, key_id: None, principal: None };
+        if token.len() > sigv4::MAX_TOKEN_LEN {
+            return Err(fail(IamError::Token(TokenError::TooLong)));
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.cached(&digest, now) {
+            if &*hit.db_user != startup_user {
+                return Err(IamFailure {
+                    error: IamError::WrongUser { token_user: hit.db_user.to_string(), startup_user: startup_user.into() },
+                    key_id: Some(hit.verified.key_id.to_string()),
+                    principal: Some(hit.verified.principal.to_string()),
+                });
+            }
+            return Ok(Verified { cached: true, ..hit.verified });
+        }
+        let parsed = sigv4::parse(token).map_err(|e| fail(e.into()))?;
+        let endpoint = (parsed.host.to_ascii_lowercase(), parsed.port);
+        if !self.endpoints.contains(&endpoint) {
+            return Err(fail(IamError::WrongEndpoint(format!("{}:{}", endpoint.0, endpoint.1))));
+        }
+        let keyring = Arc::clone(&self.keyring.read().unwrap_or_else(|p| p.into_inner()));
+        let Some(key) = keyring.get(&parsed.access_key_id) else {
+            return Err(IamFailure { error: IamError::UnknownKey, key_id: Some(parsed.access_key_id.clone()), principal: None });
+        };
+        let known = |error| IamFailure { error, key_id: Some(key.access_key_id.clone()), principal: Some(key.principal.clone()) };
+        if parsed.expires_secs > MAX_EXPIRES_SECS {
+            return Err(known(IamError::ExpiresTooLong(parsed.expires_secs)));
+        }
+        let expires_at = parsed.signed_at + parsed.expires_secs;
+        if now > expires_at {
+            return Err(known(IamError::Expired));
+        }
+        if parsed.signed_at > now + self.max_skew_secs {
+            return Err(known(IamError::NotYetValid));
+        }
+        let signing_key = self.signing_key(&key.access_key_id, &key.secret_access_key, &parsed.scope_date, &parsed.region);
+        let expected = sigv4::sign(&signing_key, &parsed.string_to_sign());
+        if !bool::from(expected.ct_eq(&parsed.signature)) {
+            return Err(known(IamError::BadSignature));
+        }
+        if let Some(want) = &key.session_token {
+            let got = parsed.security_token.as_ref().map(|t| t.expose_secret().as_bytes()).unwrap_or_default();
+            if !bool::from(want.expose_secret().as_bytes().ct_eq(got)) {
+                return Err(known(IamError::SessionTokenMismatch));
+            }
+        }
+        let resource = connect_resource(&parsed.region, &self.account_id, &self.proxy_id, &parsed.db_user);
+        if !key.allows(&resource) {
+            return Err(known(IamError::NotAllowed(resource)));
+        }
+        // Signature and policy hold for this token whoever presents it; the user must match.
+        let verified = Verified {
+            key_id: Arc::from(key.access_key_id.as_str()),
+            principal: Arc::from(key.principal.as_str()),
+            cached: false,
+        };
+        let db_user: Arc<str> = Arc::from(parsed.db_user.as_str());
+        self.remember(digest, CachedVerdict { verified: verified.clone(), db_user: Arc::clone(&db_user), expires_at }, now);
+        if &*db_user != startup_user {
+            return Err(known(IamError::WrongUser { token_user: db_user.to_string(), startup_user: startup_user.into() }));
+        }
+        Ok(verified)
+    }
+
+    fn cached(&self, digest: &[u8; 32], now: u64) -> Option<CachedVerdict> {
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = verdicts.get(digest)?;
+        if now > hit.expires_at {
+            verdicts.remove(digest);
+            return None;
+        }
+        Some(hit.clone())
+    }
+
+    fn remember(&self, digest: [u8; 32], verdict: CachedVerdict, now: u64) {
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        if verdicts.len() >= MAX_CACHED_TOKENS {
+            verdicts.retain(|_, v| v.expires_at >= now);
+            if verdicts.len() >= MAX_CACHED_TOKENS {
+                verdicts.clear();
+            }
+        }
+        verdicts.insert(digest, verdict);
+    }
+
+    fn signing_key(&self, key_id: &str, secret: &SecretString, date: &str, region: &str) -> [u8; 32] {
+        let id = (key_id.to_owned(), date.to_owned(), region.to_owned());
+        if let Some(k) = self.signing_keys.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            return *k;
+        }
+        let k = sigv4::signing_key(secret, date, region);
+        let mut keys = self.signing_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= 10_000 {
+            keys.clear();
+        }
+        keys.insert(id, k);
+        k
+    }
+
+    /// Number of token verdicts held (for tests and metrics).
+    pub fn cached_verdicts(&self) -> usize {
+        self.verdicts.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+fn read_source(source: &KeyringSourceConfig) -> Result<(SecretString, [u8; 32]), KeyringLoadError> {
+    match source {
+        KeyringSourceConfig::File { path } => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| KeyringLoadError::Read { path: path.display().to_string(), source })?;
+            let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+            Ok((SecretString::from(text), hash))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
