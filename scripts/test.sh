@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every pgwarden test. Installs what a fresh Debian machine lacks first: the PostgreSQL
 # server binaries the test harness starts its throwaway clusters with (and psql/pgbench, which
-# the tests drive through the proxy). Safe to run again; installs nothing already present.
+# the tests drive through the proxy), and a Python venv (target/pyenv) with boto3, whose
+# generate_db_auth_token makes real IAM tokens for the tests. Safe to run again; installs
+# nothing already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,5 +31,26 @@ fi
 if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
 fi
+
+# Python tools the tests drive: boto3 (real IAM auth tokens). Pinned majors; the venv is
+# reused while requirements are unchanged.
+PYENV=target/pyenv
+REQS="boto3>=1.34,<2"
+if [ ! -x "$PYENV/bin/python" ] || [ "$(cat "$PYENV/.reqs" 2>/dev/null)" != "$REQS" ]; then
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    else
+      echo "python3 with venv is needed (Debian: python3-venv)" >&2
+      exit 1
+    fi
+  fi
+  echo "setting up $PYENV ($REQS)"
+  rm -rf "$PYENV"
+  python3 -m venv "$PYENV"
+  "$PYENV/bin/pip" install -q --disable-pip-version-check $REQS
+  echo "$REQS" > "$PYENV/.reqs"
+fi
+export PGWARDEN_TEST_PYTHON="$PWD/$PYENV/bin/python"
 
 cargo test --locked --all-targets "$@"

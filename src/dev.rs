@@ -18,6 +18,8 @@ pub struct DevOptions {
     pub metrics_port: Option<u16>,
     pub pool_size: usize,
     pub worker_threads: usize,
+    /// PostgreSQL serves TLS and pgwarden connects to it with `verify-full`.
+    pub backend_tls: bool,
 }
 
 /// Everything `pgwarden dev` set up; dropping it stops Postgres and deletes its files.
@@ -45,7 +47,8 @@ pub const DEV_PROXY_ID: &str = "prx-pgwarden-dev";
 impl DevEnv {
     /// Starts Postgres, creates the dev role and database, writes the credential file.
     pub async fn prepare(opts: &DevOptions) -> anyhow::Result<DevEnv> {
-        let cluster = tokio::task::spawn_blocking(|| TempCluster::start(&ClusterOptions::default())).await??;
+        let cluster_opts = ClusterOptions { ssl: opts.backend_tls, ..ClusterOptions::default() };
+        let cluster = tokio::task::spawn_blocking(move || TempCluster::start(&cluster_opts)).await??;
         let user = "dev".to_owned();
         let database = "dev".to_owned();
         let password = random_password();
@@ -77,11 +80,12 @@ impl DevEnv {
                 listen: SocketAddr::from(([127, 0, 0, 1], opts.port)),
                 worker_threads: opts.worker_threads,
                 database: DatabaseConfig {
-                    host: "127.0.0.1".into(),
+                    // The cluster's certificate names localhost: verify-full checks that name.
+                    host: if opts.backend_tls { "localhost".into() } else { "127.0.0.1".into() },
                     port: cluster.port,
                     dbname: database.clone(),
-                    tls: BackendTlsMode::Disable,
-                    ca_file: None,
+                    tls: if opts.backend_tls { BackendTlsMode::VerifyFull } else { BackendTlsMode::Disable },
+                    ca_file: cluster.ca_cert(),
                     connect_timeout: Duration::from_secs(10),
                 },
                 pool: PoolConfig {

@@ -29,11 +29,14 @@ pub struct ClusterOptions {
     pub max_connections: u32,
     /// Extra `postgresql.conf` lines.
     pub extra_conf: Vec<String>,
+    /// Serve TLS (`ssl = on`) with a certificate for `localhost` signed by a throwaway CA
+    /// (see [`TempCluster::ca_cert`]).
+    pub ssl: bool,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { max_connections: 300, extra_conf: Vec::new() }
+        ClusterOptions { max_connections: 300, extra_conf: Vec::new(), ssl: false }
     }
 }
 
@@ -156,6 +159,18 @@ impl TempCluster {
             conf.push_str(line);
             conf.push('\n');
         }
+        if opts.ssl {
+            let ssl_dir = cluster.dir.path().join("backend-tls");
+            std::fs::create_dir(&ssl_dir)?;
+            let (_, cert, key) = crate::tls::write_generated_certs(&ssl_dir, &["localhost"])
+                .map_err(|e| DevDbError::Command { what: "certificate generation", detail: e.to_string() })?;
+            if let Some(ids) = run_as {
+                for p in [&ssl_dir, &cert, &key] {
+                    chown(p, ids)?;
+                }
+            }
+            conf.push_str(&format!("ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n", cert.display(), key.display()));
+        }
         use std::io::Write;
         std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?.write_all(conf.as_bytes())?;
         let out = cluster
@@ -177,6 +192,11 @@ impl TempCluster {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The CA that signed the cluster's certificate, when started with `ssl`.
+    pub fn ca_cert(&self) -> Option<PathBuf> {
+        Some(self.dir.path().join("backend-tls/ca.crt")).filter(|p| p.is_file())
     }
 
     pub fn superuser_password(&self) -> &str {

@@ -35,6 +35,9 @@ enum Cmd {
         /// Threads serving clients (default: half the cores, at least one).
         #[arg(long)]
         worker_threads: Option<usize>,
+        /// Run PostgreSQL with TLS and connect to it with verify-full.
+        #[arg(long)]
+        backend_tls: bool,
     },
     /// Print an IAM auth token, as `aws rds generate-db-auth-token` does, signed with the
     /// standard AWS credential chain (environment, profile, ...).
@@ -113,9 +116,9 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Dev { port, metrics_port, pool_size, worker_threads } => {
+        Cmd::Dev { port, metrics_port, pool_size, worker_threads, backend_tls } => {
             let threads = worker_threads.unwrap_or_else(pgwarden::config::default_worker_threads);
-            runtime(threads)?.block_on(dev(DevOptions { port, metrics_port, pool_size, worker_threads: threads }))
+            runtime(threads)?.block_on(dev(DevOptions { port, metrics_port, pool_size, worker_threads: threads, backend_tls }))
         }
         Cmd::Token { hostname, port, username, region, expires_in } => {
             anyhow::ensure!((1..=900).contains(&expires_in), "--expires-in must be between 1 and 900 seconds");

@@ -96,7 +96,8 @@ pub fn parse(token: &str) -> Result<ParsedToken, TokenError> {
         return Err(TokenError::TooLong);
     }
     let (endpoint, query) = token.split_once("/?").ok_or(TokenError::Shape)?;
-    let (host, port) = endpoint.rsplit_once(':').ok_or(TokenError::Shape)?;
+    // aws-sdk-rds leaves out the default HTTPS port: no port means 443.
+    let (host, port) = endpoint.rsplit_once(':').unwrap_or((endpoint, "443"));
     if host.is_empty() || host.bytes().any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@') {
         return Err(TokenError::Shape);
     }
@@ -437,6 +438,15 @@ mod tests {
             let key = signing_key(&SecretString::from("secret"), &p.scope_date, &p.region);
             assert_eq!(sign(&key, &p.string_to_sign()), p.signature);
         }
+    }
+
+    #[test]
+    fn a_token_without_a_port_is_for_443() {
+        let t = mint_vector("Proxy.Example.COM", 443, "u+x", "eu-west-1", None).replacen(":443/", "/", 1);
+        let p = parse(&t).unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("Proxy.Example.COM", 443));
+        let key = signing_key(&SecretString::from("secret"), &p.scope_date, &p.region);
+        assert_eq!(sign(&key, &p.string_to_sign()), p.signature);
     }
 
     #[test]

@@ -30,12 +30,17 @@ impl Harness {
 
     /// Starts with the dev defaults (pool of 5), after `tweak` adjusts the config.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
+        Self::start_full(false, |_, c| tweak(c)).await
+    }
+
+    /// Like `start_with`, but `tweak` also sees the environment (to create roles, write files).
+    /// `backend_tls`: PostgreSQL serves TLS and pgwarden connects with verify-full.
+    pub async fn start_full(backend_tls: bool, tweak: impl FnOnce(&DevEnv, &mut Config)) -> Harness {
         let _ = tracing_subscriber::fmt().with_env_filter("pgwarden=debug").with_test_writer().try_init();
-        let env = DevEnv::prepare(&DevOptions { port: 0, metrics_port: None, pool_size: 5, worker_threads: 1 })
-            .await
-            .expect("throwaway PostgreSQL starts");
+        let opts = DevOptions { port: 0, metrics_port: None, pool_size: 5, worker_threads: 1, backend_tls };
+        let env = DevEnv::prepare(&opts).await.expect("throwaway PostgreSQL starts");
         let mut config = env.config.clone();
-        tweak(&mut config);
+        tweak(&env, &mut config);
         let server = Server::bind(config).await.expect("pgwarden binds");
         let addr = server.local_addr();
         let shared = server.shared();
@@ -65,6 +70,10 @@ impl Harness {
         format!("host={} port={} user={} dbname={}", self.addr.ip(), self.addr.port(), self.env.user, self.env.database)
     }
 
+    pub async fn client_result(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        connect(&self.conn_str()).await
+    }
+
     pub async fn client(&self) -> tokio_postgres::Client {
         connect(&self.conn_str()).await.expect("client connects through pgwarden")
     }
@@ -78,6 +87,118 @@ impl Harness {
     pub fn backend_count(&self) -> usize {
         self.admin("SELECT count(*) FROM pg_stat_activity WHERE usename = 'dev'").parse().unwrap()
     }
+}
+
+impl Harness {
+    /// Connects over TLS (`sslmode=require`), trusting the dev CA, as `user` with `password`.
+    pub async fn tls_client_as(&self, user: &str, password: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.tls_client_trusting(&self.env.ca_cert_path, user, password).await
+    }
+
+    pub async fn tls_client_trusting(
+        &self,
+        ca: &std::path::Path,
+        user: &str,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(self.addr.ip().to_string())
+            .port(self.addr.port())
+            .user(user)
+            .dbname(&self.env.database)
+            .password(password)
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        let (client, connection) = config.connect(tls_connector(ca)).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Every audit line written so far, parsed.
+    pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        self.shared.audit.sync();
+        let text = std::fs::read_to_string(&self.env.audit_path).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).expect("audit lines are JSON")).collect()
+    }
+
+    /// Creates a login role (quoted, so any name works), writes its credential file, and
+    /// adds a credential entry for it with `iam_auth`. Returns the role's password.
+    pub fn add_user(env: &DevEnv, config: &mut Config, name: &str, iam_auth: pgwarden::config::IamAuth) -> String {
+        let password = format!("pw-{}", rand_suffix());
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        env.cluster.psql(&format!("CREATE ROLE {quoted} LOGIN PASSWORD '{password}'")).expect("role created");
+        let secret = serde_json::json!({"username": name, "password": password, "engine": "postgres"});
+        let path = env.cluster.dir().join(format!("user-{}.json", rand_suffix()));
+        pgwarden::dev::write_private(&path, secret.to_string().as_bytes()).unwrap();
+        config.credentials.push(pgwarden::config::CredentialConfig {
+            user: name.to_owned(),
+            source: pgwarden::config::SourceConfig::File { path },
+            refresh_interval: Duration::from_secs(1),
+            iam_auth,
+        });
+        password
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A rustls connector for tokio-postgres that trusts `ca` only.
+pub fn tls_connector(ca: &std::path::Path) -> tokio_postgres_rustls::MakeRustlsConnect {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// The Python interpreter of the venv `scripts/test.sh` sets up (boto3 installed).
+pub fn test_python() -> std::path::PathBuf {
+    let path = std::env::var_os("PGWARDEN_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python"));
+    assert!(path.exists(), "{} is missing: run scripts/test.sh, which sets up the Python venv with boto3", path.display());
+    path
+}
+
+/// What boto3 needs to sign a token.
+pub struct AwsKey<'a> {
+    pub access_key_id: &'a str,
+    pub secret_access_key: &'a str,
+    pub session_token: Option<&'a str>,
+    pub region: &'a str,
+}
+
+/// A token made by boto3's `generate_db_auth_token` (credentials passed in the environment).
+pub fn boto3_token(key: &AwsKey<'_>, host: &str, port: u16, user: &str) -> String {
+    let script = "import boto3, sys\n\
+s = boto3.session.Session(region_name=sys.argv[4])\n\
+print(s.client('rds').generate_db_auth_token(DBHostname=sys.argv[1], Port=int(sys.argv[2]), DBUsername=sys.argv[3]))";
+    let mut cmd = std::process::Command::new(test_python());
+    cmd.arg("-c").arg(script).arg(host).arg(port.to_string()).arg(user).arg(key.region);
+    cmd.env_clear()
+        .env("AWS_ACCESS_KEY_ID", key.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", key.secret_access_key)
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    if let Some(t) = key.session_token {
+        cmd.env("AWS_SESSION_TOKEN", t);
+    }
+    let out = cmd.output().expect("python runs");
+    assert!(out.status.success(), "boto3 failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 pub async fn connect(conn_str: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
