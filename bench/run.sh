@@ -14,7 +14,7 @@
 #                      pgwarden max_backend_connections)
 #   IDLE_CLIENTS=5000  idle connections opened for the memory measurement
 #   SYSTEMS="direct pgbouncer pgwarden"   subset to run (idle skips "direct")
-#   WORKLOADS="select32 select300 tpcb32 extended32 connect32"  subset
+#   WORKLOADS="select32 select300 tpcb32 extended32 connect32 burst32"  subset
 #   SKIP_BUILD=1       do not run cargo build (use existing binary)
 #   PGW_WORKERS=N      pgwarden worker_threads (default: pgwarden's own default)
 #   KEEP_TMP=1         keep the temp dir (logs, configs) after exit
@@ -24,7 +24,9 @@
 #   2. installs pgbouncer with apt-get if missing
 #   3. starts a throwaway PostgreSQL 15 (scram-sha-256, fsync=off, ...) as the
 #      `postgres` OS user, creates role+db `bench`, pgbench -i -s 10
-#   4. starts PgBouncer (transaction pooling) and pgwarden on free ports
+#   4. starts PgBouncer (transaction pooling) and pgwarden on free ports; all three
+#      offer TLS with the same P-256 certificate (used by the burst32 workload only;
+#      there pgwarden's clients log in with an IAM auth token, the others with SCRAM)
 #   5. runs pgbench workloads against each system and prints TPS / mean
 #      latency / failed transactions plus pgwarden ratios
 #   6. opens IDLE_CLIENTS idle SCRAM-authenticated clients (bench/idle_clients.py,
@@ -46,7 +48,7 @@ ROUNDS=${ROUNDS:-3}
 POOL=${POOL:-20}
 IDLE_CLIENTS=${IDLE_CLIENTS:-5000}
 SYSTEMS=${SYSTEMS:-"direct pgbouncer pgwarden"}
-WORKLOADS=${WORKLOADS:-"select32 select300 tpcb32 extended32 connect32"}
+WORKLOADS=${WORKLOADS:-"select32 select300 tpcb32 extended32 connect32 burst32"}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 
@@ -209,7 +211,16 @@ max_connections = 400
 fsync = off
 synchronous_commit = off
 shared_buffers = 128MB
+ssl = on
+ssl_cert_file = '$TMP/tls.crt'
+ssl_key_file = '$TMP/tls.key'
 EOF
+# One P-256 certificate for every system's client-facing TLS (the burst32 workload).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -keyout "$TMP/tls.key" -out "$TMP/tls.crt" -subj /CN=127.0.0.1 \
+  -addext subjectAltName=IP:127.0.0.1 >/dev/null 2>&1 || die "openssl could not make a certificate"
+chmod 600 "$TMP/tls.key"
+if [[ $(id -u) -eq 0 ]]; then chown postgres: "$TMP/tls.key" "$TMP/tls.crt"; fi
 as_pg timeout 90 "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$TMP/postgres.log" -w -t 60 start >/dev/null \
   || die "pg_ctl start failed"
 wait_sql "$PG_PORT" postgres "$SUPER_PW" postgres PostgreSQL
@@ -250,6 +261,9 @@ logfile = $TMP/pgbouncer.log
 pidfile = $TMP/pgbouncer.pid
 log_connections = 0
 log_disconnections = 0
+client_tls_sslmode = allow
+client_tls_cert_file = $TMP/tls.crt
+client_tls_key_file = $TMP/tls.key
 EOF
   if [[ $(id -u) -eq 0 ]]; then
     chown postgres: "$TMP/userlist.txt" "$TMP/pgbouncer.ini"
@@ -281,15 +295,38 @@ dbname = "bench"
 max_backend_connections = $POOL
 max_client_connections = 10000
 
+[tls]
+cert = "$TMP/tls.crt"
+key = "$TMP/tls.key"
+
+[iam]
+endpoints = ["127.0.0.1"]
+proxy_id = "prx-bench"
+account_id = "000000000000"
+keyring = { source = "file", path = "$TMP/keyring.json" }
+
+[audit]
+output = "$TMP/audit.log"
+
 [[credentials]]
 user = "bench"
 source = "file"
 path = "$TMP/bench.secret.json"
+# Over TLS an IAM token (or the password); without TLS, SCRAM.
+iam_auth = "optional"
 EOF
+  BENCH_AKID=AKIDBENCH$(openssl rand -hex 6 | tr a-f A-F)
+  BENCH_SECRET=$(openssl rand -hex 20)
+  (umask 077; printf '{"keys": [{"access_key_id": "%s", "secret_access_key": "%s", "principal": "arn:aws:iam::000000000000:role/bench", "allow": ["arn:aws:rds-db:us-east-1:000000000000:dbuser:prx-bench/*"]}]}\n' \
+    "$BENCH_AKID" "$BENCH_SECRET" >"$TMP/keyring.json")
   RUST_LOG=${RUST_LOG:-warn} "$PGWARDEN_BIN" serve --config "$TMP/pgwarden.toml" \
     >"$TMP/pgwarden.log" 2>&1 </dev/null &
   PGW_PID=$!
   wait_sql "$PGW_PORT" bench "$BENCH_PW" bench pgwarden "$PGW_PID"
+  # One token for the whole run, as a Lambda function reuses one within its 15 minutes.
+  PGW_TOKEN=$(AWS_ACCESS_KEY_ID=$BENCH_AKID AWS_SECRET_ACCESS_KEY=$BENCH_SECRET AWS_REGION=us-east-1 \
+    AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null \
+    "$PGWARDEN_BIN" token --hostname 127.0.0.1 --port "$PGW_PORT" --username bench)
 fi
 
 port_of() {
@@ -310,7 +347,7 @@ PGW_REV=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "(no comm
   echo
   echo "- machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
   echo "- PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), PgBouncer $("$PGBOUNCER_BIN" --version 2>/dev/null | head -1 | awk '{print $2}'), pgwarden $PGW_REV"
-  echo "- pool size $POOL, pgbench -s 10, $DURATION s per run, $ROUNDS interleaved rounds (median kept), -j 2, TCP on 127.0.0.1, SCRAM auth, sslmode=disable"
+  echo "- pool size $POOL, pgbench -s 10, $DURATION s per run, $ROUNDS interleaved rounds (median kept), -j 2, TCP on 127.0.0.1, SCRAM auth, sslmode=disable (burst32: sslmode=require, one P-256 certificate for all; pgwarden clients log in with an IAM token)"
   echo "- PostgreSQL: fsync=off, synchronous_commit=off, shared_buffers=128MB, max_connections=400"
   echo
 } >"$REPORT"
@@ -340,6 +377,7 @@ declare -A W_LABEL=(
   [tpcb32]="tpcb-like, 32 clients (-c 32)"
   [extended32]="select-only, extended protocol, 32 clients (-S -M extended -c 32)"
   [connect32]="select-only, new connection per tx, 32 clients (-S -C -c 32)"
+  [burst32]="Lambda burst: new TLS connection per tx, 32 clients (-S -C -c 32, sslmode=require; pgwarden: IAM token, others: SCRAM)"
 )
 declare -A W_ARGS=(
   [select32]="-S -c 32"
@@ -347,7 +385,10 @@ declare -A W_ARGS=(
   [tpcb32]="-c 32"
   [extended32]="-S -M extended -c 32"
   [connect32]="-S -C -c 32"
+  [burst32]="-S -C -c 32"
 )
+# Workloads whose clients use TLS (and, through pgwarden, an IAM token as the password).
+declare -A W_TLS=([burst32]=1)
 declare -A TPS LAT FAIL CONN NOTE CPU_US
 declare -A R_TPS R_LAT R_FAIL R_CONN R_NOTE R_CPU
 
@@ -378,7 +419,12 @@ run_pgbench() {
   [[ -n $pid ]] && cpu0=$(cpu_ticks "$pid")
   # Background + wait, so INT/TERM reach our trap at once instead of after pgbench.
   # shellcheck disable=SC2086  # W_ARGS is a word list on purpose
-  PGPASSWORD=$BENCH_PW timeout $((DURATION + 120)) \
+  local password=$BENCH_PW sslmode=disable
+  if [[ -n ${W_TLS[$w]:-} ]]; then
+    sslmode=require
+    [[ $sys == pgwarden ]] && password=$PGW_TOKEN
+  fi
+  PGSSLMODE=$sslmode PGPASSWORD=$password timeout $((DURATION + 120)) \
     pgbench -n -j 2 -T "$DURATION" ${W_ARGS[$w]} -h 127.0.0.1 -p "$port" -U bench bench \
     >"$out" 2>&1 </dev/null &
   BENCH_PID=$!

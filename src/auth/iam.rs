@@ -4,9 +4,10 @@
 //!
 //! Lambda bursts send thousands of logins with the same few tokens, so two caches keep a
 //! repeated token cheap: the SigV4 signing key per (key id, date, region), and the verdict per
-//! token (keyed by the token's SHA-256, never the token) until the token expires. Both are
-//! dropped whenever the keyring changes. Must not: talk to clients (the session does) or log
-//! a token.
+//! token (keyed by the token's SHA-256, never the token) until the token expires. Both live
+//! inside the keyring snapshot they were computed from ([`Ring`]), so a reload replaces them
+//! with the keyring, and a check still running on the old keyring can only fill the old
+//! caches. Must not: talk to clients (the session does) or log a token.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -82,17 +83,29 @@ struct CachedVerdict {
     expires_at: u64,
 }
 
+/// One keyring and the caches derived from it, replaced together.
+struct Ring {
+    keyring: Keyring,
+    /// SHA-256 of the keyring's text, to skip reloads of an unchanged file.
+    text_hash: [u8; 32],
+    signing_keys: Mutex<HashMap<(String, String, String), [u8; 32]>>,
+    verdicts: Mutex<HashMap<[u8; 32], CachedVerdict>>,
+}
+
+impl Ring {
+    fn new(keyring: Keyring, text_hash: [u8; 32]) -> Arc<Ring> {
+        Arc::new(Ring { keyring, text_hash, signing_keys: Mutex::default(), verdicts: Mutex::default() })
+    }
+}
+
 pub struct IamVerifier {
     /// Lower-cased host and port of every endpoint name clients may sign for.
     endpoints: Vec<(String, u16)>,
     proxy_id: String,
     account_id: String,
     max_skew_secs: u64,
-    keyring: RwLock<Arc<Keyring>>,
-    signing_keys: Mutex<HashMap<(String, String, String), [u8; 32]>>,
-    verdicts: Mutex<HashMap<[u8; 32], CachedVerdict>>,
+    ring: RwLock<Arc<Ring>>,
     source: KeyringSourceConfig,
-    keyring_text_hash: Mutex<[u8; 32]>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,27 +126,25 @@ impl IamVerifier {
             proxy_id: cfg.proxy_id.clone(),
             account_id: cfg.account_id.clone(),
             max_skew_secs: cfg.max_clock_skew.as_secs(),
-            keyring: RwLock::new(Arc::new(keyring)),
-            signing_keys: Mutex::default(),
-            verdicts: Mutex::default(),
+            ring: RwLock::new(Ring::new(keyring, hash)),
             source: cfg.keyring.clone(),
-            keyring_text_hash: Mutex::new(hash),
         }))
+    }
+
+    fn ring(&self) -> Arc<Ring> {
+        Arc::clone(&self.ring.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Re-reads the keyring; swaps it in (and drops both caches) if its text changed and is
     /// valid. An unreadable or invalid keyring leaves the current one in place.
     pub fn reload_keyring(&self) -> Result<bool, KeyringLoadError> {
         let (text, hash) = read_source(&self.source)?;
-        if *self.keyring_text_hash.lock().unwrap_or_else(|p| p.into_inner()) == hash {
+        if self.ring().text_hash == hash {
             return Ok(false);
         }
         let keyring = Keyring::from_json(text.expose_secret())?;
         tracing::info!(keys = keyring.len(), "keyring reloaded");
-        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keyring);
-        self.signing_keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.verdicts.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        *self.keyring_text_hash.lock().unwrap_or_else(|p| p.into_inner()) = hash;
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Ring::new(keyring, hash);
         Ok(true)
     }
 
@@ -160,8 +171,9 @@ impl IamVerifier {
         if token.len() > sigv4::MAX_TOKEN_LEN {
             return Err(fail(IamError::Token(TokenError::TooLong)));
         }
+        let ring = self.ring();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(hit) = self.cached(&digest, now) {
+        if let Some(hit) = cached(&ring, &digest, now) {
             if &*hit.db_user != startup_user {
                 return Err(IamFailure {
                     error: IamError::WrongUser { token_user: hit.db_user.to_string(), startup_user: startup_user.into() },
@@ -176,8 +188,7 @@ impl IamVerifier {
         if !self.endpoints.contains(&endpoint) {
             return Err(fail(IamError::WrongEndpoint(format!("{}:{}", endpoint.0, endpoint.1))));
         }
-        let keyring = Arc::clone(&self.keyring.read().unwrap_or_else(|p| p.into_inner()));
-        let Some(key) = keyring.get(&parsed.access_key_id) else {
+        let Some(key) = ring.keyring.get(&parsed.access_key_id) else {
             return Err(IamFailure { error: IamError::UnknownKey, key_id: Some(parsed.access_key_id.clone()), principal: None });
         };
         let known = |error| IamFailure { error, key_id: Some(key.access_key_id.clone()), principal: Some(key.principal.clone()) };
@@ -191,10 +202,22 @@ impl IamVerifier {
         if parsed.signed_at > now + self.max_skew_secs {
             return Err(known(IamError::NotYetValid));
         }
-        let signing_key = self.signing_key(&key.access_key_id, &key.secret_access_key, &parsed.scope_date, &parsed.region);
+        // The signing key is cached only once a signature made with it checked out, so
+        // made-up (key, date, region) triples cannot fill the cache.
+        let scope = (key.access_key_id.clone(), parsed.scope_date.clone(), parsed.region.clone());
+        let cached_key = ring.signing_keys.lock().unwrap_or_else(|p| p.into_inner()).get(&scope).copied();
+        let signing_key = cached_key
+            .unwrap_or_else(|| sigv4::signing_key(&key.secret_access_key, &parsed.scope_date, &parsed.region));
         let expected = sigv4::sign(&signing_key, &parsed.string_to_sign());
         if !bool::from(expected.ct_eq(&parsed.signature)) {
             return Err(known(IamError::BadSignature));
+        }
+        if cached_key.is_none() {
+            let mut keys = ring.signing_keys.lock().unwrap_or_else(|p| p.into_inner());
+            if keys.len() >= 10_000 {
+                keys.clear();
+            }
+            keys.insert(scope, signing_key);
         }
         if let Some(want) = &key.session_token {
             let got = parsed.security_token.as_ref().map(|t| t.expose_secret().as_bytes()).unwrap_or_default();
@@ -213,52 +236,38 @@ impl IamVerifier {
             cached: false,
         };
         let db_user: Arc<str> = Arc::from(parsed.db_user.as_str());
-        self.remember(digest, CachedVerdict { verified: verified.clone(), db_user: Arc::clone(&db_user), expires_at }, now);
+        remember(&ring, digest, CachedVerdict { verified: verified.clone(), db_user: Arc::clone(&db_user), expires_at }, now);
         if &*db_user != startup_user {
             return Err(known(IamError::WrongUser { token_user: db_user.to_string(), startup_user: startup_user.into() }));
         }
         Ok(verified)
     }
 
-    fn cached(&self, digest: &[u8; 32], now: u64) -> Option<CachedVerdict> {
-        let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
-        let hit = verdicts.get(digest)?;
-        if now > hit.expires_at {
-            verdicts.remove(digest);
-            return None;
-        }
-        Some(hit.clone())
-    }
-
-    fn remember(&self, digest: [u8; 32], verdict: CachedVerdict, now: u64) {
-        let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
-        if verdicts.len() >= MAX_CACHED_TOKENS {
-            verdicts.retain(|_, v| v.expires_at >= now);
-            if verdicts.len() >= MAX_CACHED_TOKENS {
-                verdicts.clear();
-            }
-        }
-        verdicts.insert(digest, verdict);
-    }
-
-    fn signing_key(&self, key_id: &str, secret: &SecretString, date: &str, region: &str) -> [u8; 32] {
-        let id = (key_id.to_owned(), date.to_owned(), region.to_owned());
-        if let Some(k) = self.signing_keys.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
-            return *k;
-        }
-        let k = sigv4::signing_key(secret, date, region);
-        let mut keys = self.signing_keys.lock().unwrap_or_else(|p| p.into_inner());
-        if keys.len() >= 10_000 {
-            keys.clear();
-        }
-        keys.insert(id, k);
-        k
-    }
-
     /// Number of token verdicts held (for tests and metrics).
     pub fn cached_verdicts(&self) -> usize {
-        self.verdicts.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.ring().verdicts.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
+}
+
+fn cached(ring: &Ring, digest: &[u8; 32], now: u64) -> Option<CachedVerdict> {
+    let mut verdicts = ring.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+    let hit = verdicts.get(digest)?;
+    if now > hit.expires_at {
+        verdicts.remove(digest);
+        return None;
+    }
+    Some(hit.clone())
+}
+
+fn remember(ring: &Ring, digest: [u8; 32], verdict: CachedVerdict, now: u64) {
+    let mut verdicts = ring.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+    if verdicts.len() >= MAX_CACHED_TOKENS {
+        verdicts.retain(|_, v| v.expires_at >= now);
+        if verdicts.len() >= MAX_CACHED_TOKENS {
+            verdicts.clear();
+        }
+    }
+    verdicts.insert(digest, verdict);
 }
 
 fn read_source(source: &KeyringSourceConfig) -> Result<(SecretString, [u8; 32]), KeyringLoadError> {

@@ -101,6 +101,9 @@ pub fn parse(token: &str) -> Result<ParsedToken, TokenError> {
     if host.is_empty() || host.bytes().any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@') {
         return Err(TokenError::Shape);
     }
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(TokenError::Shape);
+    }
     let port: u16 = port.parse().map_err(|_| TokenError::Shape)?;
     let mut values: [Option<String>; PARAMS.len()] = Default::default();
     for pair in query.split('&') {
@@ -139,7 +142,7 @@ pub fn parse(token: &str) -> Result<ParsedToken, TokenError> {
     else {
         return Err(TokenError::BadValue("X-Amz-Credential"));
     };
-    if access_key_id.is_empty() || region.is_empty() || service != SERVICE || terminator != "aws4_request" {
+    if service != SERVICE || terminator != "aws4_request" || !is_access_key_id(access_key_id) || !is_region(region) {
         return Err(TokenError::BadValue("X-Amz-Credential"));
     }
     let signed_at = parse_amz_date(&amz_date).ok_or(TokenError::BadValue("X-Amz-Date"))?;
@@ -153,14 +156,14 @@ pub fn parse(token: &str) -> Result<ParsedToken, TokenError> {
     let signature = parse_hex32(&signature).ok_or(TokenError::BadValue("X-Amz-Signature"))?;
 
     let canonical_query = canonical_query(&[
-        ("Action", &action),
-        ("DBUser", &db_user),
-        ("X-Amz-Algorithm", &algorithm),
-        ("X-Amz-Credential", &credential),
-        ("X-Amz-Date", &amz_date),
-        ("X-Amz-Expires", &expires),
-        ("X-Amz-Security-Token", security_token.as_deref().unwrap_or_default()),
-        ("X-Amz-SignedHeaders", &signed_headers),
+        ("Action", Some(&action)),
+        ("DBUser", Some(&db_user)),
+        ("X-Amz-Algorithm", Some(&algorithm)),
+        ("X-Amz-Credential", Some(&credential)),
+        ("X-Amz-Date", Some(&amz_date)),
+        ("X-Amz-Expires", Some(&expires)),
+        ("X-Amz-Security-Token", security_token.as_deref()),
+        ("X-Amz-SignedHeaders", Some(&signed_headers)),
     ]);
     Ok(ParsedToken {
         host: host.to_owned(),
@@ -185,14 +188,23 @@ impl ParsedToken {
     }
 }
 
-/// `key=value` pairs, encoded and joined in the (already sorted) order given; an empty value
-/// leaves its pair out (only the optional session token can be empty).
-fn canonical_query(pairs: &[(&str, &str)]) -> String {
+/// An access key id: letters and digits (AKIA..., ASIA...), bounded.
+fn is_access_key_id(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A region name (`us-east-1`, `cn-north-1`, `us-gov-west-1`): it goes into the policy
+/// resource ARN, so nothing that could reshape that ARN (`:`, `/`, `*`) gets in.
+fn is_region(s: &str) -> bool {
+    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// `key=value` pairs, encoded and joined in the (already sorted) order given; `None` leaves
+/// its pair out (only the optional session token can be absent).
+fn canonical_query(pairs: &[(&str, Option<&str>)]) -> String {
     let mut out = String::with_capacity(512);
     for (key, value) in pairs {
-        if value.is_empty() && *key == "X-Amz-Security-Token" {
-            continue;
-        }
+        let Some(value) = value else { continue };
         if !out.is_empty() {
             out.push('&');
         }
@@ -243,16 +255,15 @@ pub fn mint(host: &str, port: u16, db_user: &str, region: &str, creds: &SigningC
     let scope_date = &amz_date[..8];
     let credential = format!("{}/{scope_date}/{region}/{SERVICE}/aws4_request", creds.access_key_id);
     let expires = expires_secs.to_string();
-    let session_token = creds.session_token.map(|t| t.expose_secret()).unwrap_or_default();
     let query = canonical_query(&[
-        ("Action", "connect"),
-        ("DBUser", db_user),
-        ("X-Amz-Algorithm", ALGORITHM),
-        ("X-Amz-Credential", &credential),
-        ("X-Amz-Date", &amz_date),
-        ("X-Amz-Expires", &expires),
-        ("X-Amz-Security-Token", session_token),
-        ("X-Amz-SignedHeaders", "host"),
+        ("Action", Some("connect")),
+        ("DBUser", Some(db_user)),
+        ("X-Amz-Algorithm", Some(ALGORITHM)),
+        ("X-Amz-Credential", Some(&credential)),
+        ("X-Amz-Date", Some(&amz_date)),
+        ("X-Amz-Expires", Some(&expires)),
+        ("X-Amz-Security-Token", creds.session_token.map(|t| t.expose_secret())),
+        ("X-Amz-SignedHeaders", Some("host")),
     ]);
     let key = signing_key(creds.secret_access_key, scope_date, region);
     let signature = sign(&key, &string_to_sign(host, port, &query, &amz_date, scope_date, region));
@@ -321,7 +332,8 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 /// `yyyymmddTHHMMSSZ` to seconds since the epoch (UTC).
 pub fn parse_amz_date(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+    // ASCII first: the slices below must not split a multi-byte character.
+    if b.len() != 16 || !s.is_ascii() || b[8] != b'T' || b[15] != b'Z' {
         return None;
     }
     let num = |range: std::ops::Range<usize>| -> Option<u64> {
@@ -456,6 +468,11 @@ mod tests {
             ("x".repeat(MAX_TOKEN_LEN + 1), TokenError::TooLong),
             ("no-query-here".into(), TokenError::Shape),
             (good.replacen(":5432", ":99999", 1), TokenError::Shape),
+            (good.replacen(":5432", ":+5432", 1), TokenError::Shape),
+            (good.replacen("us-east-1", "x:222222222222:dbuser:y", 1), TokenError::BadValue("X-Amz-Credential")),
+            (good.replacen("us-east-1", "US-EAST-1", 1), TokenError::BadValue("X-Amz-Credential")),
+            (good.replacen("akid%2F", "ak%2Ad%2F", 1), TokenError::BadValue("X-Amz-Credential")),
+            (good.replacen("20240826T220000Z", "202%C3%A9082T220000Z", 1), TokenError::BadValue("X-Amz-Date")),
             (good.replacen("Action=connect", "Action=connect&Action=connect", 1), TokenError::Duplicate("Action".into())),
             (good.replacen("Action=connect&", "", 1), TokenError::Missing("Action")),
             (good.replacen("DBUser=app&", "", 1), TokenError::Missing("DBUser")),
@@ -480,7 +497,7 @@ mod tests {
             assert_eq!(parse_amz_date(&format_amz_date(secs)), Some(secs));
         }
         assert_eq!(format_amz_date(AT), "20240826T220000Z");
-        for bad in ["20240230T000000Z", "20240826T250000Z", "2024-08-26T22:00", "+0240826T220000Z"] {
+        for bad in ["20240230T000000Z", "20240826T250000Z", "2024-08-26T22:00", "+0240826T220000Z", "202é082T220000Z"] {
             assert_eq!(parse_amz_date(bad), None, "{bad}");
         }
     }

@@ -55,3 +55,70 @@ fn example_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgwarden.example.toml");
     Config::from_file(&path).unwrap();
 }
+
+fn with_files(extra: &str) -> (tempfile::TempDir, Result<Config, ConfigError>) {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["cert.pem", "key.pem", "ca.pem", "keyring.json", "secret.json"] {
+        std::fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let text = format!("[database]\nhost = \"db\"\n{extra}");
+    let parsed = Config::from_toml(&text, Path::new("test.toml"), dir.path());
+    (dir, parsed)
+}
+
+const IAM: &str = "[iam]\nendpoints = [\"proxy.example.com:5432\", \"LocalHost\"]\nproxy_id = \"prx-1\"\naccount_id = \"123456789012\"\nkeyring = { source = \"file\", path = \"keyring.json\" }\n";
+const TLS: &str = "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\nrequire = true\n";
+const IAM_USER: &str = "[[credentials]]\nuser = \"app\"\nsource = \"file\"\npath = \"secret.json\"\niam_auth = \"required\"\n";
+
+#[test]
+fn tls_iam_and_audit_sections_validate_into_typed_settings() {
+    let (_dir, c) = with_files(&format!("{TLS}{IAM}[audit]\noutput = \"audit.log\"\n{IAM_USER}"));
+    let c = c.unwrap();
+    assert!(c.tls.as_ref().unwrap().require);
+    let iam = c.iam.unwrap();
+    assert_eq!(iam.endpoints, vec![("proxy.example.com".to_owned(), Some(5432)), ("localhost".to_owned(), None)]);
+    assert_eq!(iam.max_clock_skew, Duration::from_secs(300));
+    assert!(matches!(c.audit, AuditTarget::File(ref p) if p.ends_with("audit.log")));
+    assert_eq!(c.credentials[0].iam_auth, IamAuth::Required);
+}
+
+#[test]
+fn iam_auth_needs_iam_and_tls_sections() {
+    let (_dir, c) = with_files(&format!("{TLS}{IAM_USER}"));
+    assert!(c.unwrap_err().to_string().starts_with("credentials[0].iam_auth: needs an [iam] section"));
+    let (_dir, c) = with_files(&format!("{IAM}{IAM_USER}"));
+    assert!(c.unwrap_err().to_string().starts_with("credentials[0].iam_auth: needs a [tls] section"));
+}
+
+#[test]
+fn bad_tls_and_iam_values_name_their_keys() {
+    let cases = [
+        ("[tls]\ncert = \"missing.pem\"\nkey = \"key.pem\"\n", "tls.cert:"),
+        (&IAM.replace("123456789012", "12345"), "iam.account_id:"),
+        (&IAM.replace("\"LocalHost\"", "\"host:notaport\""), "iam.endpoints:"),
+        (&IAM.replace("prx-1", "prx/1"), "iam.proxy_id:"),
+        (&IAM.replace("keyring.json", "nope.json"), "iam.keyring.path:"),
+        (&IAM.replace("source = \"file\"", "source = \"s3\""), "iam.keyring.source:"),
+        (&format!("{IAM_USER}").replace("required", "sometimes"), "credentials[0].iam_auth:"),
+        ("[audit]\noutput = \"\"\n", "audit.output:"),
+    ];
+    for (extra, key) in cases {
+        let (_dir, c) = with_files(extra);
+        let err = c.unwrap_err().to_string();
+        assert!(err.contains(key), "{extra}: {err}");
+    }
+}
+
+#[test]
+fn backend_tls_modes_parse_and_verify_modes_need_a_ca() {
+    for (mode, want) in [("require", BackendTlsMode::Require), ("verify-ca", BackendTlsMode::VerifyCa), ("verify-full", BackendTlsMode::VerifyFull)] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        let text = format!("[database]\nhost = \"db\"\ntls = \"{mode}\"\nca_file = \"ca.pem\"\n");
+        assert_eq!(Config::from_toml(&text, Path::new("t.toml"), dir.path()).unwrap().database.tls, want);
+    }
+    let err = parse("[database]\nhost = \"db\"\ntls = \"verify-full\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("database.ca_file: required"), "{err}");
+    let err = parse("[database]\nhost = \"db\"\ntls = \"prefer\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("database.tls:"), "{err}");
+}

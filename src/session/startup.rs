@@ -118,6 +118,10 @@ async fn first_packet(shared: &Shared, client: &mut ClientSide) -> Result<Option
                 client.stream = Stream::Tls(Box::new(accepted.into()));
                 shared.metrics.client_connections_tls.increment(1);
             }
+            // PostgreSQL refuses a second encryption request inside an encrypted stream.
+            StartupRequest::Ssl | StartupRequest::GssEnc if client.stream.is_tls() => {
+                return Err(ProtocolError::Malformed("encryption request inside TLS").into());
+            }
             StartupRequest::Ssl | StartupRequest::GssEnc => {
                 send(&mut client.stream, b"N").await.map_err(SessionError::Io)?;
             }
