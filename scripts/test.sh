@@ -32,10 +32,11 @@ if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
 fi
 
-# Python tools the tests drive: boto3 (real IAM auth tokens). Pinned majors; the venv is
-# reused while requirements are unchanged.
+# Python tools the tests drive: boto3 (real IAM auth tokens) and moto's server (a real
+# implementation of the Secrets Manager API). Pinned majors; the venv is reused while the
+# requirements are unchanged.
 PYENV=target/pyenv
-REQS="boto3>=1.34,<2"
+REQS="boto3>=1.34,<2 moto[server]>=5.1,<6"
 if [ ! -x "$PYENV/bin/python" ] || [ "$(cat "$PYENV/.reqs" 2>/dev/null)" != "$REQS" ]; then
   if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -48,9 +49,14 @@ if [ ! -x "$PYENV/bin/python" ] || [ "$(cat "$PYENV/.reqs" 2>/dev/null)" != "$RE
   echo "setting up $PYENV ($REQS)"
   rm -rf "$PYENV"
   python3 -m venv "$PYENV"
+  # shellcheck disable=SC2086  # REQS is a word list on purpose
   "$PYENV/bin/pip" install -q --disable-pip-version-check $REQS
   echo "$REQS" > "$PYENV/.reqs"
 fi
 export PGWARDEN_TEST_PYTHON="$PWD/$PYENV/bin/python"
+export PGWARDEN_TEST_MOTO="$PWD/$PYENV/bin/moto_server"
+# Credentials and region for the AWS SDK against moto (which does not check signatures).
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
+export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_EC2_METADATA_DISABLED=true
 
 cargo test --locked --all-targets "$@"

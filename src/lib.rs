@@ -30,6 +30,7 @@ pub mod net;
 pub mod pool;
 pub mod protocol;
 pub mod relay;
+pub mod rotation;
 pub mod session;
 pub mod stream;
 pub mod tls;

@@ -18,6 +18,7 @@ use crate::auth::UserEntry;
 use crate::auth::iam::{IamVerifier, KeyringLoadError};
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, SourceConfig};
+use crate::credentials::aws::SecretsManagerSource;
 use crate::credentials::file::FileSource;
 use crate::credentials::{CredentialError, CredentialSource, CredentialStore};
 use crate::metrics::{Exporter, Metrics};
@@ -78,8 +79,12 @@ impl Server {
         for c in &config.credentials {
             let source: Arc<dyn CredentialSource> = match &c.source {
                 SourceConfig::File { path } => Arc::new(FileSource::new(path.clone())),
+                SourceConfig::Aws { secret_id, region, endpoint_url } => {
+                    let client = crate::credentials::aws::client(endpoint_url.as_deref(), region.as_deref()).await;
+                    Arc::new(SecretsManagerSource::new(client, secret_id.clone()))
+                }
             };
-            let store = CredentialStore::load(source)
+            let store = CredentialStore::load(source, Some(Arc::clone(&metrics)))
                 .await
                 .map_err(|source| StartError::Credential { user: c.user.clone(), source })?;
             store.spawn_refresh_loop(c.refresh_interval);

@@ -39,6 +39,24 @@ enum Cmd {
         #[arg(long)]
         backend_tls: bool,
     },
+    /// Rotate an RDS secret in Secrets Manager: all four steps, or one (`--step`, `--token`),
+    /// as a rotation Lambda would (standard AWS credential chain, region and endpoint).
+    Rotate {
+        #[arg(long)]
+        secret_id: String,
+        #[arg(long, value_parser = ["single", "alternating"], default_value = "single")]
+        strategy: String,
+        /// One step: createSecret, setSecret, testSecret or finishSecret (needs --token).
+        #[arg(long, requires = "token")]
+        step: Option<String>,
+        /// The rotation's version id (ClientRequestToken).
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long)]
+        endpoint_url: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+    },
     /// Print an IAM auth token, as `aws rds generate-db-auth-token` does, signed with the
     /// standard AWS credential chain (environment, profile, ...).
     Token {
@@ -120,6 +138,25 @@ fn main() -> anyhow::Result<()> {
             let threads = worker_threads.unwrap_or_else(pgwarden::config::default_worker_threads);
             runtime(threads)?.block_on(dev(DevOptions { port, metrics_port, pool_size, worker_threads: threads, backend_tls }))
         }
+        Cmd::Rotate { secret_id, strategy, step, token, endpoint_url, region } => runtime(1)?.block_on(async {
+            use pgwarden::rotation::{Rotator, Step, Strategy};
+            let strategy = if strategy == "alternating" { Strategy::Alternating } else { Strategy::Single };
+            let client = pgwarden::credentials::aws::client(endpoint_url.as_deref(), region.as_deref()).await;
+            let rotator = Rotator::new(client, secret_id, strategy, None);
+            match (step, token) {
+                (Some(step), Some(token)) => {
+                    let step = Step::parse(&step).with_context(|| format!("unknown step {step:?}"))?;
+                    rotator.run_step(step, &token).await?;
+                }
+                (None, token) => {
+                    anyhow::ensure!(token.is_none(), "--token goes with --step");
+                    let token = rotator.rotate().await?;
+                    println!("rotated: new AWSCURRENT version {token}");
+                }
+                (Some(_), None) => anyhow::bail!("--step needs --token"),
+            }
+            Ok(())
+        }),
         Cmd::Token { hostname, port, username, region, expires_in } => {
             anyhow::ensure!((1..=900).contains(&expires_in), "--expires-in must be between 1 and 900 seconds");
             runtime(1)?.block_on(token(&hostname, port, &username, region, expires_in))

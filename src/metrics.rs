@@ -39,6 +39,9 @@ pub struct Metrics {
     pub query_requests_tls: Counter,
     pub query_database_response_latency: Histogram,
     pub borrow_timeouts: Counter,
+    pub credential_refresh_failures: Counter,
+    /// 1 while the last refresh of some credential failed (serving the last good one).
+    pub credential_stale_sources: Gauge,
 }
 
 pub enum Exporter {
@@ -107,6 +110,8 @@ impl Metrics {
                 "Time from forwarding a request to the first byte of the database's answer."
             );
             describe_counter!("pgwarden_borrow_timeouts", "Clients that gave up waiting for a backend.");
+            describe_counter!("pgwarden_credential_refresh_failures", "Credential refreshes that failed (last good credential kept).");
+            describe_gauge!("pgwarden_credential_stale", "1 while the last credential refresh failed.");
             Metrics {
                 handle,
                 client_connections: gauge!("ClientConnections"),
@@ -132,6 +137,8 @@ impl Metrics {
                 query_requests_no_tls: counter!("QueryRequestsNoTLS"),
                 query_database_response_latency: histogram!("QueryDatabaseResponseLatency"),
                 borrow_timeouts: counter!("pgwarden_borrow_timeouts"),
+                credential_refresh_failures: counter!("pgwarden_credential_refresh_failures"),
+                credential_stale_sources: gauge!("pgwarden_credential_stale"),
             }
         }))
     }

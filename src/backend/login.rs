@@ -14,22 +14,24 @@ use tokio::net::TcpStream;
 
 use super::{BackendConn, BackendError, BackendKey, BackendPid, MAX_CONTROL_MESSAGE, Settings};
 use crate::config::DatabaseConfig;
-use crate::credentials::{Credential, CredentialSet, Stage};
+use crate::credentials::{Credential, CredentialSet, LoginFingerprint, Stage};
 use crate::net::read_message;
 use crate::protocol::{ProtocolError, SSL_REQUEST_CODE, messages, read_cstr};
 use crate::stream::{Stream, send};
 use crate::tls::BackendTls;
 
-/// Connects to `dbname` on the target and logs in with the first credential stage that works.
+/// Connects to `dbname` on the target and logs in with the first credential stage that works,
+/// trying the login that worked last (`prefer`) first.
 pub async fn connect(
     target: &DatabaseConfig,
     tls: Option<&BackendTls>,
     dbname: &str,
     creds: &CredentialSet,
+    prefer: Option<LoginFingerprint>,
     lifetime: Option<Duration>,
 ) -> Result<BackendConn, BackendError> {
     let mut tried = Vec::new();
-    for (stage, credential) in creds.candidates() {
+    for (stage, credential) in creds.candidates(prefer) {
         let attempt = tokio::time::timeout(target.connect_timeout, login(target, tls, dbname, credential)).await;
         match attempt {
             Err(_) => return Err(BackendError::Timeout),
@@ -44,12 +46,23 @@ pub async fn connect(
                 }
                 conn.generation = creds.generation;
                 conn.stage = stage;
+                conn.fingerprint = credential.fingerprint();
                 conn.lifetime = lifetime;
                 return Ok(conn);
             }
         }
     }
     Err(BackendError::AuthRejected { user: creds.secret.current.username.clone(), tried: tried.join(", ") })
+}
+
+/// Connects and logs in with exactly one credential (the rotator's logins).
+pub async fn connect_as(
+    target: &DatabaseConfig,
+    tls: Option<&BackendTls>,
+    dbname: &str,
+    credential: &Credential,
+) -> Result<BackendConn, BackendError> {
+    tokio::time::timeout(target.connect_timeout, login(target, tls, dbname, credential)).await.map_err(|_| BackendError::Timeout)?
 }
 
 async fn login(
@@ -85,6 +98,7 @@ async fn login(
         applied: Settings::default(),
         generation: crate::credentials::Generation(0),
         stage: Stage::Current,
+        fingerprint: credential.fingerprint(),
         created: Instant::now(),
         idle_since: Instant::now(),
         lifetime: None,

@@ -13,11 +13,11 @@ use bytes::BytesMut;
 use thiserror::Error;
 use crate::stream::{Stream, send};
 
-use crate::credentials::{Generation, Stage};
+use crate::credentials::{Generation, LoginFingerprint, Stage};
 use crate::net::{ReadError, read_message};
 use crate::protocol::{ProtocolError, SqlState, TxStatus, messages};
 
-pub use login::connect;
+pub use login::{connect, connect_as};
 pub use settings::Settings;
 
 /// A backend's process id, as Postgres reports it in BackendKeyData.
@@ -106,6 +106,8 @@ pub struct BackendConn {
     pub applied: Settings,
     pub generation: Generation,
     pub stage: Stage,
+    /// Which (user, password) logged this connection in.
+    pub fingerprint: LoginFingerprint,
     pub created: Instant,
     /// Set when the connection goes back to the pool.
     pub idle_since: Instant,

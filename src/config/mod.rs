@@ -117,6 +117,8 @@ pub struct PoolConfig {
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
     File { path: PathBuf },
+    /// AWS Secrets Manager, through the standard credential chain and region.
+    Aws { secret_id: String, region: Option<String>, endpoint_url: Option<String> },
 }
 
 #[derive(Clone, Debug)]

@@ -159,6 +159,12 @@ struct RawCredential {
     user: String,
     source: String,
     path: Option<String>,
+    #[serde(default)]
+    secret_id: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    endpoint_url: Option<String>,
     refresh_interval: Option<String>,
     #[serde(default)]
     iam_auth: Option<String>,
@@ -314,12 +320,28 @@ impl RawConfig {
                     }
                     SourceConfig::File { path }
                 }
-                other => return Err(invalid(key("source"), format!("unknown source kind {other:?} (known: \"file\")"))),
+                "aws" => {
+                    let secret_id = c.secret_id.clone().filter(|s| !s.is_empty());
+                    let secret_id = secret_id.ok_or_else(|| invalid(key("secret_id"), "required for source = \"aws\" (a secret name or ARN)"))?;
+                    if c.path.is_some() {
+                        return Err(invalid(key("path"), "only for source = \"file\""));
+                    }
+                    SourceConfig::Aws { secret_id, region: c.region.clone(), endpoint_url: c.endpoint_url.clone() }
+                }
+                other => return Err(invalid(key("source"), format!("unknown source kind {other:?} (known: \"file\", \"aws\")"))),
             };
-            let refresh_interval = match &c.refresh_interval {
-                Some(v) => parse_duration(&key("refresh_interval"), v)?,
-                None => Duration::from_secs(1),
+            if matches!(source, SourceConfig::File { .. }) && (c.secret_id.is_some() || c.region.is_some() || c.endpoint_url.is_some()) {
+                return Err(invalid(key("secret_id"), "secret_id, region and endpoint_url are only for source = \"aws\""));
+            }
+            let refresh_interval = match (&c.refresh_interval, &source) {
+                (Some(v), _) => parse_duration(&key("refresh_interval"), v)?,
+                (None, SourceConfig::File { .. }) => Duration::from_secs(1),
+                // DescribeSecret is cheap, but it is an API call: every 30 s by default.
+                (None, SourceConfig::Aws { .. }) => Duration::from_secs(30),
             };
+            if refresh_interval.is_zero() {
+                return Err(invalid(key("refresh_interval"), "must be more than 0"));
+            }
             let iam_auth = match c.iam_auth.as_deref() {
                 None | Some("disabled") => IamAuth::Disabled,
                 Some("required") => IamAuth::Required,

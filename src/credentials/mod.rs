@@ -5,13 +5,14 @@
 //! Secrets Manager kind beside it), and [`CredentialStore`], which hands the pool a snapshot
 //! tagged with a [`Generation`]. Must not: log or format a password; talk to Postgres.
 
+pub mod aws;
 pub mod file;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -63,7 +64,22 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// Identifies a (user name, password) pair without holding the password: the first 8 bytes of
+/// a SHA-256 over both. Lets the pool tell whether two connections logged in alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LoginFingerprint(pub u64);
+
 impl Credential {
+    pub fn fingerprint(&self) -> LoginFingerprint {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.username.as_bytes());
+        h.update([0u8]);
+        h.update(self.password.expose_secret().as_bytes());
+        let d = h.finalize();
+        LoginFingerprint(u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]))
+    }
+
     fn same_login(&self, other: &Credential) -> bool {
         self.username == other.username && self.password.expose_secret() == other.password.expose_secret()
     }
@@ -98,8 +114,10 @@ pub struct CredentialSet {
 }
 
 impl CredentialSet {
-    /// Login candidates in the order a new backend connection tries them, without repeats.
-    pub fn candidates(&self) -> Vec<(Stage, &Credential)> {
+    /// Login candidates in the order a new backend connection tries them, without repeats:
+    /// AWSCURRENT, AWSPENDING, AWSPREVIOUS, except that the login that worked last (`prefer`)
+    /// goes first, so the setSecret→finishSecret window costs no refused login per connection.
+    pub fn candidates(&self, prefer: Option<LoginFingerprint>) -> Vec<(Stage, &Credential)> {
         let mut out: Vec<(Stage, &Credential)> = vec![(Stage::Current, &self.secret.current)];
         for (stage, c) in [(Stage::Pending, &self.secret.pending), (Stage::Previous, &self.secret.previous)] {
             if let Some(c) = c {
@@ -107,6 +125,10 @@ impl CredentialSet {
                     out.push((stage, c));
                 }
             }
+        }
+        if let Some(i) = prefer.and_then(|p| out.iter().position(|(_, c)| c.fingerprint() == p)) {
+            let first = out.remove(i);
+            out.insert(0, first);
         }
         out
     }
@@ -121,9 +143,24 @@ pub enum CredentialError {
     BadJson { category: &'static str, line: usize, column: usize },
     #[error("secret has no {0} version")]
     MissingStage(&'static str),
+    #[error("secret value is binary, not an RDS secret JSON string")]
+    NotAString,
+    /// A Secrets Manager call failed: the call, the service's error code and message (which
+    /// never contain the secret value), or the transport error.
+    #[error("{op} failed: {detail}")]
+    Aws { op: &'static str, transient: bool, detail: String },
 }
 
 impl CredentialError {
+    /// Worth retrying soon (network, throttling), as opposed to a refusal or a bad secret.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CredentialError::Aws { transient, .. } => *transient,
+            CredentialError::Io { .. } => true,
+            _ => false,
+        }
+    }
+
     pub(crate) fn from_json(e: &serde_json::Error) -> CredentialError {
         let category = match e.classify() {
             serde_json::error::Category::Io => "I/O error",
@@ -168,18 +205,60 @@ pub trait CredentialSource: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// Forced refreshes (after the database refused a login) run at most this often.
+const MIN_FORCED_REFRESH: Duration = Duration::from_secs(1);
+
+/// How refreshing is going, for logs, metrics and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RefreshHealth {
+    /// Refreshes that failed since the last one that worked (0: the credential is fresh).
+    pub consecutive_failures: u64,
+    /// Refreshes that failed, ever.
+    pub total_failures: u64,
+}
+
 /// The latest snapshot of one user's credential, with a loop that refreshes it.
 pub struct CredentialStore {
     source: Arc<dyn CredentialSource>,
     tx: watch::Sender<Arc<CredentialSet>>,
+    health: watch::Sender<RefreshHealth>,
+    /// Single flight for forced refreshes, and when the last one started.
+    forced: tokio::sync::Mutex<Option<Instant>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl CredentialStore {
     /// Fetches once (an error here is a start-up error) and returns the store.
-    pub async fn load(source: Arc<dyn CredentialSource>) -> Result<Arc<CredentialStore>, CredentialError> {
+    pub async fn load(
+        source: Arc<dyn CredentialSource>,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Arc<CredentialStore>, CredentialError> {
         let secret = source.fetch().await?;
         let (tx, _) = watch::channel(Arc::new(CredentialSet { generation: Generation(1), secret }));
-        Ok(Arc::new(CredentialStore { source, tx }))
+        let (health, _) = watch::channel(RefreshHealth::default());
+        Ok(Arc::new(CredentialStore { source, tx, health, forced: tokio::sync::Mutex::new(None), metrics }))
+    }
+
+    pub fn health(&self) -> watch::Receiver<RefreshHealth> {
+        self.health.subscribe()
+    }
+
+    /// A refresh the database asked for (it refused a login): single flight, at most once per
+    /// [`MIN_FORCED_REFRESH`]. Callers that arrive while one runs wait for it and then use
+    /// whatever it found. True if the credential changed.
+    pub async fn force_refresh(&self) -> bool {
+        let mut last = self.forced.lock().await;
+        if last.is_some_and(|at| at.elapsed() < MIN_FORCED_REFRESH) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        match self.refresh().await {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::warn!(source = %self.source.describe(), error = %e, "forced credential refresh failed");
+                false
+            }
+        }
     }
 
     pub fn snapshot(&self) -> Arc<CredentialSet> {
@@ -193,7 +272,27 @@ impl CredentialStore {
     /// Fetches now; publishes a new generation only when some stage changed. On error the
     /// last good snapshot stays in service.
     pub async fn refresh(&self) -> Result<bool, CredentialError> {
-        let secret = self.source.fetch().await?;
+        let secret = match self.source.fetch().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.health.send_modify(|h| {
+                    h.consecutive_failures += 1;
+                    h.total_failures += 1;
+                });
+                if let Some(m) = &self.metrics {
+                    m.credential_refresh_failures.increment(1);
+                    m.credential_stale_sources.set(1.0);
+                }
+                return Err(e);
+            }
+        };
+        if self.health.borrow().consecutive_failures > 0 {
+            tracing::info!(source = %self.source.describe(), "credential refresh works again");
+            self.health.send_modify(|h| h.consecutive_failures = 0);
+            if let Some(m) = &self.metrics {
+                m.credential_stale_sources.set(0.0);
+            }
+        }
         let current = self.snapshot();
         if current.secret.same_as(&secret) {
             return Ok(false);
@@ -265,7 +364,11 @@ mod tests {
         )
         .unwrap();
         let set = CredentialSet { generation: Generation(1), secret: s };
-        let stages: Vec<Stage> = set.candidates().iter().map(|(s, _)| *s).collect();
+        let stages: Vec<Stage> = set.candidates(None).iter().map(|(s, _)| *s).collect();
         assert_eq!(stages, vec![Stage::Current, Stage::Previous]);
+        let previous = set.secret.previous.as_ref().unwrap().fingerprint();
+        let stages: Vec<Stage> = set.candidates(Some(previous)).iter().map(|(s, _)| *s).collect();
+        assert_eq!(stages, vec![Stage::Previous, Stage::Current], "the login that worked last goes first");
+        assert_ne!(previous, set.secret.current.fingerprint());
     }
 }

@@ -5,7 +5,6 @@
 //! connections and keeps `min_idle` warm. Must not: authenticate clients or touch client sockets.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use thiserror::Error;
 
 use crate::backend::{self, BackendConn, BackendError};
 use crate::config::{DatabaseConfig, PoolConfig};
-use crate::credentials::CredentialStore;
+use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::protocol::SqlState;
 use crate::tls::BackendTls;
@@ -70,9 +69,17 @@ pub struct BackendManager {
     cfg: PoolConfig,
     metrics: Arc<Metrics>,
     server_params: Arc<OnceLock<Vec<(String, String)>>>,
-    /// Newest credential generation a backend has logged in with; older connections retire.
-    newest_working: AtomicU64,
+    /// The newest credential a backend logged in with. Connections that logged in with an
+    /// older generation *and* another login retire at their next checkout.
+    newest_working: tokio::sync::watch::Sender<Option<(Generation, LoginFingerprint)>>,
+    /// The generation whose every candidate the database just refused, and when: new
+    /// connections fail at once until the credential changes or the hold passes, so a queue
+    /// of clients gets one clear 28P01 each instead of a bad login each.
+    auth_failed: Mutex<Option<(Generation, Instant)>>,
 }
+
+/// How long a refused credential is not tried again (unless it changes first).
+const AUTH_FAILURE_HOLD: Duration = Duration::from_secs(2);
 
 impl managed::Manager for BackendManager {
     type Type = BackendConn;
@@ -88,7 +95,7 @@ impl managed::Manager for BackendManager {
         if conn.expired(Instant::now(), self.cfg.backend_idle_timeout) {
             return Err(RecycleError::message("expired"));
         }
-        if conn.generation.0 < self.newest_working.load(Ordering::Relaxed) {
+        if self.is_retired(conn) {
             return Err(RecycleError::message("credential rotated"));
         }
         if conn.is_closed_or_dirty() {
@@ -99,7 +106,62 @@ impl managed::Manager for BackendManager {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl BackendManager {
+    /// Logs in with the credential as it is now. If the database refuses every stage, the
+    /// secret may have rotated under us: refresh it (single flight) and try once more.
+    async fn connect_with_current_credential(&self) -> Result<BackendConn, BackendError> {
+        let creds = self.store.snapshot();
+        if let Some((generation, at)) = *lock(&self.auth_failed) {
+            if generation == creds.generation && at.elapsed() < AUTH_FAILURE_HOLD {
+                return Err(BackendError::AuthRejected { user: creds.secret.current.username.clone(), tried: "recently refused".into() });
+            }
+        }
+        // The login that worked last goes first only while the credential is unchanged (the
+        // setSecret→finishSecret window); after a change, AWSCURRENT goes first again.
+        let prefer = self.newest_working.borrow().filter(|(g, _)| *g == creds.generation).map(|(_, f)| f);
+        let first = backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime()).await;
+        let result = match first {
+            Err(e) if e.is_auth_failure() && self.store.force_refresh().await => {
+                let creds = self.store.snapshot();
+                tracing::info!(generation = creds.generation.0, "credential changed after a refused login; retrying");
+                backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime()).await
+            }
+            other => other,
+        };
+        if let Err(e) = &result {
+            if e.is_auth_failure() {
+                *lock(&self.auth_failed) = Some((self.store.snapshot().generation, Instant::now()));
+            }
+        }
+        result
+    }
+
+    /// Logged in with an older generation *and* another login than the newest that works.
+    fn is_retired(&self, conn: &BackendConn) -> bool {
+        self.newest_working.borrow().is_some_and(|(g, f)| conn.generation < g && conn.fingerprint != f)
+    }
+
+    /// After a credential change no backend has logged in with yet, one login finds out
+    /// whether the new credential works (and which login it uses), so connections made with
+    /// the old one can retire even when no new connection was needed.
+    async fn probe_new_credential(&self) {
+        let generation = self.store.snapshot().generation;
+        if self.newest_working.borrow().is_none_or(|(g, _)| g >= generation) {
+            return;
+        }
+        match self.open().await {
+            Ok(conn) => {
+                tracing::info!(generation = generation.0, "new credential logs in; older backends retire as they come back");
+                conn.close().await;
+            }
+            Err(e) => tracing::warn!(error = %e, "new credential does not log in yet; keeping the current backends"),
+        }
+    }
+
     fn staggered_lifetime(&self) -> Option<Duration> {
         // Up to 10% shorter, so connections opened together do not all retire together.
         self.cfg.backend_max_lifetime.map(|l| l.mul_f64(1.0 - rand::random::<f64>() * 0.1))
@@ -110,15 +172,21 @@ impl BackendManager {
         if self.tls.is_some() {
             self.metrics.database_connection_requests_with_tls.increment(1);
         }
-        let creds = self.store.snapshot();
-        match backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, self.staggered_lifetime()).await {
+        match self.connect_with_current_credential().await {
             Ok(mut conn) => {
                 self.metrics.database_connections_setup_succeeded.increment(1);
                 conn.open_guard = Some(GaugeGuard::new(&self.metrics.database_connections));
                 if conn.stream.is_tls() {
                     conn.tls_guard = Some(GaugeGuard::new(&self.metrics.database_connections_with_tls));
                 }
-                self.newest_working.fetch_max(conn.generation.0, Ordering::Relaxed);
+                let login = (conn.generation, conn.fingerprint);
+                self.newest_working.send_if_modified(|newest| {
+                    let newer = newest.is_none_or(|(g, _)| g < login.0);
+                    if newer {
+                        *newest = Some(login);
+                    }
+                    newer
+                });
                 let _ = self.server_params.set(conn.server_params.clone());
                 Ok(conn)
             }
@@ -180,6 +248,11 @@ impl PoolEntry {
         Ok(Lease { obj, _borrowed: GaugeGuard::new(&self.metrics.database_connections_currently_borrowed) })
     }
 
+    /// The newest credential generation a backend of this pool has logged in with.
+    pub fn newest_login(&self) -> tokio::sync::watch::Receiver<Option<(Generation, LoginFingerprint)>> {
+        self.pool.manager().newest_working.subscribe()
+    }
+
     /// The parameters the backend reported at login, once any backend has logged in.
     pub fn server_params(&self) -> Option<&[(String, String)]> {
         self.server_params.get().map(|v| v.as_slice())
@@ -215,7 +288,8 @@ impl Pools {
             cfg: self.cfg.clone(),
             metrics: Arc::clone(&self.metrics),
             server_params: Arc::clone(&server_params),
-            newest_working: AtomicU64::new(0),
+            newest_working: tokio::sync::watch::Sender::new(None),
+            auth_failed: Mutex::new(None),
         };
         let pool = managed::Pool::builder(manager)
             .max_size(self.cfg.max_backend_connections)
@@ -235,23 +309,33 @@ impl Pools {
             metrics: Arc::clone(&self.metrics),
         });
         self.metrics.max_database_connections_allowed.increment(self.cfg.max_backend_connections as f64);
-        spawn_janitor(Arc::downgrade(&entry), self.cfg.clone());
+        spawn_janitor(Arc::downgrade(&entry), store.subscribe(), self.cfg.clone());
         map.insert(key.clone(), Arc::clone(&entry));
         entry
     }
 }
 
-/// Every second: drop idle connections past their idle timeout or lifetime, then top the pool
-/// up to `min_idle`. Stops when the pool is gone.
-fn spawn_janitor(entry: Weak<PoolEntry>, cfg: PoolConfig) {
+/// Every second, and whenever the credential changes: check that a changed credential logs in
+/// (so older connections can retire), drop idle connections that expired or retired, then top
+/// the pool up to `min_idle`. Stops when the pool is gone.
+fn spawn_janitor(
+    entry: Weak<PoolEntry>,
+    mut credential: tokio::sync::watch::Receiver<Arc<crate::credentials::CredentialSet>>,
+    cfg: PoolConfig,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = credential.changed() => if changed.is_err() { return },
+            }
             let Some(entry) = entry.upgrade() else { return };
+            entry.pool.manager().probe_new_credential().await;
             let now = Instant::now();
-            let evicted = entry.pool.retain(|conn, _| !conn.expired(now, cfg.backend_idle_timeout));
+            let manager = entry.pool.manager();
+            let evicted = entry.pool.retain(|conn, _| !conn.expired(now, cfg.backend_idle_timeout) && !manager.is_retired(conn));
             for conn in evicted.removed {
                 tokio::spawn(conn.close());
             }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,11 +38,16 @@ impl Harness {
     /// Like `start_with`, but `tweak` also sees the environment (to create roles, write files).
     /// `backend_tls`: PostgreSQL serves TLS and pgwarden connects with verify-full.
     pub async fn start_full(backend_tls: bool, tweak: impl FnOnce(&DevEnv, &mut Config)) -> Harness {
+        Self::start_async(backend_tls, async |env, config| tweak(env, config)).await
+    }
+
+    /// Like `start_full`, with an async `tweak` (to create secrets in moto, say).
+    pub async fn start_async(backend_tls: bool, tweak: impl AsyncFnOnce(&DevEnv, &mut Config)) -> Harness {
         let _ = tracing_subscriber::fmt().with_env_filter("pgwarden=debug").with_test_writer().try_init();
         let opts = DevOptions { port: 0, metrics_port: None, pool_size: 5, worker_threads: 1, backend_tls };
         let env = DevEnv::prepare(&opts).await.expect("throwaway PostgreSQL starts");
         let mut config = env.config.clone();
-        tweak(&env, &mut config);
+        tweak(&env, &mut config).await;
         let server = Server::bind(config).await.expect("pgwarden binds");
         let addr = server.local_addr();
         let shared = server.shared();
@@ -101,12 +108,22 @@ impl Harness {
         user: &str,
         password: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.tls_client_full(ca, user, password, &self.env.database).await
+    }
+
+    pub async fn tls_client_full(
+        &self,
+        ca: &std::path::Path,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let mut config = tokio_postgres::Config::new();
         config
             .host(self.addr.ip().to_string())
             .port(self.addr.port())
             .user(user)
-            .dbname(&self.env.database)
+            .dbname(database)
             .password(password)
             .ssl_mode(tokio_postgres::config::SslMode::Require);
         let (client, connection) = config.connect(tls_connector(ca)).await?;
