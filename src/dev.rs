@@ -175,3 +175,37 @@ pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()
     let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.write_all(bytes)
 }
+
+/// One rotation of the dev credential file through the four rotation steps, with the stage
+/// rules of Secrets Manager: the new password appears as AWSPENDING, the database takes it
+/// (as a SCRAM verifier), then it becomes AWSCURRENT and the old one AWSPREVIOUS. `pause` sits
+/// between the steps so the proxy sees each state (it refreshes the file every second).
+pub async fn rotate_dev_credential(cluster: &TempCluster, secret_path: &std::path::Path, pause: Duration) -> anyhow::Result<()> {
+    use secrecy::ExposeSecret;
+    let text = std::fs::read_to_string(secret_path)?;
+    let mut staged: serde_json::Value = serde_json::from_str(&text)?;
+    let current = staged.get("AWSCURRENT").cloned().ok_or_else(|| anyhow::anyhow!("no AWSCURRENT in {}", secret_path.display()))?;
+    let user = current.get("username").and_then(|u| u.as_str()).unwrap_or_default().to_owned();
+    let password = random_password();
+    let mut pending = current.clone();
+    pending["password"] = password.expose_secret().into();
+    // createSecret
+    staged["AWSPENDING"] = pending.clone();
+    write_atomically(secret_path, &staged)?;
+    tokio::time::sleep(pause).await;
+    // setSecret: the verifier, never the password, goes to the server.
+    let verifier = postgres_protocol::password::scram_sha_256(password.expose_secret().as_bytes());
+    let sql = format!("ALTER ROLE \"{}\" PASSWORD '{verifier}'", user.replace('"', "\"\""));
+    cluster.psql(&sql)?;
+    tokio::time::sleep(pause).await;
+    // finishSecret
+    let staged = serde_json::json!({ "AWSCURRENT": pending, "AWSPREVIOUS": current });
+    write_atomically(secret_path, &staged)?;
+    Ok(())
+}
+
+fn write_atomically(path: &std::path::Path, value: &serde_json::Value) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    write_private(&tmp, value.to_string().as_bytes())?;
+    std::fs::rename(tmp, path)
+}

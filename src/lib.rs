@@ -6,8 +6,11 @@
 //!  client ─TCP/TLS─▶ listener ─▶ session ─▶ auth (IAM token | SCRAM) ─▶ pool::checkout ─▶ relay ◀──▶ Postgres
 //!                                  │  └──▶ audit                       │ miss                ▲ release at
 //!                                  │                                   ▼                     │ ReadyForQuery 'I'
-//!                                tls (certs, reload)            backend::connect ◀── credentials (file source,
-//!                                                               (CURRENT → PENDING → PREVIOUS)   refresh loop)
+//!                                tls (certs, reload)            backend::connect ◀── credentials (Secrets Manager
+//!                                                               (CURRENT → PENDING → PREVIOUS)   or file, refresh loop)
+//!                                                                                      ▲
+//!                                                                rotation: the four Secrets Manager steps
+//!                                                                (pgwarden rotate, the Lambda handler)
 //! ```
 //!
 //! `stream` gives both sides one byte-stream type (TCP or TLS); `tls` configures both sides.

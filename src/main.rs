@@ -38,6 +38,10 @@ enum Cmd {
         /// Run PostgreSQL with TLS and connect to it with verify-full.
         #[arg(long)]
         backend_tls: bool,
+        /// Rotate the dev credential live this often (e.g. "30s"), through the four rotation
+        /// steps, to watch a rotation under your own pgbench run.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        rotate_every: Option<std::time::Duration>,
     },
     /// Rotate an RDS secret in Secrets Manager: all four steps, or one (`--step`, `--token`),
     /// as a rotation Lambda would (standard AWS credential chain, region and endpoint).
@@ -134,9 +138,10 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Dev { port, metrics_port, pool_size, worker_threads, backend_tls } => {
+        Cmd::Dev { port, metrics_port, pool_size, worker_threads, backend_tls, rotate_every } => {
             let threads = worker_threads.unwrap_or_else(pgwarden::config::default_worker_threads);
-            runtime(threads)?.block_on(dev(DevOptions { port, metrics_port, pool_size, worker_threads: threads, backend_tls }))
+            let opts = DevOptions { port, metrics_port, pool_size, worker_threads: threads, backend_tls };
+            runtime(threads)?.block_on(dev(opts, rotate_every))
         }
         Cmd::Rotate { secret_id, strategy, step, token, endpoint_url, region } => runtime(1)?.block_on(async {
             use pgwarden::rotation::{Rotator, Step, Strategy};
@@ -184,7 +189,7 @@ async fn token(hostname: &str, port: u16, username: &str, region: Option<String>
     Ok(())
 }
 
-async fn dev(opts: DevOptions) -> anyhow::Result<()> {
+async fn dev(opts: DevOptions, rotate_every: Option<std::time::Duration>) -> anyhow::Result<()> {
     let env = DevEnv::prepare(&opts).await.context("starting the throwaway PostgreSQL")?;
     let server = Server::bind(env.config.clone()).await?;
     let addr = server.local_addr();
@@ -213,9 +218,34 @@ async fn dev(opts: DevOptions) -> anyhow::Result<()> {
     println!("\nWith an IAM auth token over TLS (the dev key lives only in this throwaway keyring):\n");
     println!("  PGPASSWORD=\"{token}\" psql \"{conn} sslmode=require\"");
     println!("  PGPASSWORD=\"{token}\" pgbench -C -c 16 -j 2 -T 10 -S \"{conn} sslmode=require\"");
+    if let Some(every) = rotate_every {
+        println!("\nThe dev password rotates every {} (AWSPENDING → ALTER ROLE → AWSCURRENT): the", humantime::format_duration(every));
+        println!("password above stops working for new logins after the first rotation; the token lines keep working,");
+        println!("and running clients never notice. Rotations are logged.");
+    }
     println!("\nCtrl-C stops pgwarden and deletes the database.\n");
     let shared = server.shared();
+    let env = std::sync::Arc::new(env);
+    let rotation = rotate_every.map(|every| {
+        let env = std::sync::Arc::clone(&env);
+        tokio::spawn(async move {
+            let pause = (every / 4).min(std::time::Duration::from_secs(3));
+            let mut n = 0u64;
+            loop {
+                tokio::time::sleep(every).await;
+                n += 1;
+                match pgwarden::dev::rotate_dev_credential(&env.cluster, &env.secret_path, pause).await {
+                    Ok(()) => tracing::info!(rotation = n, "dev credential rotated"),
+                    Err(e) => tracing::warn!(error = %e, "dev credential rotation failed"),
+                }
+            }
+        })
+    });
     server.run(shutdown_signal()).await;
+    if let Some(task) = rotation {
+        task.abort();
+        let _ = task.await;
+    }
     shared.audit.sync();
     drop(env);
     Ok(())

@@ -108,11 +108,18 @@ struct Load {
 
 impl Load {
     async fn start(rig: &Rig, clients: usize) -> Load {
+        let mut all = Vec::new();
+        for _ in 0..clients {
+            all.push(rig.client().await);
+        }
+        Load::with(all)
+    }
+
+    fn with(clients: Vec<tokio_postgres::Client>) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let progress = tokio::sync::watch::Sender::new(0u64);
         let mut tasks = Vec::new();
-        for c in 0..clients {
-            let client = rig.client().await;
+        for (c, client) in clients.into_iter().enumerate() {
             let (stop, ok) = (Arc::clone(&stop), progress.clone());
             tasks.push(tokio::spawn(async move {
                 let failed = |e: String| {
@@ -285,4 +292,33 @@ async fn set_secret_falls_back_to_the_previous_password_when_current_no_longer_w
     rig.kill_backends();
     let c = rig.client().await;
     assert_eq!(select_one(&c).await, "1", "the proxy logs in with the new AWSCURRENT");
+}
+
+/// `pgwarden dev --rotate-every`: the dev credential file goes through the same four steps
+/// while clients run; none of them notices, and new logins after it use the new password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_file_rotation_under_load_fails_no_transaction() {
+    let h = Harness::start().await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let token = h.env.token("127.0.0.1", h.addr.port(), &h.env.user);
+        clients.push(h.tls_client_as(&h.env.user, token.expose_secret()).await.unwrap());
+    }
+    let load = Load::with(clients);
+    load.progress(100).await;
+    let old = h.env.password().to_owned();
+    for _ in 0..2 {
+        pgwarden::dev::rotate_dev_credential(&h.env.cluster, &h.env.secret_path, Duration::from_millis(1200)).await.unwrap();
+        load.progress(100).await;
+    }
+    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&h.env.secret_path).unwrap()).unwrap();
+    let new = file["AWSCURRENT"]["password"].as_str().unwrap().to_owned();
+    let store = &h.shared.users["dev"].store;
+    let mut rx = store.subscribe();
+    let caught_up = rx.wait_for(|s| s.secret.pending.is_none() && s.secret.current.password.expose_secret() == new);
+    tokio::time::timeout(Duration::from_secs(30), caught_up).await.unwrap().unwrap();
+    assert_ne!(new, old);
+    assert!(common::connect(&h.conn_str_with_password(&old)).await.is_err(), "the old password no longer logs in");
+    common::connect(&h.conn_str_with_password(&new)).await.expect("the new one does");
+    assert!(load.finish().await >= 300);
 }
