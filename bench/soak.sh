@@ -47,7 +47,7 @@ if ! [[ -x $VENV/bin/moto_server ]]; then
   log "creating $VENV with moto[server]"
   python3 -m venv "$VENV" && "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]>=5.1,<6"
 fi
-export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
 export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_EC2_METADATA_DISABLED=true
 export PGSSLMODE=disable
 

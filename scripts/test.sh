@@ -56,7 +56,7 @@ fi
 export PGWARDEN_TEST_PYTHON="$PWD/$PYENV/bin/python"
 export PGWARDEN_TEST_MOTO="$PWD/$PYENV/bin/moto_server"
 # Credentials and region for the AWS SDK against moto (which does not check signatures).
-export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
 export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_EC2_METADATA_DISABLED=true
 
 cargo test --locked --all-targets "$@"
