@@ -322,3 +322,58 @@ async fn dev_file_rotation_under_load_fails_no_transaction() {
     common::connect(&h.conn_str_with_password(&new)).await.expect("the new one does");
     assert!(load.finish().await >= 300);
 }
+
+/// Secrets Manager refuses the read (AccessDenied, from moto enforcing IAM policies): the
+/// refresh fails with the call and the service's code, the last good credential stays.
+#[tokio::test]
+async fn access_denied_keeps_the_last_good_credential_and_says_why() {
+    use pgwarden::credentials::aws::SecretsManagerSource;
+    use pgwarden::credentials::{CredentialSource, CredentialStore};
+    // Seven unauthenticated calls to set up an admin and a reader; then IAM is enforced.
+    let moto = Moto::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "7")]).await;
+    let setup = r#"
+import boto3, json, sys
+kw = dict(endpoint_url=sys.argv[1], region_name="us-east-1")
+iam, sm = boto3.client("iam", **kw), boto3.client("secretsmanager", **kw)
+sm.create_secret(Name="denied/app", SecretString=json.dumps({"username": "app", "password": "first-password"}))
+keys = {}
+for user, actions in [("admin", "*"), ("reader", ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"])]:
+    iam.create_user(UserName=user)
+    keys[user] = iam.create_access_key(UserName=user)["AccessKey"]
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+    iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps(policy))
+print(json.dumps({u: [k["AccessKeyId"], k["SecretAccessKey"]] for u, k in keys.items()}))
+"#;
+    let out = std::process::Command::new(common::test_python()).arg("-c").arg(setup).arg(&moto.endpoint).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let client_as = |user: &str| {
+        let creds = aws_credential_types::Credentials::new(keys[user][0].as_str().unwrap(), keys[user][1].as_str().unwrap(), None, None, "test");
+        let config = aws_sdk_secretsmanager::Config::builder()
+            .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
+            .endpoint_url(&moto.endpoint)
+            .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_secretsmanager::Client::from_conf(config)
+    };
+    let source: Arc<dyn CredentialSource> = Arc::new(SecretsManagerSource::new(client_as("reader"), "denied/app".into()));
+    let store = CredentialStore::load(source, None).await.expect("the reader may read");
+    // The reader loses GetSecretValue, and the secret moves on.
+    let admin = client_as("admin");
+    let deny = r#"{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "secretsmanager:DescribeSecret", "Resource": "*"}]}"#;
+    let out = std::process::Command::new(common::test_python())
+        .arg("-c")
+        .arg("import boto3, sys; boto3.client('iam', endpoint_url=sys.argv[1], region_name='us-east-1', aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3]).put_user_policy(UserName='reader', PolicyName='p', PolicyDocument=sys.argv[4])")
+        .args([moto.endpoint.as_str(), keys["admin"][0].as_str().unwrap(), keys["admin"][1].as_str().unwrap(), deny])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    admin.put_secret_value().secret_id("denied/app").secret_string(r#"{"username": "app", "password": "second-password"}"#).send().await.unwrap();
+    let err = store.refresh().await.expect_err("GetSecretValue is denied");
+    let text = err.to_string();
+    assert!(text.contains("GetSecretValue") && text.contains("AccessDenied"), "{text}");
+    assert!(!text.contains("second-password") && !err.is_transient(), "{text}");
+    assert_eq!(store.snapshot().secret.current.password.expose_secret(), "first-password");
+    assert_eq!(*store.health().borrow(), pgwarden::credentials::RefreshHealth { consecutive_failures: 1, total_failures: 1 });
+}

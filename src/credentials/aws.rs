@@ -39,17 +39,38 @@ pub async fn client(endpoint_url: Option<&str>, region: Option<&str>) -> Client 
 }
 
 /// Turns an SDK error into a [`CredentialError`] that names the call and the service's error
-/// code (e.g. `AccessDeniedException`, `ResourceNotFoundException`), or the transport failure.
+/// code (e.g. `AccessDeniedException`, `ResourceNotFoundException`) or HTTP status, or the
+/// transport failure. Transient: no response, throttling, or a 5xx.
 pub fn aws_error<E>(op: &'static str, e: aws_sdk_secretsmanager::error::SdkError<E>) -> CredentialError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let code = e.as_service_error().and_then(|s| s.code()).map(str::to_owned);
-    let detail = match &code {
-        Some(code) => format!("{code}: {}", e.as_service_error().and_then(|s| s.message()).unwrap_or_default()),
-        None => DisplayErrorContext(&e).to_string(),
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    // Some endpoints (moto, proxies) answer in XML, which the JSON protocol cannot parse: take
+    // the <Code> from the body then.
+    let xml_code = e.raw_response().and_then(|r| r.body().bytes()).and_then(xml_error_code);
+    let code = e.as_service_error().and_then(|s| s.code()).map(str::to_owned).or(xml_code);
+    let detail = match (&code, status) {
+        (Some(code), _) => {
+            let message = e.as_service_error().and_then(|s| s.message()).unwrap_or_default();
+            format!("{code} (HTTP {}){}{message}", status.unwrap_or(0), if message.is_empty() { "" } else { ": " })
+        }
+        (None, Some(status)) => format!("HTTP {status}"),
+        (None, None) => DisplayErrorContext(&e).to_string(),
     };
-    CredentialError::Aws { op, transient: code.is_none() || code.as_deref() == Some("ThrottlingException"), detail }
+    let transient = match status {
+        None => true,
+        Some(s) => s == 429 || s >= 500 || code.as_deref() == Some("ThrottlingException"),
+    };
+    CredentialError::Aws { op, transient, detail }
+}
+
+fn xml_error_code(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let start = text.find("<Code>")? + "<Code>".len();
+    let len = text[start..].find("</Code>")?;
+    let code = &text[start..start + len];
+    (code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')).then(|| code.to_owned())
 }
 
 /// What was fetched last: version id per stage, and the secret those versions hold.
@@ -153,5 +174,16 @@ impl CredentialSource for SecretsManagerSource {
 
     fn describe(&self) -> String {
         format!("secretsmanager:{}", self.secret_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn xml_error_codes_are_read_and_bounded() {
+        let body = b"<ErrorResponse><Errors><Error><Code>AccessDenied</Code><Message>no</Message></Error></Errors></ErrorResponse>";
+        assert_eq!(super::xml_error_code(body).as_deref(), Some("AccessDenied"));
+        assert_eq!(super::xml_error_code(b"<Code>not a code!</Code>"), None);
+        assert_eq!(super::xml_error_code(b"{}"), None);
     }
 }

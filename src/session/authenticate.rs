@@ -59,26 +59,16 @@ pub async fn authenticate(
             if o.signer.as_ref().is_some_and(|s| s.cached) {
                 shared.metrics.iam_token_cache_hits.increment(1);
             }
-            audit(shared, attempt, tls, o.method, o.signer.as_ref(), Decision::Allowed, "ok");
+            let (key_id, principal) = (o.signer.as_ref().map(|s| &*s.key_id), o.signer.as_ref().map(|s| &*s.principal));
+            record(shared, attempt, tls, o.method, (key_id, principal), Decision::Allowed, "ok");
         }
         Err(e) => {
             shared.metrics.client_connections_setup_failed_auth.increment(1);
-            let (key_id, principal) = match e {
+            let signer = match e {
                 SessionError::IamRefused { failure, .. } => (failure.key_id.as_deref(), failure.principal.as_deref()),
                 _ => (None, None),
             };
-            let reason = e.to_string();
-            shared.audit.record(&AuthEvent {
-                client: attempt.peer,
-                user: attempt.user,
-                database: attempt.database,
-                tls,
-                method,
-                key_id,
-                principal,
-                result: Decision::Denied,
-                reason: &reason,
-            });
+            record(shared, attempt, tls, method, signer, Decision::Denied, &e.to_string());
         }
     }
     result.map(|_| ())
@@ -86,28 +76,27 @@ pub async fn authenticate(
 
 /// Audits a decision made before any exchange (unknown user, TLS required).
 pub fn audit_refusal(shared: &Shared, attempt: &Attempt<'_>, tls: bool, reason: &str) {
-    shared.audit.record(&AuthEvent {
-        client: attempt.peer,
-        user: attempt.user,
-        database: attempt.database,
-        tls,
-        method: Method::None,
-        key_id: None,
-        principal: None,
-        result: Decision::Denied,
-        reason,
-    });
+    record(shared, attempt, tls, Method::None, (None, None), Decision::Denied, reason);
 }
 
-fn audit(shared: &Shared, attempt: &Attempt<'_>, tls: bool, method: Method, signer: Option<&Verified>, result: Decision, reason: &str) {
+/// One audit line; `signer` is the access key id and principal, when IAM got that far.
+fn record(
+    shared: &Shared,
+    attempt: &Attempt<'_>,
+    tls: bool,
+    method: Method,
+    signer: (Option<&str>, Option<&str>),
+    result: Decision,
+    reason: &str,
+) {
     shared.audit.record(&AuthEvent {
         client: attempt.peer,
         user: attempt.user,
         database: attempt.database,
         tls,
         method,
-        key_id: signer.map(|s| &*s.key_id),
-        principal: signer.map(|s| &*s.principal),
+        key_id: signer.0,
+        principal: signer.1,
         result,
         reason,
     });

@@ -11,6 +11,12 @@ pub struct Moto {
 
 impl Moto {
     pub async fn start() -> Moto {
+        Self::start_with(&[]).await
+    }
+
+    /// With extra environment for the server (e.g. `INITIAL_NO_AUTH_ACTION_COUNT`, after which
+    /// moto checks every request against its IAM users and policies).
+    pub async fn start_with(env: &[(&str, &str)]) -> Moto {
         let bin = std::env::var_os("PGWARDEN_TEST_MOTO")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/moto_server"));
@@ -22,6 +28,7 @@ impl Moto {
         let port = pgwarden::devdb::free_port().unwrap();
         let mut child = tokio::process::Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
