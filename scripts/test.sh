@@ -60,5 +60,6 @@ export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-eas
 export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_EC2_METADATA_DISABLED=true
 
 cargo test --locked --all-targets "$@"
-# The rotation Lambda handler is feature-gated; make sure it still builds.
-cargo build --locked --features lambda --bin pgwarden-rotation-lambda
+# The rotation Lambda handler is feature-gated: build it and run it against a Runtime API
+# emulator, moto and PostgreSQL.
+cargo test --locked --features lambda --test lambda_rotation
