@@ -377,3 +377,32 @@ print(json.dumps({u: [k["AccessKeyId"], k["SecretAccessKey"]] for u, k in keys.i
     assert_eq!(store.snapshot().secret.current.password.expose_secret(), "first-password");
     assert_eq!(*store.health().borrow(), pgwarden::credentials::RefreshHealth { consecutive_failures: 1, total_failures: 1 });
 }
+
+/// When the database refuses every stage of the credential, clients waiting for a backend fail
+/// together with 28P01 and one clear message, and the database sees a handful of bad logins,
+/// not one per client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credential_fails_waiting_clients_fast_with_one_login_attempt() {
+    let h = Harness::start().await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(Arc::new(h.client().await));
+    }
+    h.admin("ALTER ROLE dev PASSWORD 'changed-behind-our-back'");
+    h.admin("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
+    let log = h.env.cluster.dir().join("postgres.log");
+    let refusals = || std::fs::read_to_string(&log).unwrap().matches("password authentication failed").count();
+    let before = refusals();
+    let queries: Vec<_> = clients.iter().map(|c| {
+        let c = Arc::clone(c);
+        tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) })
+    }).collect();
+    for q in queries {
+        let r = q.await.unwrap();
+        let e = r.as_ref().err().expect("no backend can log in");
+        assert_eq!(common::sqlstate(e).as_deref(), Some("28P01"), "{e}");
+        assert!(e.as_db_error().unwrap().message().contains("no valid credentials for the role dev"), "{e}");
+    }
+    let attempts = refusals() - before;
+    assert!((1..=2).contains(&attempts), "{attempts} refused logins for 10 waiting clients");
+}

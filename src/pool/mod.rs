@@ -76,6 +76,10 @@ pub struct BackendManager {
     /// connections fail at once until the credential changes or the hold passes, so a queue
     /// of clients gets one clear 28P01 each instead of a bad login each.
     auth_failed: Mutex<Option<(Generation, Instant)>>,
+    /// One backend login at a time per pool (as PgBouncer launches them): a refused credential
+    /// costs one refused login, not one per waiting client, and a burst never storms the
+    /// database with logins.
+    login_gate: tokio::sync::Mutex<()>,
 }
 
 /// How long a refused credential is not tried again (unless it changes first).
@@ -114,6 +118,7 @@ impl BackendManager {
     /// Logs in with the credential as it is now. If the database refuses every stage, the
     /// secret may have rotated under us: refresh it (single flight) and try once more.
     async fn connect_with_current_credential(&self) -> Result<BackendConn, BackendError> {
+        let _one_at_a_time = self.login_gate.lock().await;
         let creds = self.store.snapshot();
         if let Some((generation, at)) = *lock(&self.auth_failed) {
             if generation == creds.generation && at.elapsed() < AUTH_FAILURE_HOLD {
@@ -290,6 +295,7 @@ impl Pools {
             server_params: Arc::clone(&server_params),
             newest_working: tokio::sync::watch::Sender::new(None),
             auth_failed: Mutex::new(None),
+            login_gate: tokio::sync::Mutex::new(()),
         };
         let pool = managed::Pool::builder(manager)
             .max_size(self.cfg.max_backend_connections)
