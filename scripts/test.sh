@@ -59,7 +59,6 @@ export PGWARDEN_TEST_MOTO="$PWD/$PYENV/bin/moto_server"
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
 export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_EC2_METADATA_DISABLED=true
 
-cargo test --locked --all-targets "$@"
-# The rotation Lambda handler is feature-gated: build it and run it against a Runtime API
-# emulator, moto and PostgreSQL.
-cargo test --locked --features lambda --test lambda_rotation
+# `lambda` adds the feature-gated rotation Lambda handler, which tests/lambda_rotation.rs runs
+# against a Runtime API emulator, moto and PostgreSQL (one build for everything).
+cargo test --locked --all-targets --features lambda "$@"

@@ -224,8 +224,15 @@ impl Lease {
         &mut self.obj
     }
 
-    /// Returns a clean, idle connection to the pool.
+    /// Returns a clean, idle connection to the pool, or closes it if its login has been
+    /// superseded by a rotation (so connections retire one by one, as their clients finish).
     pub fn release(mut self) {
+        let retired = Object::pool(&self.obj).is_some_and(|pool| pool.manager().is_retired(&self.obj));
+        if retired {
+            tracing::debug!(pid = ?self.obj.key.map(|k| k.pid.0), "retiring a backend with a superseded login");
+            self.discard();
+            return;
+        }
         self.obj.idle_since = Instant::now();
     }
 
