@@ -389,11 +389,14 @@ declare -A W_ARGS=(
 )
 # Workloads whose clients use TLS (and, through pgwarden, an IAM token as the password).
 declare -A W_TLS=([burst32]=1)
-declare -A TPS LAT FAIL CONN NOTE CPU_US
-declare -A R_TPS R_LAT R_FAIL R_CONN R_NOTE R_CPU
+declare -A TPS LAT FAIL CONN NOTE CPU_US CTX USER_US
+declare -A R_TPS R_LAT R_FAIL R_CONN R_NOTE R_CPU R_CTX
 
 # utime+stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# Context switches of the pooler's main thread: "voluntary involuntary".
+user_ticks() { awk '{print $14}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+ctx_switches() { awk '/^voluntary_ctxt/ {v = $2} /^nonvoluntary_ctxt/ {n = $2} END {print v + 0, n + 0}' "/proc/$1/status" 2>/dev/null || echo 0 0; }
 pid_of() {
   case $1 in
     pgbouncer) echo "${PGB_PID:-}" ;;
@@ -416,7 +419,9 @@ run_pgbench() {
   out=$OUT_DIR/raw/$w-$sys-r$round.txt
   pid=$(pid_of "$sys")
   reset_tables
-  [[ -n $pid ]] && cpu0=$(cpu_ticks "$pid")
+  local ctx0=(0 0) ctx1=(0 0)
+  local user0=0 user1=0
+  [[ -n $pid ]] && cpu0=$(cpu_ticks "$pid") && user0=$(user_ticks "$pid") && read -ra ctx0 <<<"$(ctx_switches "$pid")"
   # Background + wait, so INT/TERM reach our trap at once instead of after pgbench.
   # shellcheck disable=SC2086  # W_ARGS is a word list on purpose
   local password=$BENCH_PW sslmode=disable
@@ -428,14 +433,24 @@ run_pgbench() {
     pgbench -n -j 2 -T "$DURATION" ${W_ARGS[$w]} -h 127.0.0.1 -p "$port" -U bench bench \
     >"$out" 2>&1 </dev/null &
   BENCH_PID=$!
+  local perf_pid=""
+  if [[ -n ${PERF_RECORD:-} && -n $pid ]]; then
+    perf record -F 999 -g -p "$pid" -o "$out.perf.data" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   wait "$BENCH_PID" || rc=$?
+  if [[ -n $perf_pid ]]; then kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null || true; fi
   BENCH_PID=""
-  [[ -n $pid ]] && cpu1=$(cpu_ticks "$pid")
+  [[ -n $pid && -n ${SCHED_DEBUG:-} ]] && cat "/proc/$pid/sched" >"$out.sched"
+  [[ -n $pid ]] && cpu1=$(cpu_ticks "$pid") && user1=$(user_ticks "$pid") && read -ra ctx1 <<<"$(ctx_switches "$pid")"
   processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
   if [[ -n $pid && -n $processed && $processed -gt 0 ]]; then
     CPU_US[$w,$sys]=$(awk -v t=$((cpu1 - cpu0)) -v hz="$CLK_TCK" -v n="$processed" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    CTX[$w,$sys]=$(awk -v v=$((ctx1[0] - ctx0[0])) -v i=$((ctx1[1] - ctx0[1])) -v n="$processed" 'BEGIN { printf "%.2f / %.2f", v / n, i / n }')
+    USER_US[$w,$sys]=$(awk -v t=$((user1 - user0)) -v hz="$CLK_TCK" -v n="$processed" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
   else
     CPU_US[$w,$sys]=""
+    CTX[$w,$sys]=""
   fi
   TPS[$w,$sys]=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
   LAT[$w,$sys]=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
@@ -452,14 +467,15 @@ run_pgbench() {
     # pgbench's -T clock includes connecting all clients first
     NOTE[$w,$sys]+="${NOTE[$w,$sys]:+, }0 tx: connecting took longer than DURATION?"
   fi
-  printf '    %-10s r%s tps=%-12s lat=%-8s ms failed=%s cpu/tx=%sus %s\n' "$sys" "$round" "${TPS[$w,$sys]:-ERR}" \
-    "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${CPU_US[$w,$sys]:--}" "${NOTE[$w,$sys]}" >&2
+  printf '    %-10s r%s tps=%-12s lat=%-8s ms failed=%s cpu/tx=%sus (user %s) ctx/tx=%s %s\n' "$sys" "$round" "${TPS[$w,$sys]:-ERR}" \
+    "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${CPU_US[$w,$sys]:--}" "${USER_US[$w,$sys]:--}" "${CTX[$w,$sys]:--}" "${NOTE[$w,$sys]}" >&2
   R_TPS[$w,$sys,$round]=${TPS[$w,$sys]:-}
   R_LAT[$w,$sys,$round]=${LAT[$w,$sys]:-}
   R_FAIL[$w,$sys,$round]=${FAIL[$w,$sys]}
   R_CONN[$w,$sys,$round]=${CONN[$w,$sys]:-}
   R_NOTE[$w,$sys,$round]=${NOTE[$w,$sys]}
   R_CPU[$w,$sys,$round]=${CPU_US[$w,$sys]:-}
+  R_CTX[$w,$sys,$round]=${CTX[$w,$sys]:-}
 }
 
 # Keep the median round (by TPS) of (workload, system) as its result; failures are summed.
@@ -472,6 +488,7 @@ pick_median() {
   CONN[$w,$sys]=${R_CONN[$w,$sys,$best]}
   NOTE[$w,$sys]=${R_NOTE[$w,$sys,$best]}
   CPU_US[$w,$sys]=${R_CPU[$w,$sys,$best]}
+  CTX[$w,$sys]=${R_CTX[$w,$sys,$best]}
   FAIL[$w,$sys]=$total_fail
   RANGE[$w,$sys]=$(for ((r = 1; r <= ROUNDS; r++)); do echo "${R_TPS[$w,$sys,$r]:-0}"; done | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.0f–%.0f", lo, hi}')
 }

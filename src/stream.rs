@@ -5,13 +5,18 @@
 //!
 //! rustls may keep encrypted bytes buffered after a write: every writer ends a message with
 //! [`send`] (write and flush), which costs nothing extra on plain TCP.
+//!
+//! The relay's hot path uses [`Stream::poll_read_some`] and [`Stream::poll_write_some`]: on plain
+//! TCP they go straight to the socket when tokio already knows it is ready (no coop budget, no
+//! future), and tell tokio the socket is drained after a short read or write, as tokio's own
+//! `poll_read` does, so the next attempt waits for epoll instead of costing a `recv` that fails.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp;
 use tokio_rustls::TlsStream;
@@ -79,6 +84,44 @@ impl Stream {
         std::pin::pin!(self.read_buf(buf)).poll(cx)
     }
 
+    /// Reads what is there into `buf` (growing it if it is full); `Ok(0)` is end of stream.
+    pub fn poll_read_some(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+        if buf.capacity() == buf.len() {
+            buf.reserve(crate::bufpool::READ_BUFFER);
+        }
+        match self {
+            Stream::Plain(tcp) => loop {
+                match read_ready(tcp, buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::task::ready!(tcp.poll_read_ready(cx))?,
+                    r => return Poll::Ready(r),
+                }
+            },
+            _ => self.poll_read_buf(cx, buf),
+        }
+    }
+
+    /// Writes some of `bytes`; returns how many. TLS callers must [`Stream::poll_flush_tls`] after
+    /// the last byte is accepted.
+    pub fn poll_write_some(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Stream::Plain(tcp) => loop {
+                match write_ready(tcp, bytes) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::task::ready!(tcp.poll_write_ready(cx))?,
+                    r => return Poll::Ready(r),
+                }
+            },
+            _ => Pin::new(self).poll_write(cx, bytes),
+        }
+    }
+
+    /// Pushes out what rustls still holds; nothing to do on plain TCP.
+    pub fn poll_flush_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(_) => Poll::Ready(Ok(())),
+            _ => Pin::new(self).poll_flush(cx),
+        }
+    }
+
     /// Waits for an idle peer's next bytes and reads them into `buf`. On plain TCP the buffer
     /// is taken from [`crate::bufpool`] only once data is there, so an idle client holds none;
     /// through TLS, rustls may hold decrypted bytes the socket no longer signals, so the read
@@ -87,17 +130,54 @@ impl Stream {
         loop {
             if let Stream::Plain(tcp) = self {
                 std::task::ready!(tcp.poll_read_ready(cx))?;
+                if buf.capacity() == 0 {
+                    *buf = crate::bufpool::take();
+                }
+                match read_ready(tcp, buf) {
+                    // Stale readiness (left over from login): give the buffer back and wait again.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => crate::bufpool::give(std::mem::take(buf)),
+                    r => return Poll::Ready(r),
+                }
+                continue;
             }
             if buf.capacity() == 0 {
                 *buf = crate::bufpool::take();
             }
-            match self.poll_read_buf(cx, buf) {
-                Poll::Ready(r) => return Poll::Ready(r),
-                // Stale readiness (left over from login): give the buffer back and wait again.
-                Poll::Pending if matches!(self, Stream::Plain(_)) => crate::bufpool::give(std::mem::take(buf)),
-                Poll::Pending => return Poll::Pending,
-            }
+            return self.poll_read_buf(cx, buf);
         }
+    }
+}
+
+/// One `recv` if tokio has seen the socket readable (else `WouldBlock`, no syscall). A short read
+/// means the socket is drained: tokio is told so (by answering `WouldBlock` to its `try_io`
+/// after keeping the bytes), and the next read waits for epoll.
+fn read_ready(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(crate::bufpool::READ_BUFFER);
+    }
+    let room = buf.capacity() - buf.len();
+    let mut got = 0;
+    let r = tcp.try_io(Interest::READABLE, || {
+        got = tcp.try_read_buf(buf)?;
+        if got > 0 && got < room { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(got) }
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        r => r,
+    }
+}
+
+/// One `send` if tokio has seen the socket writable; a short write marks it full, as in
+/// [`read_ready`].
+fn write_ready(tcp: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    let r = tcp.try_io(Interest::WRITABLE, || {
+        sent = tcp.try_write(bytes)?;
+        if sent > 0 && sent < bytes.len() { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(sent) }
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && sent > 0 => Ok(sent),
+        r => r,
     }
 }
 

@@ -100,7 +100,7 @@ async fn login(
         stage: Stage::Current,
         fingerprint: credential.fingerprint(),
         created: Instant::now(),
-        idle_since: Instant::now(),
+        last_active: Instant::now(),
         lifetime: None,
         open_guard: None,
         tls_guard: None,

@@ -109,8 +109,9 @@ pub struct BackendConn {
     /// Which (user, password) logged this connection in.
     pub fingerprint: LoginFingerprint,
     pub created: Instant,
-    /// Set when the connection goes back to the pool.
-    pub idle_since: Instant,
+    /// When the backend last sent something (or logged in): idle since then, once back in the
+    /// pool. Set by the relay from the clock read it already makes per answer.
+    pub last_active: Instant,
     /// This connection's own max lifetime (the configured one, less a random stagger).
     pub lifetime: Option<Duration>,
     /// Keeps the DatabaseConnections gauge counting this connection while it lives.
@@ -145,7 +146,7 @@ impl BackendConn {
 
     pub fn expired(&self, now: Instant, idle_timeout: Option<Duration>) -> bool {
         let too_old = self.lifetime.is_some_and(|l| now.duration_since(self.created) >= l);
-        let idle_too_long = idle_timeout.is_some_and(|t| now.duration_since(self.idle_since) >= t);
+        let idle_too_long = idle_timeout.is_some_and(|t| now.duration_since(self.last_active) >= t);
         too_old || idle_too_long
     }
 

@@ -48,6 +48,11 @@ impl Settings {
 
     /// SQL that turns a backend's `applied` settings into `desired`, or `None` if they match.
     pub fn sync_sql(applied: &Settings, desired: &Settings) -> Option<String> {
+        // The common case, checked with plain comparisons: the backend was last synced to a
+        // client with the same settings (same names, same order, same values).
+        if applied.0 == desired.0 {
+            return None;
+        }
         let mut sets = Vec::new();
         for (name, value) in desired.iter() {
             if applied.get(name) != Some(value) {

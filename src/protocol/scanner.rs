@@ -61,6 +61,23 @@ impl MessageScanner {
     ) -> Result<(), ProtocolError> {
         let mut pos = 0;
         while pos < data.len() {
+            // Fast path: a whole header at a boundary is read in place (most messages).
+            if !self.in_body && self.header_len == 0 && data.len() - pos >= 5 {
+                let tag = data[pos];
+                let len = i32::from_be_bytes([data[pos + 1], data[pos + 2], data[pos + 3], data[pos + 4]]);
+                if len < 4 || (len as usize - 4) > self.max_body {
+                    return Err(ProtocolError::BadLength { len: len as i64, max: self.max_body });
+                }
+                let body_len = len as usize - 4;
+                let body_at = pos + 5;
+                if data.len() - body_at >= body_len {
+                    let end = body_at + body_len;
+                    let body = if wants_body(tag) { &data[body_at..end] } else { &[] };
+                    on_frame(Frame { tag, body, start: Some(pos), end });
+                    pos = end;
+                    continue;
+                }
+            }
             if !self.in_body {
                 if self.header_len == 0 {
                     self.start = Some(pos);

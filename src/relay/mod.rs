@@ -6,16 +6,17 @@
 //! every expected ReadyForQuery has arrived, the last one said idle ('I'), and neither stream is
 //! in the middle of a message.
 //!
-//! Both directions run concurrently in the session's task, so a backend that writes while the
-//! client writes (COPY, pipelining) cannot deadlock the proxy. Must not: decide what a client is
-//! told on failure (the session does), or touch the pool.
+//! One hand-written poll function drives both directions in the session's task, so a backend
+//! that writes while the client writes (COPY, pipelining) cannot deadlock the proxy, and a
+//! wake-up costs one pass over two sockets instead of two futures under a `select!`. Each
+//! direction reads a chunk, forwards all of it, then reads again: a slow reader holds back its
+//! writer, and memory stays bounded by one chunk per direction. Must not: decide what a client
+//! is told on failure (the session does), or touch the pool.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::BackendConn;
 use crate::backend::settings::Settings;
@@ -57,6 +58,44 @@ pub struct RelayEnd {
     pub pins_session: bool,
 }
 
+/// Chunks moved in one poll before yielding to other sessions (a COPY can stream for minutes).
+const CHUNKS_PER_POLL: u32 = 32;
+
+/// One direction's chunk in flight: `buf[sent..end]` still has to be written.
+#[derive(Debug, Default)]
+struct Forward {
+    sent: usize,
+    end: usize,
+    /// All bytes written, TLS flush still owed.
+    flushing: bool,
+}
+
+impl Forward {
+    fn busy(&self) -> bool {
+        self.sent < self.end || self.flushing
+    }
+
+    /// Writes what is left; `Ready(Ok(()))` once the chunk is out.
+    fn poll_out(&mut self, cx: &mut Context<'_>, to: &mut Stream, buf: &[u8]) -> Poll<std::io::Result<()>> {
+        while self.sent < self.end {
+            match std::task::ready!(to.poll_write_some(cx, &buf[self.sent..self.end])) {
+                Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    self.sent += n;
+                    self.flushing = true;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        if self.flushing {
+            std::task::ready!(to.poll_flush_tls(cx))?;
+            self.flushing = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// What the relay has seen of the transaction so far.
 #[derive(Debug)]
 struct Tracker {
     /// ReadyForQuery messages the backend still owes.
@@ -64,8 +103,6 @@ struct Tracker {
     /// Extended-protocol messages sent since the last Sync.
     unsynced: bool,
     status: TxStatus,
-    /// A client chunk is being written to the backend.
-    writing: bool,
     /// Partial bytes of a message were forwarded that the backend will never see the end of.
     poisoned: bool,
     request_at: Option<Instant>,
@@ -73,16 +110,21 @@ struct Tracker {
     requests: u64,
     /// The client created a named prepared statement: it lives on this backend only.
     pins_session: bool,
+    /// The client's stream is inside a message (what was forwarded ends mid-message).
+    client_mid_message: bool,
 }
 
-impl Tracker {
-    fn settled(&self) -> bool {
-        self.pending == 0 && !self.unsynced && !self.writing && !self.poisoned
-    }
-}
-
-fn lock(t: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
-    t.lock().unwrap_or_else(|p| p.into_inner())
+struct Relay<'a> {
+    client: &'a mut ClientSide,
+    backend: &'a mut BackendConn,
+    desired: &'a mut Settings,
+    metrics: &'a Metrics,
+    backend_scanner: MessageScanner,
+    to_backend: Forward,
+    to_client: Forward,
+    /// The client's chunk ends with Terminate: stop once it is forwarded.
+    terminate: bool,
+    t: Tracker,
 }
 
 /// Relays one transaction (or more, if the client pipelines) between `client` and `backend`.
@@ -94,166 +136,246 @@ pub async fn relay(
     metrics: &Metrics,
     max_message: usize,
 ) -> RelayEnd {
-    // Both directions run in this one task; the Mutex and atomic are never contended, they only
-    // make the shared state Send. No lock is held across an await.
-    let tracker =
-        Mutex::new(Tracker { pending: 0, unsynced: false, status: TxStatus::Idle, writing: false, poisoned: false, request_at: None, requests: 0, pins_session: false });
-    let client_mid_message = AtomicBool::new(!client.scanner.at_boundary());
     let client_tls = client.stream.is_tls();
-    let mut backend_scanner = MessageScanner::new(max_message);
-    let ClientSide { stream: client_stream, buf: client_buf, scanner: client_scanner } = client;
-    let (mut client_rd, mut client_wr) = client_stream.split();
-    let BackendConn { stream: backend_stream, buf: backend_buf, applied, .. } = backend;
-    let (mut backend_rd, mut backend_wr) = backend_stream.split();
-
-    let client_to_backend = async {
-        loop {
-            if !client_buf.is_empty() {
-                let mut forward_to = client_buf.len();
-                let mut terminate = false;
-                let mut requests = 0u64;
-                {
-                    let mut t = lock(&tracker);
-                    let scanned = client_scanner.feed(client_buf, |tag| tag == frontend_tag::PARSE, |f| {
-                        if terminate {
-                            return;
-                        }
-                        match f.tag {
-                            frontend_tag::QUERY | frontend_tag::FUNCTION_CALL => {
-                                t.pending += 1;
-                                requests += 1;
-                            }
-                            frontend_tag::SYNC => {
-                                t.pending += 1;
-                                t.unsynced = false;
-                                requests += 1;
-                            }
-                            frontend_tag::PARSE => {
-                                t.unsynced = true;
-                                // A Parse body starts with the statement name; empty is unnamed.
-                                if f.body.first().is_some_and(|&b| b != 0) {
-                                    t.pins_session = true;
-                                }
-                            }
-                            frontend_tag::BIND
-                            | frontend_tag::DESCRIBE
-                            | frontend_tag::EXECUTE
-                            | frontend_tag::CLOSE
-                            | frontend_tag::FLUSH => t.unsynced = true,
-                            frontend_tag::TERMINATE => {
-                                terminate = true;
-                                match f.start {
-                                    Some(start) => forward_to = start,
-                                    None => {
-                                        forward_to = 0;
-                                        t.poisoned = true;
-                                    }
-                                }
-                            }
-                            _ => {}
-                        }
-                    });
-                    if let Err(e) = scanned {
-                        return Outcome::ClientProtocol(e);
-                    }
-                    t.writing = true;
-                    t.requests += requests;
-                    if requests > 0 && t.request_at.is_none() {
-                        t.request_at = Some(Instant::now());
-                    }
-                }
-                client_mid_message.store(!terminate && !client_scanner.at_boundary(), Ordering::Relaxed);
-                if backend_wr.write_all(&client_buf[..forward_to]).await.is_err() || backend_wr.flush().await.is_err() {
-                    return Outcome::BackendGone;
-                }
-                lock(&tracker).writing = false;
-                client_buf.clear();
-                if terminate {
-                    return Outcome::ClientGone;
-                }
-            }
-            match client_rd.read_buf(client_buf).await {
-                Ok(0) | Err(_) => {
-                    if client_mid_message.load(Ordering::Relaxed) {
-                        lock(&tracker).poisoned = true;
-                    }
-                    return Outcome::ClientGone;
-                }
-                Ok(_) => {}
-            }
-        }
+    let client_mid_message = !client.scanner.at_boundary();
+    let mut r = Relay {
+        client,
+        backend,
+        desired,
+        metrics,
+        backend_scanner: MessageScanner::new(max_message),
+        to_backend: Forward::default(),
+        to_client: Forward::default(),
+        terminate: false,
+        t: Tracker {
+            pending: 0,
+            unsynced: false,
+            status: TxStatus::Idle,
+            poisoned: false,
+            request_at: None,
+            requests: 0,
+            pins_session: false,
+            client_mid_message,
+        },
     };
-
-    let backend_to_client = async {
-        loop {
-            match backend_rd.read_buf(backend_buf).await {
-                Ok(0) | Err(_) => return Outcome::BackendGone,
-                Ok(_) => {}
-            }
-            {
-                let mut t = lock(&tracker);
-                if let Some(at) = t.request_at.take() {
-                    metrics.query_database_response_latency.record(at.elapsed().as_micros() as f64);
-                }
-                let mut bad_status = false;
-                let scanned = backend_scanner.feed(
-                    backend_buf,
-                    |tag| tag == backend_tag::READY_FOR_QUERY || tag == backend_tag::PARAMETER_STATUS,
-                    |f| match f.tag {
-                        backend_tag::READY_FOR_QUERY => {
-                            t.pending = t.pending.saturating_sub(1);
-                            match f.body.first().copied().and_then(TxStatus::from_byte) {
-                                Some(s) => t.status = s,
-                                None => bad_status = true,
-                            }
-                        }
-                        backend_tag::PARAMETER_STATUS => {
-                            if let Ok((name, rest)) = read_cstr(f.body) {
-                                if let Ok((value, _)) = read_cstr(rest) {
-                                    if desired.track_reported(name, value) {
-                                        applied.track_reported(name, value);
-                                    }
-                                }
-                            }
-                        }
-                        _ => {}
-                    },
-                );
-                if let Err(e) = scanned {
-                    return Outcome::BackendProtocol(e);
-                }
-                if bad_status {
-                    return Outcome::BackendProtocol(ProtocolError::Malformed("ReadyForQuery without a valid status"));
-                }
-            }
-            if client_wr.write_all(backend_buf).await.is_err() || client_wr.flush().await.is_err() {
-                backend_buf.clear();
-                return Outcome::ClientGone;
-            }
-            backend_buf.clear();
-            let t = lock(&tracker);
-            if t.settled() && t.status == TxStatus::Idle && backend_scanner.at_boundary() && !client_mid_message.load(Ordering::Relaxed) {
-                return Outcome::TransactionDone;
-            }
-        }
-    };
-
-    let outcome = tokio::select! {
-        o = client_to_backend => o,
-        o = backend_to_client => o,
-    };
-    let t = tracker.into_inner().unwrap_or_else(|p| p.into_inner());
-    metrics.query_requests.increment(t.requests);
-    if client_tls {
-        metrics.query_requests_tls.increment(t.requests);
-    } else {
-        metrics.query_requests_no_tls.increment(t.requests);
+    if let Err(e) = r.take_client_chunk() {
+        return r.end(Outcome::ClientProtocol(e), client_tls);
     }
-    let quiet = t.settled() && backend_scanner.at_boundary() && !client_mid_message.load(Ordering::Relaxed);
-    RelayEnd {
-        pins_session: t.pins_session,
-        backend_clean: quiet && t.status == TxStatus::Idle && matches!(outcome, Outcome::TransactionDone | Outcome::ClientGone),
-        backend_rollbackable: quiet && t.status != TxStatus::Idle && matches!(outcome, Outcome::ClientGone | Outcome::ClientProtocol(_)),
-        outcome,
+    let outcome = std::future::poll_fn(|cx| r.poll(cx)).await;
+    r.end(outcome, client_tls)
+}
+
+impl Relay<'_> {
+    /// Backend → client first: when the answer is in, the transaction can end without looking
+    /// at the client's socket at all. A socket that said "not ready" is not asked again in the
+    /// same poll (its readiness only changes when the event loop turns; the waker is set).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let (mut backend_dry, mut client_dry, mut backend_full, mut client_full) = (false, false, false, false);
+        for _ in 0..CHUNKS_PER_POLL {
+            let mut progressed = false;
+
+            // Backend → client: read a chunk if none is in flight, then write it out.
+            if !self.to_client.busy() && !backend_dry {
+                match self.backend.stream.poll_read_some(cx, &mut self.backend.buf) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        progressed = true;
+                        if let Err(e) = self.take_backend_chunk() {
+                            return Poll::Ready(Outcome::BackendProtocol(e));
+                        }
+                    }
+                    Poll::Ready(_) => return Poll::Ready(Outcome::BackendGone),
+                    Poll::Pending => backend_dry = true,
+                }
+            }
+            if self.to_client.busy() && !client_full {
+                match self.to_client.poll_out(cx, &mut self.client.stream, &self.backend.buf) {
+                    Poll::Ready(Ok(())) => {
+                        progressed = true;
+                        self.backend.buf.clear();
+                        self.to_client = Forward::default();
+                        if self.settled() && self.t.status == TxStatus::Idle {
+                            return Poll::Ready(Outcome::TransactionDone);
+                        }
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Outcome::ClientGone),
+                    Poll::Pending => client_full = true,
+                }
+            }
+
+            // Client → backend: the same, until the client's Terminate.
+            if !self.to_backend.busy() {
+                if self.terminate {
+                    self.client.buf.clear();
+                    return Poll::Ready(Outcome::ClientGone);
+                }
+                if !client_dry {
+                    match self.client.stream.poll_read_some(cx, &mut self.client.buf) {
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            progressed = true;
+                            if let Err(e) = self.take_client_chunk() {
+                                return Poll::Ready(Outcome::ClientProtocol(e));
+                            }
+                        }
+                        Poll::Ready(_) => {
+                            if self.t.client_mid_message {
+                                self.t.poisoned = true;
+                            }
+                            return Poll::Ready(Outcome::ClientGone);
+                        }
+                        Poll::Pending => client_dry = true,
+                    }
+                }
+            }
+            if self.to_backend.busy() && !backend_full {
+                match self.to_backend.poll_out(cx, &mut self.backend.stream, &self.client.buf) {
+                    Poll::Ready(Ok(())) => {
+                        progressed = true;
+                        self.client.buf.clear();
+                        self.to_backend = Forward::default();
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Outcome::BackendGone),
+                    Poll::Pending => backend_full = true,
+                }
+            }
+
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+        // Busy for a whole budget: let the other sessions run, then carry on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Scans what the client sent (the whole buffer) and queues it for the backend.
+    fn take_client_chunk(&mut self) -> Result<(), ProtocolError> {
+        let buf = &self.client.buf;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let t = &mut self.t;
+        let mut forward_to = buf.len();
+        let mut terminate = false;
+        let mut requests = 0u64;
+        self.client.scanner.feed(buf, |tag| tag == frontend_tag::PARSE, |f| {
+            if terminate {
+                return;
+            }
+            match f.tag {
+                frontend_tag::QUERY | frontend_tag::FUNCTION_CALL => {
+                    t.pending += 1;
+                    requests += 1;
+                }
+                frontend_tag::SYNC => {
+                    t.pending += 1;
+                    t.unsynced = false;
+                    requests += 1;
+                }
+                frontend_tag::PARSE => {
+                    t.unsynced = true;
+                    // A Parse body starts with the statement name; empty is unnamed.
+                    if f.body.first().is_some_and(|&b| b != 0) {
+                        t.pins_session = true;
+                    }
+                }
+                frontend_tag::BIND
+                | frontend_tag::DESCRIBE
+                | frontend_tag::EXECUTE
+                | frontend_tag::CLOSE
+                | frontend_tag::FLUSH => t.unsynced = true,
+                frontend_tag::TERMINATE => {
+                    terminate = true;
+                    match f.start {
+                        Some(start) => forward_to = start,
+                        None => {
+                            forward_to = 0;
+                            t.poisoned = true;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        })?;
+        t.requests += requests;
+        if requests > 0 && t.request_at.is_none() {
+            t.request_at = Some(Instant::now());
+        }
+        t.client_mid_message = !terminate && !self.client.scanner.at_boundary();
+        self.terminate = terminate;
+        self.to_backend = Forward { sent: 0, end: forward_to, flushing: false };
+        Ok(())
+    }
+
+    /// Scans what the backend sent and queues it for the client.
+    fn take_backend_chunk(&mut self) -> Result<(), ProtocolError> {
+        let t = &mut self.t;
+        let now = Instant::now();
+        if let Some(at) = t.request_at.take() {
+            self.metrics.query_database_response_latency.record(now.saturating_duration_since(at).as_secs_f64() * 1e6);
+        }
+        self.backend.last_active = now;
+        let desired = &mut *self.desired;
+        let applied = &mut self.backend.applied;
+        let mut bad_status = false;
+        self.backend_scanner.feed(
+            &self.backend.buf,
+            |tag| tag == backend_tag::READY_FOR_QUERY || tag == backend_tag::PARAMETER_STATUS,
+            |f| match f.tag {
+                backend_tag::READY_FOR_QUERY => {
+                    t.pending = t.pending.saturating_sub(1);
+                    match f.body.first().copied().and_then(TxStatus::from_byte) {
+                        Some(s) => t.status = s,
+                        None => bad_status = true,
+                    }
+                }
+                backend_tag::PARAMETER_STATUS => {
+                    if let Ok((name, rest)) = read_cstr(f.body) {
+                        if let Ok((value, _)) = read_cstr(rest) {
+                            if desired.track_reported(name, value) {
+                                applied.track_reported(name, value);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            },
+        )?;
+        if bad_status {
+            return Err(ProtocolError::Malformed("ReadyForQuery without a valid status"));
+        }
+        self.to_client = Forward { sent: 0, end: self.backend.buf.len(), flushing: false };
+        Ok(())
+    }
+
+    /// Nothing owed in either direction and both streams at a message boundary.
+    fn settled(&self) -> bool {
+        let t = &self.t;
+        t.pending == 0
+            && !t.unsynced
+            && !t.poisoned
+            && !self.to_backend.busy()
+            && !t.client_mid_message
+            && self.backend_scanner.at_boundary()
+    }
+
+    fn end(self, outcome: Outcome, client_tls: bool) -> RelayEnd {
+        let metrics = self.metrics;
+        metrics.query_requests.increment(self.t.requests);
+        if client_tls {
+            metrics.query_requests_tls.increment(self.t.requests);
+        } else {
+            metrics.query_requests_no_tls.increment(self.t.requests);
+        }
+        // (A chunk only partly written to the backend leaves it mid-message: not settled.)
+        let quiet = self.settled();
+        let status = self.t.status;
+        RelayEnd {
+            pins_session: self.t.pins_session,
+            backend_clean: quiet && status == TxStatus::Idle && matches!(outcome, Outcome::TransactionDone | Outcome::ClientGone),
+            backend_rollbackable: quiet
+                && status != TxStatus::Idle
+                && matches!(outcome, Outcome::ClientGone | Outcome::ClientProtocol(_)),
+            outcome,
+        }
     }
 }

@@ -86,13 +86,14 @@ async fn transactions(
     // while the client is busy, instead of being registered and cleared on every transaction.
     let limit = shared.config.pool.idle_client_timeout;
     let mut idle_timer = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
+    // When the client's last transaction ended (from the relay's last clock read, not a new one).
+    let mut idle_since = tokio::time::Instant::now();
     loop {
         if client.buf.is_empty() {
             // An idle client holds no read buffer: wait for readability, then take one.
             if client.buf.capacity() > 0 {
                 crate::bufpool::give(std::mem::take(&mut client.buf));
             }
-            let idle_since = tokio::time::Instant::now();
             let read = std::future::poll_fn(|cx| client.stream.poll_idle_read(cx, &mut client.buf));
             let mut read = std::pin::pin!(read);
             let n = loop {
@@ -120,15 +121,17 @@ async fn transactions(
             return Ok(());
         }
         // Boxed: a borrowed backend is large, and only a client in a transaction should pay for it.
-        if Box::pin(transaction(shared, client, entry, desired, cancel)).await? == Next::Close {
-            return Ok(());
+        match Box::pin(transaction(shared, client, entry, desired, cancel)).await? {
+            Next::WaitForClient(ended) => idle_since = tokio::time::Instant::from_std(ended),
+            Next::Close => return Ok(()),
         }
     }
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Next {
-    WaitForClient,
+    /// The transaction ended at this instant; the client is idle now.
+    WaitForClient(std::time::Instant),
     Close,
 }
 
@@ -155,8 +158,9 @@ async fn transaction(
         match end.outcome {
             Outcome::TransactionDone if pinned.is_some() => continue,
             Outcome::TransactionDone => {
+                let ended = lease.conn().last_active;
                 lease.release();
-                break Ok(Next::WaitForClient);
+                break Ok(Next::WaitForClient(ended));
             }
             Outcome::ClientGone => {
                 Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable)).await;
@@ -182,7 +186,7 @@ async fn transaction(
 }
 
 /// Borrows a backend and brings its session settings in line with the client's.
-async fn checkout_with_settings(entry: &PoolEntry, desired: &Settings) -> Result<Lease, SessionError> {
+async fn checkout_with_settings<'p>(entry: &'p PoolEntry, desired: &Settings) -> Result<Lease<'p>, SessionError> {
     // A backend that fails the settings query was broken; try a fresh one a couple of times.
     for _ in 0..3 {
         let mut lease = entry.checkout().await.map_err(SessionError::Pool)?;
@@ -210,7 +214,7 @@ async fn checkout_with_settings(entry: &PoolEntry, desired: &Settings) -> Result
 
 /// The client left while holding a backend: keep the backend if it is clean or can be rolled
 /// back cleanly, otherwise close it. Never hand a dirty backend to another client.
-async fn finish_abandoned(mut lease: Lease, clean: bool, rollbackable: bool) {
+async fn finish_abandoned(mut lease: Lease<'_>, clean: bool, rollbackable: bool) {
     if clean {
         lease.release();
         return;

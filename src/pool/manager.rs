@@ -1,0 +1,165 @@
+//! Opening backend connections for one pool, and deciding which ones must go: the login with
+//! the user's current credential (and a forced refresh when the database refuses it), one login
+//! at a time, the hold after a refused credential, and retirement of connections whose login a
+//! rotation superseded. Must not: queue clients or hold idle connections (the pool does).
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::backend::{self, BackendConn, BackendError};
+use crate::config::{DatabaseConfig, PoolConfig};
+use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
+use crate::metrics::{GaugeGuard, Metrics};
+use crate::tls::BackendTls;
+
+/// Opens and vets backend connections for one pool.
+pub struct BackendManager {
+    target: DatabaseConfig,
+    tls: Option<Arc<BackendTls>>,
+    database: String,
+    store: Arc<CredentialStore>,
+    cfg: PoolConfig,
+    metrics: Arc<Metrics>,
+    server_params: OnceLock<Vec<(String, String)>>,
+    /// The newest credential a backend logged in with. Connections that logged in with an
+    /// older generation *and* another login retire at their next checkout.
+    pub(super) newest_working: tokio::sync::watch::Sender<Option<(Generation, LoginFingerprint)>>,
+    /// The generation whose every candidate the database just refused, and when: new
+    /// connections fail at once until the credential changes or the hold passes, so a queue
+    /// of clients gets one clear 28P01 each instead of a bad login each.
+    auth_failed: Mutex<Option<(Generation, Instant)>>,
+    /// One backend login at a time per pool (as PgBouncer launches them): a refused credential
+    /// costs one refused login, not one per waiting client, and a burst never storms the
+    /// database with logins.
+    login_gate: tokio::sync::Mutex<()>,
+}
+
+/// How long a refused credential is not tried again (unless it changes first).
+impl BackendManager {
+    pub(super) fn new(
+        target: DatabaseConfig,
+        tls: Option<Arc<BackendTls>>,
+        database: String,
+        store: Arc<CredentialStore>,
+        cfg: PoolConfig,
+        metrics: Arc<Metrics>,
+    ) -> BackendManager {
+        BackendManager {
+            target,
+            tls,
+            database,
+            store,
+            cfg,
+            metrics,
+            server_params: OnceLock::new(),
+            newest_working: tokio::sync::watch::Sender::new(None),
+            auth_failed: Mutex::new(None),
+            login_gate: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The parameters the backend reported at login, once any backend has logged in.
+    pub(super) fn server_params(&self) -> Option<&[(String, String)]> {
+        self.server_params.get().map(|v| v.as_slice())
+    }
+}
+
+const AUTH_FAILURE_HOLD: Duration = Duration::from_secs(2);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl BackendManager {
+    /// Logs in with the credential as it is now. If the database refuses every stage, the
+    /// secret may have rotated under us: refresh it (single flight) and try once more.
+    async fn connect_with_current_credential(&self) -> Result<BackendConn, BackendError> {
+        let _one_at_a_time = self.login_gate.lock().await;
+        let creds = self.store.snapshot();
+        if let Some((generation, at)) = *lock(&self.auth_failed) {
+            if generation == creds.generation && at.elapsed() < AUTH_FAILURE_HOLD {
+                return Err(BackendError::AuthRejected { user: creds.secret.current.username.clone(), tried: "recently refused".into() });
+            }
+        }
+        // The login that worked last goes first only while the credential is unchanged (the
+        // setSecret→finishSecret window); after a change, AWSCURRENT goes first again.
+        let prefer = self.newest_working.borrow().filter(|(g, _)| *g == creds.generation).map(|(_, f)| f);
+        let first = backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime()).await;
+        let result = match first {
+            Err(e) if e.is_auth_failure() && self.store.force_refresh().await => {
+                let creds = self.store.snapshot();
+                tracing::info!(generation = creds.generation.0, "credential changed after a refused login; retrying");
+                backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime()).await
+            }
+            other => other,
+        };
+        if let Err(e) = &result {
+            if e.is_auth_failure() {
+                *lock(&self.auth_failed) = Some((self.store.snapshot().generation, Instant::now()));
+            }
+        }
+        result
+    }
+
+    /// Logged in with an older generation *and* another login than the newest that works.
+    pub(super) fn is_retired(&self, conn: &BackendConn) -> bool {
+        self.newest_working.borrow().is_some_and(|(g, f)| conn.generation < g && conn.fingerprint != f)
+    }
+
+    /// After a credential change no backend has logged in with yet, one login finds out
+    /// whether the new credential works (and which login it uses), so connections made with
+    /// the old one can retire even when no new connection was needed.
+    pub(super) async fn probe_new_credential(&self) {
+        let generation = self.store.snapshot().generation;
+        if self.newest_working.borrow().is_none_or(|(g, _)| g >= generation) {
+            return;
+        }
+        match self.open().await {
+            Ok(conn) => {
+                tracing::info!(generation = generation.0, "new credential logs in; older backends retire as they come back");
+                conn.close().await;
+            }
+            Err(e) => tracing::warn!(error = %e, "new credential does not log in yet; keeping the current backends"),
+        }
+    }
+
+    fn staggered_lifetime(&self) -> Option<Duration> {
+        // Up to 10% shorter, so connections opened together do not all retire together.
+        self.cfg.backend_max_lifetime.map(|l| l.mul_f64(1.0 - rand::random::<f64>() * 0.1))
+    }
+
+    pub(super) async fn open(&self) -> Result<BackendConn, BackendError> {
+        self.metrics.database_connection_requests.increment(1);
+        if self.tls.is_some() {
+            self.metrics.database_connection_requests_with_tls.increment(1);
+        }
+        match self.connect_with_current_credential().await {
+            Ok(mut conn) => {
+                self.metrics.database_connections_setup_succeeded.increment(1);
+                conn.open_guard = Some(GaugeGuard::new(&self.metrics.database_connections));
+                if conn.stream.is_tls() {
+                    conn.tls_guard = Some(GaugeGuard::new(&self.metrics.database_connections_with_tls));
+                }
+                // A newer generation, or within one generation another login than before (the
+                // setSecret→finishSecret window: AWSPENDING works, AWSCURRENT no longer does), so
+                // the next connection tries that login first.
+                let login = (conn.generation, conn.fingerprint);
+                self.newest_working.send_if_modified(|newest| {
+                    let newer = newest.is_none_or(|(g, f)| g < login.0 || (g == login.0 && f != login.1));
+                    if newer {
+                        *newest = Some(login);
+                    }
+                    newer
+                });
+                let _ = self.server_params.set(conn.server_params.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                self.metrics.database_connections_setup_failed.increment(1);
+                tracing::warn!(database = %self.database, error = %e, "backend connection failed");
+                Err(e)
+            }
+        }
+    }
+}
+
