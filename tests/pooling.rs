@@ -130,6 +130,65 @@ async fn borrow_timeout_answers_rds_proxy_error() {
     assert_eq!(after.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
 }
 
+fn dev_pool(h: &Harness) -> std::sync::Arc<pgwarden::pool::PoolEntry> {
+    let user = &h.shared.users[&h.env.user];
+    h.shared.pools.entry(&pgwarden::pool::PoolKey::new(&h.env.user, &h.env.database), &user.store)
+}
+
+async fn until_waiting(pool: &pgwarden::pool::PoolEntry, n: usize) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while pool.waiting() != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} clients waiting, expected {n}", pool.waiting()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_clients_are_served_in_arrival_order() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let pool = dev_pool(&h);
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..4i32 {
+        let c = h.client().await;
+        let order = std::sync::Arc::clone(&order);
+        tasks.push(tokio::spawn(async move {
+            let got: i32 = c.query_one(&format!("SELECT {i}"), &[]).await.unwrap().get(0);
+            order.lock().unwrap().push(got);
+        }));
+        until_waiting(&pool, i as usize + 1).await;
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3], "FIFO hand-off of the one backend");
+    assert_eq!(pool.waiting(), 0);
+    assert_eq!(h.backend_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_lost_while_clients_wait_lets_the_next_one_open_another() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let pid: i32 = holder.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pool = dev_pool(&h);
+    let waiter = h.client().await;
+    let waiting = tokio::spawn(async move { waiter.query_one("SELECT 42", &[]).await.map(|r| r.get::<_, i32>(0)) });
+    until_waiting(&pool, 1).await;
+    h.admin(&format!("SELECT pg_terminate_backend({pid}, 5000)"));
+    assert!(holder.query_one("SELECT 1", &[]).await.is_err(), "the holder's backend is gone");
+    assert_eq!(waiting.await.unwrap().expect("the waiting client got a new backend"), 42);
+    let new_pid: i32 = h.client().await.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_ne!(new_pid, pid);
+    assert_eq!(h.backend_count(), 1, "still within the pool size");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_request_stops_long_pg_sleep() {
     let h = Harness::start().await;

@@ -237,6 +237,11 @@ impl PoolEntry {
         tokio::spawn(conn.close());
     }
 
+    /// Clients waiting for a connection now (PgBouncer's `cl_waiting`).
+    pub fn waiting(&self) -> usize {
+        lock(&self.state).waiting.iter().filter(|w| matches!(*lock(w), Wait::Waiting(_))).count()
+    }
+
     /// The newest credential generation a backend of this pool has logged in with.
     pub fn newest_login(&self) -> tokio::sync::watch::Receiver<Option<(Generation, LoginFingerprint)>> {
         self.manager.newest_working.subscribe()

@@ -170,6 +170,31 @@ mod tests {
         assert_eq!(got, vec![(b'S', b"TimeZone\0UTC\0".to_vec(), 17), (b'Z', b"T".to_vec(), 23)]);
     }
 
+    /// The in-place fast path and the reassembling slow path agree wherever a chunk ends.
+    #[test]
+    fn feed_gives_the_same_frames_wherever_the_stream_is_cut() {
+        let mut data = msg(b'T', b"rowdesc");
+        data.extend(msg(b'S', b"TimeZone\0UTC\0"));
+        data.extend(msg(b'D', &[7; 40]));
+        data.extend(msg(b'Z', b"I"));
+        let whole: Vec<(u8, Vec<u8>)> = collect(&mut MessageScanner::new(1024), &data).into_iter().map(|f| (f.0, f.1)).collect();
+        assert_eq!(whole.len(), 4);
+        for a in 0..=data.len() {
+            for b in a..=data.len() {
+                let mut s = MessageScanner::new(1024);
+                let mut got = Vec::new();
+                for (offset, chunk) in [(0, &data[..a]), (a, &data[a..b]), (b, &data[b..])] {
+                    for f in collect(&mut s, chunk) {
+                        got.push((f.0, f.1));
+                        assert!(offset + f.3 <= data.len());
+                    }
+                }
+                assert_eq!(got, whole, "cut at {a} and {b}");
+                assert!(s.at_boundary());
+            }
+        }
+    }
+
     #[test]
     fn feed_oversize_length_is_refused() {
         let mut s = MessageScanner::new(1024);
