@@ -390,7 +390,7 @@ declare -A W_ARGS=(
 # Workloads whose clients use TLS (and, through pgwarden, an IAM token as the password).
 declare -A W_TLS=([burst32]=1)
 declare -A TPS LAT FAIL CONN NOTE CPU_US CTX USER_US
-declare -A R_TPS R_LAT R_FAIL R_CONN R_NOTE R_CPU R_CTX
+declare -A R_TPS R_LAT R_FAIL R_CONN R_NOTE R_CPU R_CTX R_USER
 
 # utime+stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
@@ -451,6 +451,7 @@ run_pgbench() {
   else
     CPU_US[$w,$sys]=""
     CTX[$w,$sys]=""
+    USER_US[$w,$sys]=""
   fi
   TPS[$w,$sys]=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
   LAT[$w,$sys]=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
@@ -476,6 +477,7 @@ run_pgbench() {
   R_NOTE[$w,$sys,$round]=${NOTE[$w,$sys]}
   R_CPU[$w,$sys,$round]=${CPU_US[$w,$sys]:-}
   R_CTX[$w,$sys,$round]=${CTX[$w,$sys]:-}
+  R_USER[$w,$sys,$round]=${USER_US[$w,$sys]:-}
 }
 
 # Keep the median round (by TPS) of (workload, system) as its result; failures are summed.
@@ -489,6 +491,7 @@ pick_median() {
   NOTE[$w,$sys]=${R_NOTE[$w,$sys,$best]}
   CPU_US[$w,$sys]=${R_CPU[$w,$sys,$best]}
   CTX[$w,$sys]=${R_CTX[$w,$sys,$best]}
+  USER_US[$w,$sys]=${R_USER[$w,$sys,$best]}
   FAIL[$w,$sys]=$total_fail
   RANGE[$w,$sys]=$(for ((r = 1; r <= ROUNDS; r++)); do echo "${R_TPS[$w,$sys,$r]:-0}"; done | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.0f–%.0f", lo, hi}')
 }
@@ -512,17 +515,17 @@ if [[ $MODE == all || $MODE == tps ]]; then
       echo "#### ${W_LABEL[$w]}"
       echo
       {
-        echo "system|TPS (median)|TPS range|mean latency (ms)|failed tx (all rounds)|proxy CPU µs/tx|connect (ms)|notes"
-        echo "-|-|-|-|-|-|-|-"
+        echo "system|TPS (median)|TPS range|mean latency (ms)|failed tx (all rounds)|proxy CPU µs/tx|of which user|proxy context switches/tx (sleeps / preempted)|connect (ms)|notes"
+        echo "-|-|-|-|-|-|-|-|-|-"
         for sys in direct pgbouncer pgwarden; do
           has "$sys" || continue
-          echo "$sys|$(fmt1 "${TPS[$w,$sys]:-}")|${RANGE[$w,$sys]}|${LAT[$w,$sys]:--}|${FAIL[$w,$sys]}|${CPU_US[$w,$sys]:--}|${CONN[$w,$sys]:--}|${NOTE[$w,$sys]}"
+          echo "$sys|$(fmt1 "${TPS[$w,$sys]:-}")|${RANGE[$w,$sys]}|${LAT[$w,$sys]:--}|${FAIL[$w,$sys]}|${CPU_US[$w,$sys]:--}|${USER_US[$w,$sys]:--}|${CTX[$w,$sys]:--}|${CONN[$w,$sys]:--}|${NOTE[$w,$sys]}"
         done
         if has pgwarden; then
           for base in direct pgbouncer; do
             has "$base" || continue
             # latency ratio < 1 and TPS ratio > 1 are both "pgwarden better"
-            echo "pgwarden / $base|$(ratio "${TPS[$w,pgwarden]:-}" "${TPS[$w,$base]:-}")||$(ratio "${LAT[$w,pgwarden]:-}" "${LAT[$w,$base]:-}")||$(ratio "${CPU_US[$w,pgwarden]:-}" "${CPU_US[$w,$base]:-}")|$(ratio "${CONN[$w,pgwarden]:-}" "${CONN[$w,$base]:-}")|"
+            echo "pgwarden / $base|$(ratio "${TPS[$w,pgwarden]:-}" "${TPS[$w,$base]:-}")||$(ratio "${LAT[$w,pgwarden]:-}" "${LAT[$w,$base]:-}")||$(ratio "${CPU_US[$w,pgwarden]:-}" "${CPU_US[$w,$base]:-}")|$(ratio "${USER_US[$w,pgwarden]:-}" "${USER_US[$w,$base]:-}")||$(ratio "${CONN[$w,pgwarden]:-}" "${CONN[$w,$base]:-}")|"
           done
         fi
       } | md_table

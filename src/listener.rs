@@ -21,7 +21,7 @@ use crate::config::{Config, SourceConfig};
 use crate::credentials::aws::SecretsManagerSource;
 use crate::credentials::file::FileSource;
 use crate::credentials::{CredentialError, CredentialSource, CredentialStore};
-use crate::metrics::{Exporter, Metrics};
+use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::session::{self, SessionId};
 use crate::tls::{BackendTls, ClientTls, TlsError};
@@ -34,6 +34,8 @@ pub struct Shared {
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
     /// Client-facing TLS, if configured (SSLRequest is answered 'N' otherwise).
     pub tls: Option<Arc<ClientTls>>,
     /// IAM token verification, if configured.
@@ -47,8 +49,8 @@ pub enum StartError {
     Credential { user: String, #[source] source: CredentialError },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, #[source] source: std::io::Error },
-    #[error("metrics: {0}")]
-    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("metrics.listen: cannot listen on {addr}: {source}")]
+    MetricsBind { addr: SocketAddr, #[source] source: std::io::Error },
     #[error("tls: {0}")]
     ClientTls(#[source] TlsError),
     #[error("database.tls: {0}")]
@@ -70,11 +72,13 @@ impl Server {
     /// Loads every credential once (a failure here stops start-up), starts their refresh loops,
     /// the metrics exporter, and binds the client listener.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let exporter = match config.metrics_listen {
-            Some(addr) => Exporter::Http(addr),
-            None => Exporter::None,
-        };
-        let metrics = Arc::new(Metrics::start(exporter)?);
+        let metrics = Arc::new(Metrics::start());
+        let mut metrics_addr = None;
+        if let Some(addr) = config.metrics_listen {
+            let listener = TcpListener::bind(addr).await.map_err(|source| StartError::MetricsBind { addr, source })?;
+            metrics_addr = listener.local_addr().ok();
+            tokio::spawn(crate::metrics::http::serve(listener, Arc::clone(&metrics)));
+        }
         let mut users = HashMap::new();
         for c in &config.credentials {
             let source: Arc<dyn CredentialSource> = match &c.source {
@@ -115,7 +119,7 @@ impl Server {
         let client_slots = Arc::new(Semaphore::new(config.pool.max_client_connections));
         let pools = Pools::new(config.database.clone(), backend_tls, config.pool.clone(), Arc::clone(&metrics));
         let cancels = Arc::new(CancelRegistry::default());
-        let shared = Arc::new(Shared { config, users, pools, cancels, metrics, tls, iam, audit });
+        let shared = Arc::new(Shared { config, users, pools, cancels, metrics, metrics_addr, tls, iam, audit });
         Ok(Server { shared, listener, client_slots })
     }
 

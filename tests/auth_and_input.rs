@@ -181,6 +181,43 @@ async fn garbage_scram_messages_are_protocol_errors() {
     assert_still_serving(&h).await;
 }
 
+async fn http_get(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_string(&mut out)).await.unwrap().unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_endpoint_serves_counters_and_latency_histograms() {
+    let h = Harness::start_with(|c| c.metrics_listen = Some(([127, 0, 0, 1], 0).into())).await;
+    let addr = h.shared.metrics_addr.expect("metrics listener bound");
+    let c = h.client().await;
+    for _ in 0..3 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    // A scraper that never finishes its request costs nothing to the next one.
+    let stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let page = http_get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+    assert!(page.contains("# TYPE QueryDatabaseResponseLatency histogram"), "{page}");
+    let count = |name: &str| -> u64 {
+        let line = page.lines().find(|l| l.starts_with(&format!("{name}_count "))).unwrap_or_else(|| panic!("{name} in {page}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // tokio-postgres's own startup queries count too: at least our three.
+    assert!(count("QueryDatabaseResponseLatency") >= 3, "{page}");
+    assert_eq!(count("DatabaseConnectionsBorrowLatency"), count("QueryDatabaseResponseLatency") + 1, "one borrow per request, plus the first client's login probe: {page}");
+    assert!(page.contains("QueryDatabaseResponseLatency_bucket{le=\"+Inf\"}"), "{page}");
+    assert!(page.contains("ClientConnectionsSetupSucceeded 1"), "{page}");
+    assert!(!page.contains(h.env.password()));
+    assert!(http_get(addr, b"GET /other HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
+    assert!(http_get(addr, b"POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
+    drop(stuck);
+}
+
 #[tokio::test]
 async fn metrics_use_rds_proxy_names_and_never_show_the_password() {
     let h = Harness::start().await;

@@ -25,7 +25,7 @@ use thiserror::Error;
 use crate::backend::{BackendConn, BackendError};
 use crate::config::{DatabaseConfig, PoolConfig};
 use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
-use crate::metrics::{GaugeGuard, Metrics};
+use crate::metrics::Metrics;
 use crate::protocol::SqlState;
 use crate::tls::BackendTls;
 use manager::BackendManager;
@@ -138,7 +138,7 @@ impl PoolEntry {
                         continue;
                     }
                     // At once: borrow latency 0 µs, without reading the clock.
-                    self.metrics.database_connections_borrow_latency.record(0.0);
+                    self.metrics.database_connections_borrow_latency.record_zero();
                     return Ok(self.lend(conn));
                 }
                 Grant::Open => return self.open_new(Instant::now()).await,
@@ -182,11 +182,12 @@ impl PoolEntry {
     }
 
     fn record_borrow(&self, start: Instant) {
-        self.metrics.database_connections_borrow_latency.record(micros_since(start));
+        self.metrics.database_connections_borrow_latency.record(start.elapsed());
     }
 
     fn lend(&self, conn: Box<BackendConn>) -> Lease<'_> {
-        Lease { pool: self, conn: Some(conn), _borrowed: GaugeGuard::new(&self.metrics.database_connections_currently_borrowed) }
+        self.metrics.database_connections_currently_borrowed.increment(1.0);
+        Lease { pool: self, conn: Some(conn) }
     }
 
     /// Gives a connection to the longest-waiting client, or keeps it idle.
@@ -284,10 +285,6 @@ impl PoolEntry {
     }
 }
 
-fn micros_since(start: Instant) -> f64 {
-    start.elapsed().as_secs_f64() * 1e6
-}
-
 /// A client in the queue. Dropped before it was served (timeout, client gone), it leaves the
 /// queue; if a connection or the room to open one reached it meanwhile, it passes them on.
 struct Waiting<'a> {
@@ -347,7 +344,6 @@ impl Drop for Waiting<'_> {
 pub struct Lease<'a> {
     pool: &'a PoolEntry,
     conn: Option<Box<BackendConn>>,
-    _borrowed: GaugeGuard,
 }
 
 impl Lease<'_> {
@@ -380,6 +376,7 @@ impl Lease<'_> {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
+        self.pool.metrics.database_connections_currently_borrowed.decrement(1.0);
         if let Some(conn) = self.conn.take() {
             self.pool.close(conn);
         }

@@ -311,7 +311,7 @@ impl Relay<'_> {
         let t = &mut self.t;
         let now = Instant::now();
         if let Some(at) = t.request_at.take() {
-            self.metrics.query_database_response_latency.record(now.saturating_duration_since(at).as_secs_f64() * 1e6);
+            self.metrics.query_database_response_latency.record(now.saturating_duration_since(at));
         }
         self.backend.last_active = now;
         let desired = &mut *self.desired;

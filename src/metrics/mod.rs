@@ -2,12 +2,20 @@
 //! over. Handles are registered once on a recorder owned by this server (no global recorder),
 //! so the hot path only touches atomics. Latencies are in microseconds, as CloudWatch's are.
 //! Labels never carry secrets.
+//!
+//! Counters and gauges live in `metrics-exporter-prometheus`'s recorder; the two latencies
+//! recorded on every transaction are pgwarden's own [`LatencyHistogram`]s (cheaper per value);
+//! [`Metrics::render`] joins both, and [`http`] serves them.
 
-use std::net::SocketAddr;
+pub mod histogram;
+pub mod http;
+
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics::{Counter, Gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub use histogram::LatencyHistogram;
 
 const LATENCY_BUCKETS_US: &[f64] = &[
     50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 25_000.0, 50_000.0, 100_000.0, 250_000.0,
@@ -32,54 +40,32 @@ pub struct Metrics {
     pub database_connections_setup_failed: Counter,
     pub database_connections_currently_borrowed: Gauge,
     pub database_connections_currently_session_pinned: Gauge,
-    pub database_connections_borrow_latency: Histogram,
+    pub database_connections_borrow_latency: LatencyHistogram,
     pub max_database_connections_allowed: Gauge,
     pub query_requests: Counter,
     pub query_requests_no_tls: Counter,
     pub query_requests_tls: Counter,
-    pub query_database_response_latency: Histogram,
+    pub query_database_response_latency: LatencyHistogram,
     pub borrow_timeouts: Counter,
     pub credential_refresh_failures: Counter,
     /// 1 while the last refresh of some credential failed (serving the last good one).
     pub credential_stale_sources: Gauge,
 }
 
-pub enum Exporter {
-    /// Serve `/metrics` on this address.
-    Http(SocketAddr),
-    /// Keep metrics in memory only (tests render them directly).
-    None,
-}
-
 impl Metrics {
-    /// Builds the recorder and, for [`Exporter::Http`], starts its listener. Needs a runtime.
-    pub fn start(exporter: Exporter) -> Result<Metrics, metrics_exporter_prometheus::BuildError> {
-        let builder = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS_US)?;
-        let recorder = match exporter {
-            Exporter::Http(addr) => {
-                let (recorder, serve) = builder.with_http_listener(addr).build()?;
-                tokio::spawn(async move {
-                    if serve.await.is_err() {
-                        tracing::error!("metrics listener stopped");
-                    }
-                });
-                recorder
+    /// Builds the recorder and its upkeep task (needs a runtime). Serve it with [`http::serve`].
+    pub fn start() -> Metrics {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let upkeep = recorder.handle();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                upkeep.run_upkeep();
             }
-            Exporter::None => {
-                let recorder = builder.build_recorder();
-                let handle = recorder.handle();
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        handle.run_upkeep();
-                    }
-                });
-                recorder
-            }
-        };
+        });
         let handle = recorder.handle();
-        Ok(metrics::with_local_recorder(&recorder, || {
-            use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+        metrics::with_local_recorder(&recorder, || {
+            use metrics::{counter, describe_counter, describe_gauge, gauge};
             describe_gauge!("ClientConnections", "Client connections currently open.");
             describe_counter!("ClientConnectionsReceived", "Client connections accepted.");
             describe_counter!("ClientConnectionsClosed", "Client connections closed.");
@@ -100,15 +86,9 @@ impl Metrics {
                 "DatabaseConnectionsCurrentlySessionPinned",
                 "Backend connections pinned to one client session (named prepared statements)."
             );
-            describe_histogram!("DatabaseConnectionsBorrowLatency", Unit::Microseconds, "Time to borrow a backend.");
             describe_gauge!("MaxDatabaseConnectionsAllowed", "Configured backend connections, all pools.");
             describe_counter!("QueryRequests", "Queries (simple Query or extended Sync) received from clients.");
             describe_counter!("QueryRequestsNoTLS", "Queries received over plaintext.");
-            describe_histogram!(
-                "QueryDatabaseResponseLatency",
-                Unit::Microseconds,
-                "Time from forwarding a request to the first byte of the database's answer."
-            );
             describe_counter!("pgwarden_borrow_timeouts", "Clients that gave up waiting for a backend.");
             describe_counter!("pgwarden_credential_refresh_failures", "Credential refreshes that failed (last good credential kept).");
             describe_gauge!("pgwarden_credential_stale", "1 while the last credential refresh failed.");
@@ -131,21 +111,32 @@ impl Metrics {
                 database_connections_setup_failed: counter!("DatabaseConnectionsSetupFailed"),
                 database_connections_currently_borrowed: gauge!("DatabaseConnectionsCurrentlyBorrowed"),
                 database_connections_currently_session_pinned: gauge!("DatabaseConnectionsCurrentlySessionPinned"),
-                database_connections_borrow_latency: histogram!("DatabaseConnectionsBorrowLatency"),
+                database_connections_borrow_latency: LatencyHistogram::new(
+                    "DatabaseConnectionsBorrowLatency",
+                    "Time to borrow a backend, in microseconds.",
+                    LATENCY_BUCKETS_US,
+                ),
                 max_database_connections_allowed: gauge!("MaxDatabaseConnectionsAllowed"),
                 query_requests: counter!("QueryRequests"),
                 query_requests_no_tls: counter!("QueryRequestsNoTLS"),
-                query_database_response_latency: histogram!("QueryDatabaseResponseLatency"),
+                query_database_response_latency: LatencyHistogram::new(
+                    "QueryDatabaseResponseLatency",
+                    "Time from forwarding a request to the first byte of the database's answer, in microseconds.",
+                    LATENCY_BUCKETS_US,
+                ),
                 borrow_timeouts: counter!("pgwarden_borrow_timeouts"),
                 credential_refresh_failures: counter!("pgwarden_credential_refresh_failures"),
                 credential_stale_sources: gauge!("pgwarden_credential_stale"),
             }
-        }))
+        })
     }
 
     /// The current exposition text (what `/metrics` serves).
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut out = self.handle.render();
+        self.database_connections_borrow_latency.render(&mut out);
+        self.query_database_response_latency.render(&mut out);
+        out
     }
 }
 
