@@ -67,6 +67,18 @@ impl Stream {
         }
     }
 
+    /// One write that never waits, on plain TCP only (through TLS, 0: the caller's own relay
+    /// writes it). Used to send a waiting client's request from the task that releases a backend.
+    pub fn write_now(&self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => match write_ready(tcp, bytes) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                r => r,
+            },
+            _ => Ok(0),
+        }
+    }
+
     /// One read that never waits: `None` if nothing is there now. Through `poll_read`, so that
     /// tokio clears the socket's readiness after a short read (saving the next `recv`), and so
     /// that TLS records that carry no data (session tickets) are consumed, not mistaken for data.

@@ -10,6 +10,11 @@
 //! transaction's path, and deadpool's (semaphore, async recycle hooks, object metrics, moves of
 //! the object) cost ~2,000 instructions per transaction against ~300 here (callgrind,
 //! bench/RESULTS.md). The queue never waits under a lock; one timer per *waiting* client.
+//!
+//! A waiting client leaves its first request with its place in the queue ([`Request`]); whoever
+//! releases a connection to it sends that request on the spot (when the connection's settings
+//! already match), as PgBouncer does, so the database starts on it at once instead of one trip
+//! through the event loop's run queue later (measured: 80 µs with 32 clients, 400 µs with 300).
 
 mod manager;
 
@@ -20,8 +25,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use thiserror::Error;
 
+use crate::backend::settings::Settings;
 use crate::backend::{BackendConn, BackendError};
 use crate::config::{DatabaseConfig, PoolConfig};
 use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
@@ -68,16 +75,51 @@ impl PoolError {
     }
 }
 
+/// What a client has to send first, lent to the pool while it waits (see the module doc).
+pub struct Request<'a> {
+    /// The client's read buffer: the request starts at its first byte.
+    pub bytes: &'a mut BytesMut,
+    /// How many of those bytes are whole messages that may be sent as they are (none past a
+    /// Terminate, none if the buffer starts mid-message): see [`presendable`].
+    pub presendable: usize,
+    pub settings: &'a mut Settings,
+}
+
+/// A waiting client's request, in its place in the queue.
+struct Deposit {
+    bytes: BytesMut,
+    presendable: usize,
+    /// The client's settings (moved here while it waits, like the bytes).
+    settings: Settings,
+}
+
 /// A client waiting for a connection, as the queue sees it.
-#[derive(Debug)]
 enum Wait {
-    Waiting(Option<Waker>),
-    /// A released connection, handed over.
-    Served(Box<BackendConn>),
+    Waiting(Option<Waker>, Option<Deposit>),
+    /// A released connection, handed over, with the first `sent` bytes of the request already
+    /// written to it.
+    Served(Box<BackendConn>, Option<Deposit>, usize),
     /// A connection closed: there is room to open one.
-    MayOpen,
+    MayOpen(Option<Deposit>),
     /// The client stopped waiting (timed out, or left); skipped by whoever pops it.
     Gone,
+}
+
+/// The prefix of `buf` made of whole messages before any Terminate ('X'), if `buf` starts at a
+/// message boundary; 0 if a length is out of bounds (the relay reports that, not the pool).
+pub fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> usize {
+    if !at_boundary {
+        return 0;
+    }
+    let mut pos = 0;
+    while buf.len() - pos >= 5 && buf[pos] != b'X' {
+        let len = i32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]);
+        if len < 4 || len as usize - 4 > max_body || buf.len() - pos - 1 < len as usize {
+            break;
+        }
+        pos += 1 + len as usize;
+    }
+    pos
 }
 
 type Waiter = Arc<Mutex<Wait>>;
@@ -115,6 +157,13 @@ impl PoolEntry {
     /// Borrows a backend: an idle one if there is one, else a new one if the pool has room,
     /// else the client waits its turn, up to the borrow timeout.
     pub async fn checkout(&self) -> Result<Lease<'_>, PoolError> {
+        self.checkout_for(None).await.map(|(lease, _)| lease)
+    }
+
+    /// [`PoolEntry::checkout`] for a client with a request in hand: if it has to wait, the
+    /// connection it gets may come with the first bytes of `request` already sent (how many is
+    /// returned). `request`'s buffer and settings are back in place when this returns.
+    pub async fn checkout_for(&self, request: Option<Request<'_>>) -> Result<(Lease<'_>, usize), PoolError> {
         loop {
             let grant = {
                 let mut st = lock(&self.state);
@@ -125,7 +174,7 @@ impl PoolEntry {
                         Grant::Open
                     }
                     None => {
-                        let w = Arc::new(Mutex::new(Wait::Waiting(None)));
+                        let w = Arc::new(Mutex::new(Wait::Waiting(None, None)));
                         st.waiting.push_back(Arc::clone(&w));
                         Grant::Wait(w)
                     }
@@ -139,21 +188,23 @@ impl PoolEntry {
                     }
                     // At once: borrow latency 0 µs, without reading the clock.
                     self.metrics.database_connections_borrow_latency.record_zero();
-                    return Ok(self.lend(conn));
+                    return Ok((self.lend(conn), 0));
                 }
-                Grant::Open => return self.open_new(Instant::now()).await,
+                Grant::Open => return self.open_new(Instant::now()).await.map(|lease| (lease, 0)),
                 Grant::Wait(w) => {
                     let start = Instant::now();
                     let deadline = tokio::time::Instant::from_std(start) + self.borrow_timeout;
-                    let waiting = Waiting { pool: self, w: Some(w) };
-                    return match Box::pin(tokio::time::timeout_at(deadline, waiting)).await {
-                        Ok(Some(conn)) => {
+                    let mut waiting = Waiting::new(self, w, request, deadline);
+                    let got = std::future::poll_fn(|cx| waiting.poll_wait(cx)).await;
+                    drop(waiting);
+                    return match got {
+                        Some(Ok((conn, sent))) => {
                             self.record_borrow(start);
-                            Ok(self.lend(conn))
+                            Ok((self.lend(conn), sent))
                         }
                         // A connection closed while we waited: its room is ours (already counted).
-                        Ok(None) => self.open_new(start).await,
-                        Err(_) => {
+                        Some(Err(())) => self.open_new(start).await.map(|lease| (lease, 0)),
+                        None => {
                             self.metrics.borrow_timeouts.increment(1);
                             Err(PoolError::BorrowTimeout)
                         }
@@ -190,23 +241,29 @@ impl PoolEntry {
         Lease { pool: self, conn: Some(conn) }
     }
 
-    /// Gives a connection to the longest-waiting client, or keeps it idle.
+    /// Gives a connection to the longest-waiting client, sending its request if it left one,
+    /// or keeps it idle.
     fn put(&self, conn: Box<BackendConn>) {
-        let mut st = lock(&self.state);
-        while let Some(w) = st.waiting.pop_front() {
-            let mut w = lock(&w);
-            if let Wait::Waiting(waker) = &mut *w {
-                let waker = waker.take();
-                *w = Wait::Served(conn);
-                drop(w);
-                drop(st);
+        loop {
+            let w = {
+                let mut st = lock(&self.state);
+                match st.waiting.pop_front() {
+                    Some(w) => w,
+                    None => return st.idle.push(conn),
+                }
+            };
+            // The pool's lock is free again: the send below holds only this client's slot.
+            let mut slot = lock(&w);
+            if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *slot, Wait::Gone) {
+                let sent = deposit.as_ref().map_or(0, |d| presend(&conn, d));
+                *slot = Wait::Served(conn, deposit, sent);
+                drop(slot);
                 if let Some(waker) = waker {
                     waker.wake();
                 }
                 return;
             }
         }
-        st.idle.push(conn);
     }
 
     /// A connection is gone (or was never opened): one more may be opened, by the
@@ -217,13 +274,12 @@ impl PoolEntry {
         Self::let_one_open(&mut st);
     }
 
-    /// Tells the longest-waiting client it may open a connection (it counts it itself).
+    /// Tells the longest-waiting client it may open a connection (counted as open for it).
     fn let_one_open(st: &mut State) {
         while let Some(w) = st.waiting.pop_front() {
             let mut w = lock(&w);
-            if let Wait::Waiting(waker) = &mut *w {
-                let waker = waker.take();
-                *w = Wait::MayOpen;
+            if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *w, Wait::Gone) {
+                *w = Wait::MayOpen(deposit);
                 st.open += 1;
                 if let Some(waker) = waker {
                     waker.wake();
@@ -240,7 +296,7 @@ impl PoolEntry {
 
     /// Clients waiting for a connection now (PgBouncer's `cl_waiting`).
     pub fn waiting(&self) -> usize {
-        lock(&self.state).waiting.iter().filter(|w| matches!(*lock(w), Wait::Waiting(_))).count()
+        lock(&self.state).waiting.iter().filter(|w| matches!(*lock(w), Wait::Waiting(..))).count()
     }
 
     /// The newest credential generation a backend of this pool has logged in with.
@@ -285,56 +341,98 @@ impl PoolEntry {
     }
 }
 
-/// A client in the queue. Dropped before it was served (timeout, client gone), it leaves the
-/// queue; if a connection or the room to open one reached it meanwhile, it passes them on.
-struct Waiting<'a> {
-    pool: &'a PoolEntry,
-    w: Option<Waiter>,
+/// Writes a waiting client's request to the connection it is handed, if the connection's
+/// settings already match the client's (else the client syncs them first) and the socket takes
+/// it now. Returns the bytes sent; the client's relay sends the rest.
+fn presend(conn: &BackendConn, d: &Deposit) -> usize {
+    if d.presendable == 0 || Settings::sync_sql(&conn.applied, &d.settings).is_some() {
+        return 0;
+    }
+    conn.stream.write_now(&d.bytes[..d.presendable]).unwrap_or(0)
 }
 
-impl Future for Waiting<'_> {
-    /// `Some` connection handed over, or `None`: room to open one (already counted as open).
-    type Output = Option<Box<BackendConn>>;
+/// A client in the queue. Dropped before it was served (the session went away), it leaves the
+/// queue; if a connection or the room to open one reached it meanwhile, it passes them on, and
+/// the request it lent comes back to the session.
+struct Waiting<'p, 'r> {
+    pool: &'p PoolEntry,
+    w: Option<Waiter>,
+    /// Where the lent request goes back to.
+    home: Option<(&'r mut BytesMut, &'r mut Settings)>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(w) = &self.w else { return Poll::Pending };
-        let mut slot = lock(w);
-        match std::mem::replace(&mut *slot, Wait::Gone) {
-            Wait::Served(conn) => {
-                drop(slot);
-                self.w = None;
-                Poll::Ready(Some(conn))
+impl<'p, 'r> Waiting<'p, 'r> {
+    fn new(pool: &'p PoolEntry, w: Waiter, request: Option<Request<'r>>, deadline: tokio::time::Instant) -> Self {
+        let home = request.map(|r| {
+            // Lent only if nobody served the slot yet (another thread may have, since it queued).
+            if let Wait::Waiting(_, slot) = &mut *lock(&w) {
+                *slot = Some(Deposit {
+                    bytes: std::mem::take(r.bytes),
+                    presendable: r.presendable,
+                    settings: std::mem::take(r.settings),
+                });
             }
-            Wait::MayOpen => {
-                drop(slot);
-                self.w = None;
-                Poll::Ready(None)
-            }
-            Wait::Waiting(mut waker) => {
-                match &mut waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => waker = Some(cx.waker().clone()),
-                }
-                *slot = Wait::Waiting(waker);
-                Poll::Pending
-            }
-            Wait::Gone => Poll::Pending,
+            (r.bytes, r.settings)
+        });
+        Waiting { pool, w: Some(w), home, deadline: Box::pin(tokio::time::sleep_until(deadline)) }
+    }
+
+    fn give_back(&mut self, deposit: Option<Deposit>) {
+        if let (Some(d), Some((bytes, settings))) = (deposit, self.home.as_mut()) {
+            **bytes = d.bytes;
+            **settings = d.settings;
         }
+    }
+
+    /// `Some(Ok)`: a connection, with `n` request bytes sent; `Some(Err)`: room to open one
+    /// (already counted as open); `None`: the borrow timeout passed. The slot is checked and
+    /// settled under its lock, so a connection handed over is never lost to the timeout.
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<(Box<BackendConn>, usize), ()>>> {
+        let Some(w) = self.w.clone() else { return Poll::Pending };
+        let mut slot = lock(&w);
+        let outcome = match std::mem::replace(&mut *slot, Wait::Gone) {
+            Wait::Served(conn, deposit, sent) => (deposit, Some(Ok((conn, sent)))),
+            Wait::MayOpen(deposit) => (deposit, Some(Err(()))),
+            Wait::Waiting(waker, deposit) => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
+                    (deposit, None)
+                } else {
+                    let waker = match waker {
+                        Some(old) if old.will_wake(cx.waker()) => old,
+                        _ => cx.waker().clone(),
+                    };
+                    *slot = Wait::Waiting(Some(waker), deposit);
+                    return Poll::Pending;
+                }
+            }
+            Wait::Gone => return Poll::Pending,
+        };
+        drop(slot);
+        self.w = None;
+        self.give_back(outcome.0);
+        Poll::Ready(outcome.1)
     }
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for Waiting<'_, '_> {
     fn drop(&mut self) {
         let Some(w) = self.w.take() else { return };
         let was = std::mem::replace(&mut *lock(&w), Wait::Gone);
         match was {
-            Wait::Served(conn) => self.pool.put(conn),
-            Wait::MayOpen => {
+            Wait::Served(conn, deposit, sent) => {
+                self.give_back(deposit);
+                // A request already on its way: nobody will read the answer.
+                if sent > 0 { self.pool.close(conn) } else { self.pool.put(conn) }
+            }
+            Wait::MayOpen(deposit) => {
+                self.give_back(deposit);
                 let mut st = lock(&self.pool.state);
                 st.open -= 1;
                 PoolEntry::let_one_open(&mut st);
             }
-            Wait::Waiting(_) | Wait::Gone => {}
+            Wait::Waiting(_, deposit) => self.give_back(deposit),
+            Wait::Gone => {}
         }
     }
 }
@@ -449,4 +547,32 @@ fn spawn_janitor(
             entry.top_up(cfg.min_idle_backend_connections).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::presendable;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn presendable_is_whole_messages_before_any_terminate() {
+        let q = msg(b'Q', b"SELECT 1\0");
+        let mut two = q.clone();
+        two.extend(msg(b'S', b""));
+        assert_eq!(presendable(&two, true, 1024), two.len());
+        let mut then_x = q.clone();
+        then_x.extend(msg(b'X', b""));
+        assert_eq!(presendable(&then_x, true, 1024), q.len(), "never the Terminate");
+        assert_eq!(presendable(&q[..q.len() - 1], true, 1024), 0, "not a partial message");
+        assert_eq!(presendable(&q, false, 1024), 0, "not from the middle of a message");
+        let mut huge = q.clone();
+        huge.extend([b'Q', 0x7f, 0xff, 0xff, 0xff]);
+        assert_eq!(presendable(&huge, true, 1024), q.len(), "a bad length is left to the relay");
+    }
 }

@@ -128,13 +128,15 @@ struct Relay<'a> {
 }
 
 /// Relays one transaction (or more, if the client pipelines) between `client` and `backend`.
-/// `desired` follows the client's own SET of reported parameters.
+/// `desired` follows the client's own SET of reported parameters. The first `present` bytes
+/// of the client's buffer are already on their way to the backend (the pool sent them).
 pub async fn relay(
     client: &mut ClientSide,
     backend: &mut BackendConn,
     desired: &mut Settings,
     metrics: &Metrics,
     max_message: usize,
+    present: usize,
 ) -> RelayEnd {
     let client_tls = client.stream.is_tls();
     let client_mid_message = !client.scanner.at_boundary();
@@ -160,6 +162,14 @@ pub async fn relay(
     };
     if let Err(e) = r.take_client_chunk() {
         return r.end(Outcome::ClientProtocol(e), client_tls);
+    }
+    if present > 0 {
+        r.to_backend.sent = present.min(r.to_backend.end);
+        if !r.to_backend.busy() {
+            // All of it is out: as if the relay had written it.
+            r.client.buf.clear();
+            r.to_backend = Forward::default();
+        }
     }
     let outcome = std::future::poll_fn(|cx| r.poll(cx)).await;
     r.end(outcome, client_tls)

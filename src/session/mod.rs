@@ -144,12 +144,12 @@ async fn transaction(
     desired: &mut Settings,
     cancel: &crate::cancel::CancelHandle,
 ) -> Result<Next, SessionError> {
-    let mut lease = checkout_with_settings(entry, desired).await?;
-    cancel.set_target(lease.conn().key);
     let max_message = shared.config.pool.max_message_bytes;
+    let (mut lease, mut present) = checkout_with_settings(entry, desired, client, max_message).await?;
+    cancel.set_target(lease.conn().key);
     let mut pinned: Option<GaugeGuard> = None;
     let result = loop {
-        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, max_message).await;
+        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, max_message, std::mem::take(&mut present)).await;
         if end.pins_session && pinned.is_none() {
             // RDS Proxy's rule: state that lives on one backend pins the session to it.
             tracing::debug!("named prepared statement: session pinned to its backend");
@@ -185,18 +185,30 @@ async fn transaction(
     result
 }
 
-/// Borrows a backend and brings its session settings in line with the client's.
-async fn checkout_with_settings<'p>(entry: &'p PoolEntry, desired: &Settings) -> Result<Lease<'p>, SessionError> {
+/// Borrows a backend and brings its session settings in line with the client's. Also returns
+/// how many bytes of the client's request the pool already sent (see `pool::Request`).
+async fn checkout_with_settings<'p>(
+    entry: &'p PoolEntry,
+    desired: &mut Settings,
+    client: &mut ClientSide,
+    max_message: usize,
+) -> Result<(Lease<'p>, usize), SessionError> {
     // A backend that fails the settings query was broken; try a fresh one a couple of times.
     for _ in 0..3 {
-        let mut lease = entry.checkout().await.map_err(SessionError::Pool)?;
+        let presendable = crate::pool::presendable(&client.buf, client.scanner.at_boundary(), max_message);
+        let request = crate::pool::Request { bytes: &mut client.buf, presendable, settings: desired };
+        let (mut lease, sent) = entry.checkout_for(Some(request)).await.map_err(SessionError::Pool)?;
+        if sent > 0 {
+            // Sent only to a backend whose settings already matched.
+            return Ok((lease, sent));
+        }
         let conn = lease.conn();
-        let Some(sql) = Settings::sync_sql(&conn.applied, desired) else { return Ok(lease) };
+        let Some(sql) = Settings::sync_sql(&conn.applied, desired) else { return Ok((lease, 0)) };
         // Boxed: settings change rarely, and this keeps every transaction's future small.
         match Box::pin(conn.simple_query(&sql)).await {
             Ok((TxStatus::Idle, None)) => {
                 conn.applied = desired.clone();
-                return Ok(lease);
+                return Ok((lease, 0));
             }
             Ok((TxStatus::Idle, Some((code, message)))) => {
                 lease.release();
