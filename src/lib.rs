@@ -30,6 +30,7 @@ pub mod devdb;
 pub mod listener;
 pub mod metrics;
 pub mod net;
+pub mod periodic;
 pub mod pool;
 pub mod protocol;
 pub mod relay;

@@ -120,15 +120,8 @@ impl ClientTls {
     }
 
     pub fn spawn_reload_loop(self: &Arc<Self>, every: Duration) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(tls) = weak.upgrade() else { return };
-                tls.reload_if_changed();
-            }
+        crate::periodic::spawn_every(self, every, |tls| async move {
+            tls.reload_if_changed();
         });
     }
 }

@@ -149,17 +149,10 @@ impl IamVerifier {
     }
 
     pub fn spawn_reload_loop(self: &Arc<Self>, every: Duration) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(v) = weak.upgrade() else { return };
-                match tokio::task::spawn_blocking(move || v.reload_keyring()).await {
-                    Ok(Err(e)) => tracing::warn!(error = %e, "keyring reload failed; keeping the current keyring"),
-                    Ok(Ok(_)) | Err(_) => {}
-                }
+        crate::periodic::spawn_every(self, every, |v| async move {
+            match tokio::task::spawn_blocking(move || v.reload_keyring()).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "keyring reload failed; keeping the current keyring"),
+                Ok(Ok(_)) | Err(_) => {}
             }
         });
     }

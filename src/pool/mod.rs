@@ -551,28 +551,25 @@ fn spawn_janitor(
 
 #[cfg(test)]
 mod tests {
-    use super::presendable;
+    use bytes::BytesMut;
 
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use super::presendable;
+    use crate::protocol::messages;
 
     #[test]
     fn presendable_is_whole_messages_before_any_terminate() {
-        let q = msg(b'Q', b"SELECT 1\0");
+        let mut q = BytesMut::new();
+        messages::query(&mut q, "SELECT 1");
         let mut two = q.clone();
-        two.extend(msg(b'S', b""));
+        messages::query(&mut two, "SELECT 2");
         assert_eq!(presendable(&two, true, 1024), two.len());
         let mut then_x = q.clone();
-        then_x.extend(msg(b'X', b""));
+        messages::terminate(&mut then_x);
         assert_eq!(presendable(&then_x, true, 1024), q.len(), "never the Terminate");
         assert_eq!(presendable(&q[..q.len() - 1], true, 1024), 0, "not a partial message");
         assert_eq!(presendable(&q, false, 1024), 0, "not from the middle of a message");
         let mut huge = q.clone();
-        huge.extend([b'Q', 0x7f, 0xff, 0xff, 0xff]);
+        huge.extend_from_slice(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
         assert_eq!(presendable(&huge, true, 1024), q.len(), "a bad length is left to the relay");
     }
 }
