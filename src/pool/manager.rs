@@ -86,10 +86,17 @@ impl BackendManager {
         let prefer = self.newest_working.borrow().filter(|(g, _)| *g == creds.generation).map(|(_, f)| f);
         let first = backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime()).await;
         let result = match first {
-            Err(e) if e.is_auth_failure() && self.store.force_refresh().await => {
-                let creds = self.store.snapshot();
-                tracing::info!(generation = creds.generation.0, "credential changed after a refused login; retrying");
-                backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime()).await
+            Err(e) if e.is_auth_failure() => {
+                // Compare generations rather than trust force_refresh's answer: the periodic
+                // refresh may have published the new secret while this login was being refused.
+                self.store.force_refresh().await;
+                let fresh = self.store.snapshot();
+                if fresh.generation == creds.generation {
+                    Err(e)
+                } else {
+                    tracing::info!(generation = fresh.generation.0, "credential changed after a refused login; retrying");
+                    backend::connect(&self.target, self.tls.as_deref(), &self.database, &fresh, None, self.staggered_lifetime()).await
+                }
             }
             other => other,
         };
