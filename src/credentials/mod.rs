@@ -244,20 +244,17 @@ impl CredentialStore {
     }
 
     /// A refresh the database asked for (it refused a login): single flight, at most once per
-    /// [`MIN_FORCED_REFRESH`]. Callers that arrive while one runs wait for it and then use
-    /// whatever it found. True if the credential changed.
-    pub async fn force_refresh(&self) -> bool {
+    /// [`MIN_FORCED_REFRESH`]. Callers that arrive while one runs wait for it, then compare
+    /// [`CredentialStore::snapshot`]'s generation with the one they used (the periodic refresh
+    /// may have published a change first, so "this call changed it" would be the wrong question).
+    pub async fn force_refresh(&self) {
         let mut last = self.forced.lock().await;
         if last.is_some_and(|at| at.elapsed() < MIN_FORCED_REFRESH) {
-            return false;
+            return;
         }
         *last = Some(Instant::now());
-        match self.refresh().await {
-            Ok(changed) => changed,
-            Err(e) => {
-                tracing::warn!(source = %self.source.describe(), error = %e, "forced credential refresh failed");
-                false
-            }
+        if let Err(e) = self.refresh().await {
+            tracing::warn!(source = %self.source.describe(), error = %e, "forced credential refresh failed");
         }
     }
 

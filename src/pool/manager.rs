@@ -87,8 +87,8 @@ impl BackendManager {
         let first = backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime()).await;
         let result = match first {
             Err(e) if e.is_auth_failure() => {
-                // Compare generations rather than trust force_refresh's answer: the periodic
-                // refresh may have published the new secret while this login was being refused.
+                // Compare generations: the periodic refresh may have published the new secret
+                // while this login was being refused, before the forced one ran.
                 self.store.force_refresh().await;
                 let fresh = self.store.snapshot();
                 if fresh.generation == creds.generation {

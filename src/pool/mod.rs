@@ -33,7 +33,7 @@ use crate::backend::{BackendConn, BackendError};
 use crate::config::{DatabaseConfig, PoolConfig};
 use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
 use crate::metrics::Metrics;
-use crate::protocol::SqlState;
+use crate::protocol::{MessageScanner, SqlState, frontend_tag};
 use crate::tls::BackendTls;
 use manager::BackendManager;
 
@@ -111,15 +111,16 @@ pub fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> usize {
     if !at_boundary {
         return 0;
     }
-    let mut pos = 0;
-    while buf.len() - pos >= 5 && buf[pos] != b'X' {
-        let len = i32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]);
-        if len < 4 || len as usize - 4 > max_body || buf.len() - pos - 1 < len as usize {
-            break;
+    // Boundaries and length checks as the relay finds them; this scanner only measures (the
+    // relay scans the same bytes again with the session's own).
+    let (mut end, mut terminated) = (0, false);
+    let _ = MessageScanner::new(max_body).feed(buf, |_| false, |f| {
+        terminated |= f.tag == frontend_tag::TERMINATE;
+        if !terminated {
+            end = f.end;
         }
-        pos += 1 + len as usize;
-    }
-    pos
+    });
+    end
 }
 
 type Waiter = Arc<Mutex<Wait>>;
@@ -216,19 +217,23 @@ impl PoolEntry {
 
     /// Opens a connection in room already counted in `open` (given back if the login fails).
     async fn open_new(&self, start: Instant) -> Result<Lease<'_>, PoolError> {
-        match Box::pin(tokio::time::timeout(self.open_timeout, self.manager.open())).await {
-            Ok(Ok(conn)) => {
+        match Box::pin(self.open_within_timeout()).await {
+            Ok(conn) => {
                 self.record_borrow(start);
-                Ok(self.lend(Box::new(conn)))
+                Ok(self.lend(conn))
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 self.forget_one();
                 Err(PoolError::Backend(e))
             }
-            Err(_) => {
-                self.forget_one();
-                Err(PoolError::Backend(BackendError::Timeout))
-            }
+        }
+    }
+
+    /// One backend login, bounded by the pool's open timeout.
+    async fn open_within_timeout(&self) -> Result<Box<BackendConn>, BackendError> {
+        match tokio::time::timeout(self.open_timeout, self.manager.open()).await {
+            Ok(opened) => opened.map(Box::new),
+            Err(_) => Err(BackendError::Timeout),
         }
     }
 
@@ -333,9 +338,9 @@ impl PoolEntry {
             want
         };
         for _ in 0..want {
-            match tokio::time::timeout(self.open_timeout, self.manager.open()).await {
-                Ok(Ok(conn)) => self.put(Box::new(conn)),
-                _ => self.forget_one(),
+            match self.open_within_timeout().await {
+                Ok(conn) => self.put(conn),
+                Err(_) => self.forget_one(),
             }
         }
     }
