@@ -319,7 +319,10 @@ EOF
   BENCH_SECRET=$(openssl rand -hex 20)
   (umask 077; printf '{"keys": [{"access_key_id": "%s", "secret_access_key": "%s", "principal": "arn:aws:iam::000000000000:role/bench", "allow": ["arn:aws:rds-db:us-east-1:000000000000:dbuser:prx-bench/*"]}]}\n' \
     "$BENCH_AKID" "$BENCH_SECRET" >"$TMP/keyring.json")
-  RUST_LOG=${RUST_LOG:-warn} "$PGWARDEN_BIN" serve --config "$TMP/pgwarden.toml" \
+  # In its own session, as PgBouncer (`-d` daemonizes) and every PostgreSQL backend are: with
+  # the kernel's autogroup scheduling on, a session is one scheduling entity, and a proxy left in
+  # this script's session would share its CPU share with pgbench and be preempted by it.
+  RUST_LOG=${RUST_LOG:-warn} setsid "$PGWARDEN_BIN" serve --config "$TMP/pgwarden.toml" \
     >"$TMP/pgwarden.log" 2>&1 </dev/null &
   PGW_PID=$!
   wait_sql "$PGW_PORT" bench "$BENCH_PW" bench pgwarden "$PGW_PID"
@@ -337,6 +340,17 @@ port_of() {
   esac
 }
 
+# Neither pooler may share this script's session, where pgbench runs (see the start of
+# pgwarden above); say so if one does.
+session_check() {
+  local pid sid mine
+  mine=$(awk '{print $6}' /proc/$$/stat)
+  for pid in $PGB_PID $PGW_PID; do
+    sid=$(awk '{print $6}' "/proc/$pid/stat" 2>/dev/null) || continue
+    [[ $sid != "$mine" ]] || printf ' (NOT pid %s: it shares the session of pgbench)' "$pid"
+  done
+}
+
 # --------------------------------------------------------- report plumbing --
 rm -rf "$OUT_DIR/raw" && mkdir -p "$OUT_DIR/raw"   # raw pgbench output of this run only
 STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -349,6 +363,7 @@ PGW_REV=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "(no comm
   echo "- PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), PgBouncer $("$PGBOUNCER_BIN" --version 2>/dev/null | head -1 | awk '{print $2}'), pgwarden $PGW_REV"
   echo "- pool size $POOL, pgbench -s 10, $DURATION s per run, $ROUNDS interleaved rounds (median kept), -j 2, TCP on 127.0.0.1, SCRAM auth, sslmode=disable (burst32: sslmode=require, one P-256 certificate for all; pgwarden clients log in with an IAM token)"
   echo "- PostgreSQL: fsync=off, synchronous_commit=off, shared_buffers=128MB, max_connections=400"
+  echo "- scheduler: autogroup $(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo n/a); each pooler, each PostgreSQL backend and pgbench in a session of its own$(session_check)"
   echo
 } >"$REPORT"
 
@@ -405,6 +420,12 @@ pid_of() {
   esac
 }
 CLK_TCK=$(getconf CLK_TCK)
+declare -A IDLE BUSY OTHER_US R_OTHER
+
+# "idle+iowait total" jiffies of all CPUs, from /proc/stat.
+idle_share() {
+  awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t }' /proc/stat
+}
 
 # Reset tpcb-like state so each system starts from the same point
 # (what pgbench does itself unless -n; we pass -n so poolers are not asked to VACUUM).
@@ -422,6 +443,8 @@ run_pgbench() {
   local ctx0=(0 0) ctx1=(0 0)
   local user0=0 user1=0
   [[ -n $pid ]] && cpu0=$(cpu_ticks "$pid") && user0=$(user_ticks "$pid") && read -ra ctx0 <<<"$(ctx_switches "$pid")"
+  local idle0 idle1
+  idle0=$(idle_share)
   # Background + wait, so INT/TERM reach our trap at once instead of after pgbench.
   # shellcheck disable=SC2086  # W_ARGS is a word list on purpose
   local password=$BENCH_PW sslmode=disable
@@ -441,6 +464,9 @@ run_pgbench() {
   wait "$BENCH_PID" || rc=$?
   if [[ -n $perf_pid ]]; then kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null || true; fi
   BENCH_PID=""
+  idle1=$(idle_share)
+  IDLE[$w,$sys]=$(awk -v a="$idle0" -v b="$idle1" 'BEGIN { split(a, x); split(b, y); printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }')
+  BUSY[$w,$sys]=$(awk -v a="$idle0" -v b="$idle1" 'BEGIN { split(a, x); split(b, y); print (y[2] - x[2]) - (y[1] - x[1]) }')
   [[ -n $pid && -n ${SCHED_DEBUG:-} ]] && cat "/proc/$pid/sched" >"$out.sched"
   [[ -n $pid ]] && cpu1=$(cpu_ticks "$pid") && user1=$(user_ticks "$pid") && read -ra ctx1 <<<"$(ctx_switches "$pid")"
   processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
@@ -454,6 +480,11 @@ run_pgbench() {
     USER_US[$w,$sys]=""
   fi
   TPS[$w,$sys]=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
+  OTHER_US[$w,$sys]=""
+  if [[ -n $processed && $processed -gt 0 ]]; then
+    # Everything but the pooler: PostgreSQL, pgbench, the kernel's share of both.
+    OTHER_US[$w,$sys]=$(awk -v t=$(( BUSY[$w,$sys] - (cpu1 - cpu0) )) -v hz="$CLK_TCK" -v n="$processed" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+  fi
   LAT[$w,$sys]=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
   FAIL[$w,$sys]=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -1)
   FAIL[$w,$sys]=${FAIL[$w,$sys]:-0}
@@ -468,8 +499,8 @@ run_pgbench() {
     # pgbench's -T clock includes connecting all clients first
     NOTE[$w,$sys]+="${NOTE[$w,$sys]:+, }0 tx: connecting took longer than DURATION?"
   fi
-  printf '    %-10s r%s tps=%-12s lat=%-8s ms failed=%s cpu/tx=%sus (user %s) ctx/tx=%s %s\n' "$sys" "$round" "${TPS[$w,$sys]:-ERR}" \
-    "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${CPU_US[$w,$sys]:--}" "${USER_US[$w,$sys]:--}" "${CTX[$w,$sys]:--}" "${NOTE[$w,$sys]}" >&2
+  printf '    %-10s r%s tps=%-12s lat=%-8s ms failed=%s cpu/tx=%sus (user %s) ctx/tx=%s idle=%s%% rest=%sus/tx %s\n' "$sys" "$round" "${TPS[$w,$sys]:-ERR}" \
+    "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${CPU_US[$w,$sys]:--}" "${USER_US[$w,$sys]:--}" "${CTX[$w,$sys]:--}" "${IDLE[$w,$sys]}" "${OTHER_US[$w,$sys]:-}" "${NOTE[$w,$sys]}" >&2
   R_TPS[$w,$sys,$round]=${TPS[$w,$sys]:-}
   R_LAT[$w,$sys,$round]=${LAT[$w,$sys]:-}
   R_FAIL[$w,$sys,$round]=${FAIL[$w,$sys]}
@@ -478,6 +509,7 @@ run_pgbench() {
   R_CPU[$w,$sys,$round]=${CPU_US[$w,$sys]:-}
   R_CTX[$w,$sys,$round]=${CTX[$w,$sys]:-}
   R_USER[$w,$sys,$round]=${USER_US[$w,$sys]:-}
+  R_OTHER[$w,$sys,$round]=${OTHER_US[$w,$sys]:-}
 }
 
 # Keep the median round (by TPS) of (workload, system) as its result; failures are summed.
@@ -492,10 +524,22 @@ pick_median() {
   CPU_US[$w,$sys]=${R_CPU[$w,$sys,$best]}
   CTX[$w,$sys]=${R_CTX[$w,$sys,$best]}
   USER_US[$w,$sys]=${R_USER[$w,$sys,$best]}
+  OTHER_US[$w,$sys]=${R_OTHER[$w,$sys,$best]}
   FAIL[$w,$sys]=$total_fail
   RANGE[$w,$sys]=$(for ((r = 1; r <= ROUNDS; r++)); do echo "${R_TPS[$w,$sys,$r]:-0}"; done | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.0f–%.0f", lo, hi}')
 }
 declare -A RANGE
+
+# pgwarden/PgBouncer TPS of each round (the two ran back to back), and their median: robust
+# to the machine's drift from minute to minute, which the ratio of the medians is not.
+paired_ratios() {
+  local w=$1 r list=""
+  for ((r = 1; r <= ROUNDS; r++)); do
+    list+="$(ratio "${R_TPS[$w,pgwarden,$r]:-}" "${R_TPS[$w,pgbouncer,$r]:-}") "
+  done
+  printf 'pgwarden / pgbouncer TPS round by round: %s→ median **%s**\n' "$list" \
+    "$(tr ' ' '\n' <<<"$list" | grep -v '^$' | tr -d x | sort -g | awk '{v[NR] = $1} END {printf "%.2fx", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}')"
+}
 
 if [[ $MODE == all || $MODE == tps ]]; then
   echo "### Throughput (pgbench)" >>"$REPORT"
@@ -504,7 +548,10 @@ if [[ $MODE == all || $MODE == tps ]]; then
     [[ -n ${W_ARGS[$w]:-} ]] || die "unknown workload '$w'"
     log "workload $w: ${W_LABEL[$w]}"
     for ((round = 1; round <= ROUNDS; round++)); do
-      for sys in direct pgbouncer pgwarden; do
+      # ABBA order: a machine that speeds up or slows down over a workload favours no one.
+      order="direct pgbouncer pgwarden"
+      (( round % 2 == 0 )) && order="pgwarden pgbouncer direct"
+      for sys in $order; do
         if has "$sys"; then run_pgbench "$w" "$sys" "$round"; fi
       done
     done
@@ -515,21 +562,22 @@ if [[ $MODE == all || $MODE == tps ]]; then
       echo "#### ${W_LABEL[$w]}"
       echo
       {
-        echo "system|TPS (median)|TPS range|mean latency (ms)|failed tx (all rounds)|proxy CPU µs/tx|of which user|proxy context switches/tx (sleeps / preempted)|connect (ms)|notes"
-        echo "-|-|-|-|-|-|-|-|-|-"
+        echo "system|TPS (median)|TPS range|mean latency (ms)|failed tx (all rounds)|proxy CPU µs/tx|of which user|proxy context switches/tx (sleeps / preempted)|rest of machine CPU µs/tx|connect (ms)|notes"
+        echo "-|-|-|-|-|-|-|-|-|-|-"
         for sys in direct pgbouncer pgwarden; do
           has "$sys" || continue
-          echo "$sys|$(fmt1 "${TPS[$w,$sys]:-}")|${RANGE[$w,$sys]}|${LAT[$w,$sys]:--}|${FAIL[$w,$sys]}|${CPU_US[$w,$sys]:--}|${USER_US[$w,$sys]:--}|${CTX[$w,$sys]:--}|${CONN[$w,$sys]:--}|${NOTE[$w,$sys]}"
+          echo "$sys|$(fmt1 "${TPS[$w,$sys]:-}")|${RANGE[$w,$sys]}|${LAT[$w,$sys]:--}|${FAIL[$w,$sys]}|${CPU_US[$w,$sys]:--}|${USER_US[$w,$sys]:--}|${CTX[$w,$sys]:--}|${OTHER_US[$w,$sys]:--}|${CONN[$w,$sys]:--}|${NOTE[$w,$sys]}"
         done
         if has pgwarden; then
           for base in direct pgbouncer; do
             has "$base" || continue
             # latency ratio < 1 and TPS ratio > 1 are both "pgwarden better"
-            echo "pgwarden / $base|$(ratio "${TPS[$w,pgwarden]:-}" "${TPS[$w,$base]:-}")||$(ratio "${LAT[$w,pgwarden]:-}" "${LAT[$w,$base]:-}")||$(ratio "${CPU_US[$w,pgwarden]:-}" "${CPU_US[$w,$base]:-}")|$(ratio "${USER_US[$w,pgwarden]:-}" "${USER_US[$w,$base]:-}")||$(ratio "${CONN[$w,pgwarden]:-}" "${CONN[$w,$base]:-}")|"
+            echo "pgwarden / $base|$(ratio "${TPS[$w,pgwarden]:-}" "${TPS[$w,$base]:-}")||$(ratio "${LAT[$w,pgwarden]:-}" "${LAT[$w,$base]:-}")||$(ratio "${CPU_US[$w,pgwarden]:-}" "${CPU_US[$w,$base]:-}")|$(ratio "${USER_US[$w,pgwarden]:-}" "${USER_US[$w,$base]:-}")||$(ratio "${OTHER_US[$w,pgwarden]:-}" "${OTHER_US[$w,$base]:-}")|$(ratio "${CONN[$w,pgwarden]:-}" "${CONN[$w,$base]:-}")|"
           done
         fi
       } | md_table
       echo
+      if has pgwarden && has pgbouncer; then paired_ratios "$w"; echo; fi
     } >>"$REPORT"
   done
   {

@@ -79,6 +79,7 @@ impl DevEnv {
             let config = Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], opts.port)),
                 worker_threads: opts.worker_threads,
+                shutdown_timeout: Duration::from_secs(5),
                 database: DatabaseConfig {
                     // The cluster's certificate names localhost: verify-full checks that name.
                     host: if opts.backend_tls { "localhost".into() } else { "127.0.0.1".into() },

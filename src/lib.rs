@@ -36,6 +36,7 @@ pub mod protocol;
 pub mod relay;
 pub mod rotation;
 pub mod session;
+pub mod shutdown;
 pub mod stream;
 pub mod tls;
 

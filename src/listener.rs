@@ -1,7 +1,7 @@
 //! Start-up and the accept loop. [`Server::bind`] turns a [`Config`] into the one [`Shared`]
 //! state every session hangs off (credential stores, pools, cancel keys, metrics), binds the
 //! client listener, and [`Server::run`] accepts until shutdown, one task per client, capped by
-//! `max_client_connections`.
+//! `max_client_connections`, then drains (see `shutdown`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,6 +41,8 @@ pub struct Shared {
     /// IAM token verification, if configured.
     pub iam: Option<Arc<IamVerifier>>,
     pub audit: AuditLog,
+    /// Set once a shutdown has begun: sessions close at their next transaction boundary.
+    pub drain: crate::shutdown::Drain,
 }
 
 #[derive(Debug, Error)]
@@ -119,7 +121,18 @@ impl Server {
         let client_slots = Arc::new(Semaphore::new(config.pool.max_client_connections));
         let pools = Pools::new(config.database.clone(), backend_tls, config.pool.clone(), Arc::clone(&metrics));
         let cancels = Arc::new(CancelRegistry::default());
-        let shared = Arc::new(Shared { config, users, pools, cancels, metrics, metrics_addr, tls, iam, audit });
+        let shared = Arc::new(Shared {
+            config,
+            users,
+            pools,
+            cancels,
+            metrics,
+            metrics_addr,
+            tls,
+            iam,
+            audit,
+            drain: Default::default(),
+        });
         Ok(Server { shared, listener, client_slots })
     }
 
@@ -131,8 +144,8 @@ impl Server {
         Arc::clone(&self.shared)
     }
 
-    /// Accepts clients until `shutdown` completes. Sessions already running keep running.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    /// Accepts clients until `shutdown` completes, then drains: see [`Server::drain`].
+    pub async fn run(self, shutdown: impl Future<Output = ()>, force: impl Future<Output = ()>) {
         tracing::info!(listen = %self.local_addr(), "pgwarden accepting clients");
         let next_id = AtomicU64::new(1);
         tokio::pin!(shutdown);
@@ -165,6 +178,30 @@ impl Server {
                 }
             }
         }
-        tracing::info!("pgwarden stopped accepting clients");
+        self.drain(force).await;
+    }
+
+    /// Closes the listener, asks every session to end at its next transaction boundary, and
+    /// waits for them: until the last one has gone, `shutdown_timeout` has passed, or `force`
+    /// completes. Then says goodbye (Terminate) to the idle backends.
+    async fn drain(self, force: impl Future<Output = ()>) {
+        let Server { shared, listener, client_slots } = self;
+        drop(listener);
+        shared.drain.start();
+        let capacity = shared.config.pool.max_client_connections;
+        let open = capacity.saturating_sub(client_slots.available_permits());
+        let timeout = shared.config.shutdown_timeout;
+        tracing::info!(clients = open, ?timeout, "pgwarden stopped accepting clients; draining");
+        // Every permit back means every session has ended.
+        let all_gone = client_slots.acquire_many(u32::try_from(capacity).unwrap_or(u32::MAX));
+        tokio::select! {
+            _ = all_gone => tracing::info!("every client has finished"),
+            _ = tokio::time::sleep(timeout) => {
+                let left = capacity.saturating_sub(client_slots.available_permits());
+                tracing::warn!(clients = left, "shutdown_timeout reached; closing the clients still connected");
+            }
+            _ = force => tracing::warn!("second signal: closing every client now"),
+        }
+        shared.pools.close_idle().await;
     }
 }

@@ -86,23 +86,6 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 /// A single worker runs a current-thread event loop (no hand-offs between threads).
 fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     match worker_threads {
@@ -119,7 +102,7 @@ fn main() -> anyhow::Result<()> {
             let config = Config::from_file(&config)?;
             runtime(config.worker_threads)?.block_on(async {
                 let server = Server::bind(config).await?;
-                server.run(shutdown_signal()).await;
+                server.run(pgwarden::shutdown::signal(), pgwarden::shutdown::signal()).await;
                 Ok(())
             })
         }
@@ -241,7 +224,7 @@ async fn dev(opts: DevOptions, rotate_every: Option<std::time::Duration>) -> any
             }
         })
     });
-    server.run(shutdown_signal()).await;
+    server.run(pgwarden::shutdown::signal(), pgwarden::shutdown::signal()).await;
     if let Some(task) = rotation {
         task.abort();
         let _ = task.await;

@@ -285,3 +285,74 @@ async fn named_prepared_statement_pins_session_and_keeps_working() {
     assert_eq!(a.query_typed_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     assert_eq!(b.query_typed_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_backend_is_reset_before_the_next_client_gets_it() {
+    // One backend: the next client gets exactly the backend the pinned session used.
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let with_path = format!("{} options='-c search_path=pinned_path'", h.conn_str());
+    let pinned = common::connect(&with_path).await.unwrap();
+    let stmt = pinned.prepare("SELECT count(*) FROM pg_prepared_statements").await.unwrap();
+    let prepared: i64 = pinned.query_one(&stmt, &[]).await.unwrap().get(0);
+    assert!(prepared >= 1, "the named statement lives on the backend");
+    pinned.batch_execute("CREATE TEMP TABLE leftover (x int)").await.unwrap();
+    drop(stmt);
+    drop(pinned);
+    // Same settings as the pinned client: nothing to re-send unless pgwarden knows the backend
+    // was reset, which it must, or the next client would silently get the default path.
+    let next = common::connect(&with_path).await.unwrap();
+    let rows = next
+        .simple_query("SELECT count(*) FROM pg_prepared_statements; SELECT count(*) FROM pg_tables WHERE tablename = 'leftover'; SHOW search_path")
+        .await
+        .unwrap();
+    let values: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values, ["0", "0", "pinned_path"], "statements and temp tables gone, the client's settings in place");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_clients_and_lets_transactions_finish() {
+    let mut h = Harness::start().await;
+    let mut idle = common::RawClient::connect(h.addr).await;
+    idle.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let busy = h.client().await;
+    busy.batch_execute("CREATE TABLE drained (x int)").await.unwrap();
+    busy.batch_execute("BEGIN; INSERT INTO drained VALUES (1)").await.unwrap();
+
+    let server = h.begin_shutdown();
+    h.shared.drain.started_wait().await;
+    // Between transactions: told why, then closed.
+    idle.expect_fatal_then_close("57P01").await;
+    // Mid-transaction: it finishes, and its next statement is refused with the same code.
+    busy.batch_execute("INSERT INTO drained VALUES (2); COMMIT").await.expect("the open transaction finishes");
+    let err = busy.batch_execute("SELECT 1").await.expect_err("closed after its transaction");
+    assert!(busy.is_closed() || sqlstate(&err).as_deref() == Some("57P01"), "unexpected: {err}");
+    assert!(common::connect(&h.conn_str()).await.is_err(), "no new clients while draining");
+    tokio::time::timeout(Duration::from_secs(30), server).await.expect("drain ends once every client has gone").unwrap();
+    // Straight to PostgreSQL: the proxy is gone.
+    let direct = format!(
+        "host=127.0.0.1 port={} user={} dbname={} password={}",
+        h.env.cluster.port,
+        h.env.user,
+        h.env.database,
+        h.env.password()
+    );
+    let sum: i64 = common::connect(&direct).await.unwrap().query_one("SELECT sum(x)::int8 FROM drained", &[]).await.unwrap().get(0);
+    assert_eq!(sum, 3, "the transaction in flight committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_waiting_for_a_client_at_shutdown_timeout() {
+    let mut h = Harness::start_with(|c| c.shutdown_timeout = Duration::from_millis(300)).await;
+    let stuck = h.client().await;
+    stuck.batch_execute("BEGIN").await.unwrap();
+    let server = h.begin_shutdown();
+    // The client never ends its transaction: the drain gives up on it at the timeout.
+    tokio::time::timeout(Duration::from_secs(30), server).await.expect("drain gives up at shutdown_timeout").unwrap();
+    assert!(h.shared.drain.started());
+}

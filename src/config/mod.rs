@@ -135,6 +135,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Threads serving clients: 1 runs a single-threaded event loop (like PgBouncer).
     pub worker_threads: usize,
+    /// How long a shutdown waits for clients to finish their transactions (see `shutdown`).
+    pub shutdown_timeout: Duration,
     pub database: DatabaseConfig,
     pub pool: PoolConfig,
     pub metrics_listen: Option<SocketAddr>,

@@ -13,6 +13,8 @@ pub(super) struct RawConfig {
     listen: String,
     #[serde(default)]
     worker_threads: Option<usize>,
+    #[serde(default = "default_shutdown_timeout")]
+    shutdown_timeout: String,
     database: RawDatabase,
     #[serde(default)]
     pool: RawPool,
@@ -37,6 +39,10 @@ struct RawTls {
     require: bool,
     #[serde(default = "default_tls_reload")]
     reload_interval: String,
+}
+
+fn default_shutdown_timeout() -> String {
+    "25s".into()
 }
 
 fn default_tls_reload() -> String {
@@ -233,6 +239,7 @@ impl RawConfig {
             Some(n) => n,
             None => default_worker_threads(),
         };
+        let shutdown_timeout = parse_duration("shutdown_timeout", &self.shutdown_timeout)?;
         let d = self.database;
         if d.host.is_empty() {
             return Err(invalid("database.host", "must not be empty"));
@@ -360,6 +367,6 @@ impl RawConfig {
             }
             credentials.push(CredentialConfig { user: c.user, source, refresh_interval, iam_auth });
         }
-        Ok(Config { listen, worker_threads, database, pool, metrics_listen, tls, iam, audit, credentials })
+        Ok(Config { listen, worker_threads, shutdown_timeout, database, pool, metrics_listen, tls, iam, audit, credentials })
     }
 }

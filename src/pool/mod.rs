@@ -500,6 +500,21 @@ impl Pools {
         Pools { target, tls, cfg, metrics, map: Mutex::new(HashMap::new()) }
     }
 
+    /// Closes every idle backend of every pool politely (Terminate first), for shutdown.
+    pub async fn close_idle(&self) {
+        let entries: Vec<Arc<PoolEntry>> = lock(&self.map).values().cloned().collect();
+        let mut closing = tokio::task::JoinSet::new();
+        for entry in entries {
+            let idle = std::mem::take(&mut lock(&entry.state).idle);
+            for conn in idle {
+                entry.forget_one();
+                closing.spawn(conn.close());
+            }
+        }
+        // Each close gives up after a second of its own.
+        while closing.join_next().await.is_some() {}
+    }
+
     /// The pool for `key`, created (with its janitor) if this is its first client.
     pub fn entry(&self, key: &PoolKey, store: &Arc<CredentialStore>) -> Arc<PoolEntry> {
         let mut map = lock(&self.map);

@@ -31,6 +31,8 @@ pub enum SessionError {
     LoginTimeout,
     #[error("client idle for longer than idle_client_timeout")]
     IdleTimeout,
+    #[error("pgwarden is shutting down")]
+    ShuttingDown,
     #[error(transparent)]
     Pool(PoolError),
     #[error("database refused a client setting: {code} {message}")]
@@ -95,6 +97,9 @@ impl SessionError {
             SessionError::IdleTimeout => {
                 fatal(SqlState::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout".into())
             }
+            SessionError::ShuttingDown => {
+                fatal(SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command".into())
+            }
             SessionError::Pool(e) => fatal(e.sqlstate(), e.client_message()),
             SessionError::SettingRejected { code, message } => Some((Severity::Fatal, code.as_str(), message.clone())),
             SessionError::BackendLost => fatal(
@@ -106,7 +111,7 @@ impl SessionError {
 
     pub fn log(&self, id: SessionId, peer: SocketAddr) {
         match self {
-            SessionError::ClientClosed | SessionError::Io(_) => {
+            SessionError::ClientClosed | SessionError::Io(_) | SessionError::ShuttingDown => {
                 tracing::debug!(session = id.0, %peer, error = %self, "session ended")
             }
             SessionError::Auth(_)

@@ -89,6 +89,9 @@ async fn transactions(
     // When the client's last transaction ended (from the relay's last clock read, not a new one).
     let mut idle_since = tokio::time::Instant::now();
     loop {
+        if shared.drain.started() {
+            return Err(SessionError::ShuttingDown);
+        }
         if client.buf.is_empty() {
             // An idle client holds no read buffer: wait for readability, then take one.
             if client.buf.capacity() > 0 {
@@ -96,10 +99,12 @@ async fn transactions(
             }
             let read = std::future::poll_fn(|cx| client.stream.poll_idle_read(cx, &mut client.buf));
             let mut read = std::pin::pin!(read);
+            let mut drain = std::pin::pin!(shared.drain.started_wait());
             let n = loop {
                 tokio::select! {
                     biased;
                     n = &mut read => break n,
+                    _ = &mut drain => return Err(SessionError::ShuttingDown),
                     _ = &mut idle_timer => {
                         let Some(limit) = limit else {
                             idle_timer.as_mut().reset(tokio::time::Instant::now() + FAR_FUTURE);
@@ -156,6 +161,10 @@ async fn transaction(
             pinned = Some(GaugeGuard::new(&shared.metrics.database_connections_currently_session_pinned));
         }
         match end.outcome {
+            Outcome::TransactionDone if pinned.is_some() && shared.drain.started() => {
+                Box::pin(finish_abandoned(lease, true, false, true)).await;
+                break Err(SessionError::ShuttingDown);
+            }
             Outcome::TransactionDone if pinned.is_some() => continue,
             Outcome::TransactionDone => {
                 let ended = lease.conn().last_active;
@@ -163,11 +172,12 @@ async fn transaction(
                 break Ok(Next::WaitForClient(ended));
             }
             Outcome::ClientGone => {
-                Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable)).await;
+                Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable, pinned.is_some())).await;
                 break Ok(Next::Close);
             }
             Outcome::ClientProtocol(e) => {
-                Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable)).await;
+                let pinned = pinned.is_some();
+                Box::pin(finish_abandoned(lease, end.backend_clean, end.backend_rollbackable, pinned)).await;
                 break Err(SessionError::Protocol(e));
             }
             Outcome::BackendGone => {
@@ -225,20 +235,35 @@ async fn checkout_with_settings<'p>(
 }
 
 /// The client left while holding a backend: keep the backend if it is clean or can be rolled
-/// back cleanly, otherwise close it. Never hand a dirty backend to another client.
-async fn finish_abandoned(mut lease: Lease<'_>, clean: bool, rollbackable: bool) {
-    if clean {
-        lease.release();
-        return;
-    }
-    if rollbackable {
-        let rolled_back = tokio::time::timeout(ROLLBACK_TIMEOUT, lease.conn().simple_query("ROLLBACK")).await;
-        if let Ok(Ok((TxStatus::Idle, _))) = rolled_back {
-            lease.release();
+/// back cleanly, otherwise close it. A pinned session's backend holds the client's named
+/// prepared statements: `DISCARD ALL` clears them (and every other session state) first.
+/// Never hand a dirty backend to another client.
+async fn finish_abandoned(mut lease: Lease<'_>, clean: bool, rollbackable: bool, pinned: bool) {
+    let mut cleanup: Vec<&str> = Vec::new();
+    if !clean {
+        if !rollbackable {
+            lease.discard();
             return;
         }
+        cleanup.push("ROLLBACK");
     }
-    lease.discard();
+    if pinned {
+        cleanup.push("DISCARD ALL");
+    }
+    for sql in cleanup {
+        match tokio::time::timeout(ROLLBACK_TIMEOUT, lease.conn().simple_query(sql)).await {
+            Ok(Ok((TxStatus::Idle, None))) => {}
+            _ => {
+                lease.discard();
+                return;
+            }
+        }
+    }
+    if pinned {
+        // Back to the login defaults: the next client's settings are re-sent as needed.
+        lease.conn().applied = Settings::default();
+    }
+    lease.release();
 }
 
 /// Used by `listener` when the client cap is reached.
@@ -263,10 +288,11 @@ mod tests {
 
     /// An idle client costs its session task; the bench holds that under 2 KiB per client.
     /// Large states (login, a borrowed backend, the relay) must stay boxed, out of this size.
+    /// Budget: 1 KiB, plus 64 bytes for the idle wait's registration with the shutdown drain.
     #[test]
-    fn session_future_stays_under_one_kib() {
+    fn session_future_stays_small() {
         let size = future_size::<Arc<Shared>, TcpStream, SocketAddr, SessionId, _>(run);
-        assert!(size <= 1024, "session future grew to {size} bytes");
+        assert!(size <= 1024 + 64, "session future grew to {size} bytes");
     }
 
     fn future_size5<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {

@@ -22,7 +22,8 @@ pub struct Harness {
     pub env: DevEnv,
     pub addr: SocketAddr,
     pub shared: Arc<Shared>,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Harness {
@@ -52,10 +53,20 @@ impl Harness {
         let addr = server.local_addr();
         let shared = server.shared();
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        Harness { env, addr, shared, _stop: stop }
+        let server = tokio::spawn(server.run(
+            async move {
+                let _ = stopped.await;
+            },
+            std::future::pending(),
+        ));
+        Harness { env, addr, shared, stop: Some(stop), server: Some(server) }
+    }
+
+    /// Does what SIGTERM does: pgwarden stops accepting and drains. The handle completes when
+    /// `Server::run` returns.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        let _ = self.stop.take().expect("shut down once").send(());
+        self.server.take().expect("server task")
     }
 
     pub fn conn_str(&self) -> String {
