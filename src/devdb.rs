@@ -110,6 +110,11 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Whether a failed start's server log says its port was in use.
+fn port_was_taken(log: &Path) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|l| l.contains("Address already in use"))
+}
+
 impl TempCluster {
     /// initdb and start a cluster. Blocking (runs `initdb` and `pg_ctl`): call it from
     /// `spawn_blocking` in async code.
@@ -173,15 +178,29 @@ impl TempCluster {
         }
         use std::io::Write;
         std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?.write_all(conf.as_bytes())?;
-        let out = cluster
-            .server_command("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(cluster.dir.path().join("postgres.log"))
-            .args(["-w", "-t", "60", "start"])
-            .output()?;
-        check("pg_ctl start", out).map_err(|e| cluster.with_log(e))?;
+        // The free port can be taken between `free_port` and the postmaster's bind (by any
+        // process's outgoing connection): then try another one, a few times.
+        let log = cluster.dir.path().join("postgres.log");
+        for attempt in 1.. {
+            let out = cluster
+                .server_command("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "60", "start"])
+                .output()?;
+            match check("pg_ctl start", out) {
+                Ok(_) => break,
+                Err(_) if attempt < 4 && port_was_taken(&log) => {
+                    std::fs::write(&log, "")?;
+                    cluster.port = free_port()?;
+                    let line = format!("port = {}\n", cluster.port);
+                    std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?.write_all(line.as_bytes())?;
+                }
+                Err(e) => return Err(cluster.with_log(e)),
+            }
+        }
         cluster.running = true;
         Ok(cluster)
     }
