@@ -326,10 +326,6 @@ EOF
     >"$TMP/pgwarden.log" 2>&1 </dev/null &
   PGW_PID=$!
   wait_sql "$PGW_PORT" bench "$BENCH_PW" bench pgwarden "$PGW_PID"
-  # One token for the whole run, as a Lambda function reuses one within its 15 minutes.
-  PGW_TOKEN=$(AWS_ACCESS_KEY_ID=$BENCH_AKID AWS_SECRET_ACCESS_KEY=$BENCH_SECRET AWS_REGION=us-east-1 \
-    AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null \
-    "$PGWARDEN_BIN" token --hostname 127.0.0.1 --port "$PGW_PORT" --username bench)
 fi
 
 port_of() {
@@ -338,6 +334,13 @@ port_of() {
     pgbouncer) echo "$PGB_PORT" ;;
     pgwarden) echo "$PGW_PORT" ;;
   esac
+}
+
+# An IAM auth token for the bench user, signed with the bench keyring's key.
+iam_token() {
+  AWS_ACCESS_KEY_ID=$BENCH_AKID AWS_SECRET_ACCESS_KEY=$BENCH_SECRET AWS_REGION=us-east-1 \
+    AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null \
+    "$PGWARDEN_BIN" token --hostname 127.0.0.1 --port "$PGW_PORT" --username bench
 }
 
 # Neither pooler may share this script's session, where pgbench runs (see the start of
@@ -450,7 +453,9 @@ run_pgbench() {
   local password=$BENCH_PW sslmode=disable
   if [[ -n ${W_TLS[$w]:-} ]]; then
     sslmode=require
-    [[ $sys == pgwarden ]] && password=$PGW_TOKEN
+    # A fresh token for each run (one token serves the whole run, as a Lambda function reuses
+    # one within its 15 minutes; a long bench outlives a token made at start-up).
+    [[ $sys == pgwarden ]] && password=$(iam_token)
   fi
   PGSSLMODE=$sslmode PGPASSWORD=$password timeout $((DURATION + 120)) \
     pgbench -n -j 2 -T "$DURATION" ${W_ARGS[$w]} -h 127.0.0.1 -p "$port" -U bench bench \
@@ -465,7 +470,7 @@ run_pgbench() {
   if [[ -n $perf_pid ]]; then kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null || true; fi
   BENCH_PID=""
   idle1=$(idle_share)
-  IDLE[$w,$sys]=$(awk -v a="$idle0" -v b="$idle1" 'BEGIN { split(a, x); split(b, y); printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }')
+  IDLE[$w,$sys]=$(awk -v a="$idle0" -v b="$idle1" 'BEGIN { split(a, x); split(b, y); if (y[2] > x[2]) printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]); else printf "n/a" }')
   BUSY[$w,$sys]=$(awk -v a="$idle0" -v b="$idle1" 'BEGIN { split(a, x); split(b, y); print (y[2] - x[2]) - (y[1] - x[1]) }')
   [[ -n $pid && -n ${SCHED_DEBUG:-} ]] && cat "/proc/$pid/sched" >"$out.sched"
   [[ -n $pid ]] && cpu1=$(cpu_ticks "$pid") && user1=$(user_ticks "$pid") && read -ra ctx1 <<<"$(ctx_switches "$pid")"
@@ -538,7 +543,7 @@ paired_ratios() {
     list+="$(ratio "${R_TPS[$w,pgwarden,$r]:-}" "${R_TPS[$w,pgbouncer,$r]:-}") "
   done
   printf 'pgwarden / pgbouncer TPS round by round: %s→ median **%s**\n' "$list" \
-    "$(tr ' ' '\n' <<<"$list" | grep -v '^$' | tr -d x | sort -g | awk '{v[NR] = $1} END {printf "%.2fx", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}')"
+    "$(tr ' ' '\n' <<<"$list" | grep -v '^$' | grep -v 'n/a' | tr -d x | sort -g | awk '{v[NR] = $1} END {printf "%.2fx", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}')"
 }
 
 if [[ $MODE == all || $MODE == tps ]]; then

@@ -356,3 +356,18 @@ async fn shutdown_stops_waiting_for_a_client_at_shutdown_timeout() {
     tokio::time::timeout(Duration::from_secs(30), server).await.expect("drain gives up at shutdown_timeout").unwrap();
     assert!(h.shared.drain.started());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_reaches_a_pinned_session_between_transactions() {
+    // A long timeout: the drain must end because the pinned client was closed, not by giving up.
+    let mut h = Harness::start_with(|c| c.shutdown_timeout = Duration::from_secs(600)).await;
+    let pinned = h.client().await;
+    let stmt = pinned.prepare("SELECT 1").await.unwrap();
+    pinned.query_one(&stmt, &[]).await.unwrap();
+    assert!(h.shared.metrics.render().contains("DatabaseConnectionsCurrentlySessionPinned 1"));
+    let server = h.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(60), server).await.expect("the pinned idle client was closed").unwrap();
+    let err = pinned.query_one(&stmt, &[]).await.expect_err("closed by the drain");
+    assert!(pinned.is_closed() || sqlstate(&err).as_deref() == Some("57P01"), "unexpected: {err}");
+    assert!(h.shared.metrics.render().contains("DatabaseConnectionsCurrentlySessionPinned 0"));
+}

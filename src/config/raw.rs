@@ -275,8 +275,8 @@ impl RawConfig {
         if p.min_idle_backend_connections > p.max_backend_connections {
             return Err(invalid("pool.min_idle_backend_connections", "must not exceed pool.max_backend_connections"));
         }
-        if p.max_client_connections == 0 {
-            return Err(invalid("pool.max_client_connections", "must be at least 1"));
+        if p.max_client_connections == 0 || u32::try_from(p.max_client_connections).is_err() {
+            return Err(invalid("pool.max_client_connections", "must be between 1 and 4294967295"));
         }
         if p.max_message_bytes < 1024 || p.max_message_bytes > (1 << 30) {
             return Err(invalid("pool.max_message_bytes", "must be between 1024 and 1073741824"));

@@ -11,6 +11,16 @@ fn minimal_config_gets_rds_proxy_defaults() {
     assert_eq!(c.database.port, 5432);
     assert_eq!(c.pool.borrow_timeout, Duration::from_secs(120));
     assert_eq!(c.pool.idle_client_timeout, Some(Duration::from_secs(1800)));
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
+}
+
+#[test]
+fn shutdown_timeout_and_client_cap_are_checked() {
+    let err = parse("shutdown_timeout = \"soon\"\n[database]\nhost = \"db\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("shutdown_timeout: invalid duration"), "{err}");
+    // The drain counts clients with a u32 semaphore request.
+    let err = parse("[database]\nhost = \"db\"\n[pool]\nmax_client_connections = 4294967296\n").unwrap_err().to_string();
+    assert!(err.starts_with("pool.max_client_connections: must be between 1 and 4294967295"), "{err}");
 }
 
 #[test]

@@ -88,6 +88,8 @@ async fn transactions(
     let mut idle_timer = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
     // When the client's last transaction ended (from the relay's last clock read, not a new one).
     let mut idle_since = tokio::time::Instant::now();
+    // Registered with the drain once per session, not once per idle wait.
+    let mut drain = std::pin::pin!(shared.drain.started_wait());
     loop {
         if shared.drain.started() {
             return Err(SessionError::ShuttingDown);
@@ -99,7 +101,6 @@ async fn transactions(
             }
             let read = std::future::poll_fn(|cx| client.stream.poll_idle_read(cx, &mut client.buf));
             let mut read = std::pin::pin!(read);
-            let mut drain = std::pin::pin!(shared.drain.started_wait());
             let n = loop {
                 tokio::select! {
                     biased;
@@ -161,11 +162,27 @@ async fn transaction(
             pinned = Some(GaugeGuard::new(&shared.metrics.database_connections_currently_session_pinned));
         }
         match end.outcome {
-            Outcome::TransactionDone if pinned.is_some() && shared.drain.started() => {
-                Box::pin(finish_abandoned(lease, true, false, true)).await;
-                break Err(SessionError::ShuttingDown);
+            Outcome::TransactionDone if pinned.is_some() => {
+                let wake = if shared.drain.started() {
+                    PinnedWake::Drain
+                } else if client.buf.is_empty() {
+                    // Boxed: pinned sessions are the rare case.
+                    Box::pin(pinned_idle(shared, client, lease.conn())).await
+                } else {
+                    PinnedWake::Ready
+                };
+                match wake {
+                    PinnedWake::Ready => continue,
+                    PinnedWake::ClientGone => {
+                        Box::pin(finish_abandoned(lease, true, false, true)).await;
+                        break Ok(Next::Close);
+                    }
+                    PinnedWake::Drain => {
+                        Box::pin(finish_abandoned(lease, true, false, true)).await;
+                        break Err(SessionError::ShuttingDown);
+                    }
+                }
             }
-            Outcome::TransactionDone if pinned.is_some() => continue,
             Outcome::TransactionDone => {
                 let ended = lease.conn().last_active;
                 lease.release();
@@ -193,6 +210,34 @@ async fn transaction(
     };
     cancel.set_target(None);
     result
+}
+
+/// What ended a pinned session's wait between transactions.
+enum PinnedWake {
+    /// The client sent something (now in its buffer), or the backend did: back to the relay.
+    Ready,
+    ClientGone,
+    Drain,
+}
+
+/// A pinned session between transactions, its client silent. The relay would wait on both
+/// sockets by itself; this also hears the shutdown drain. Wakes when the client sends
+/// something (read into its buffer), when the backend does (a notification, or its end: the
+/// relay forwards or reports it), or when the drain starts.
+async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut crate::backend::BackendConn) -> PinnedWake {
+    use std::future::Future;
+    use std::task::Poll;
+    let mut drain = std::pin::pin!(shared.drain.started_wait());
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = client.stream.poll_read_some(cx, &mut client.buf) {
+            return Poll::Ready(if matches!(r, Ok(n) if n > 0) { PinnedWake::Ready } else { PinnedWake::ClientGone });
+        }
+        if backend.stream.tcp().is_some_and(|tcp| tcp.poll_read_ready(cx).is_ready()) {
+            return Poll::Ready(PinnedWake::Ready);
+        }
+        drain.as_mut().poll(cx).map(|()| PinnedWake::Drain)
+    })
+    .await
 }
 
 /// Borrows a backend and brings its session settings in line with the client's. Also returns
