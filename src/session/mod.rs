@@ -88,8 +88,11 @@ async fn transactions(
     let mut idle_timer = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
     // When the client's last transaction ended (from the relay's last clock read, not a new one).
     let mut idle_since = tokio::time::Instant::now();
-    // Registered with the drain once per session, not once per idle wait.
+    // Polled once, at the first idle wait: from then on the drain holds this task's waker
+    // (a task's waker does not change) and wakes it; later waits read the flag, which costs no
+    // lock, instead of polling the future again.
     let mut drain = std::pin::pin!(shared.drain.started_wait());
+    let mut drain_registered = false;
     loop {
         if shared.drain.started() {
             return Err(SessionError::ShuttingDown);
@@ -99,14 +102,29 @@ async fn transactions(
             if client.buf.capacity() > 0 {
                 crate::bufpool::give(std::mem::take(&mut client.buf));
             }
-            let read = std::future::poll_fn(|cx| client.stream.poll_idle_read(cx, &mut client.buf));
-            let mut read = std::pin::pin!(read);
             let n = loop {
-                tokio::select! {
-                    biased;
-                    n = &mut read => break n,
-                    _ = &mut drain => return Err(SessionError::ShuttingDown),
-                    _ = &mut idle_timer => {
+                let wake = std::future::poll_fn(|cx| {
+                    use std::future::Future;
+                    use std::task::Poll;
+                    if let Poll::Ready(n) = client.stream.poll_idle_read(cx, &mut client.buf) {
+                        return Poll::Ready(IdleWake::Read(n));
+                    }
+                    if shared.drain.started() {
+                        return Poll::Ready(IdleWake::Drain);
+                    }
+                    if !drain_registered {
+                        drain_registered = true;
+                        if drain.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(IdleWake::Drain);
+                        }
+                    }
+                    idle_timer.as_mut().poll(cx).map(|()| IdleWake::Timer)
+                })
+                .await;
+                match wake {
+                    IdleWake::Read(n) => break n,
+                    IdleWake::Drain => return Err(SessionError::ShuttingDown),
+                    IdleWake::Timer => {
                         let Some(limit) = limit else {
                             idle_timer.as_mut().reset(tokio::time::Instant::now() + FAR_FUTURE);
                             continue;
@@ -132,6 +150,13 @@ async fn transactions(
             Next::Close => return Ok(()),
         }
     }
+}
+
+/// What ended an idle client's wait.
+enum IdleWake {
+    Read(std::io::Result<usize>),
+    Drain,
+    Timer,
 }
 
 #[derive(Debug, PartialEq, Eq)]
