@@ -423,7 +423,7 @@ pid_of() {
   esac
 }
 CLK_TCK=$(getconf CLK_TCK)
-declare -A IDLE BUSY OTHER_US R_OTHER
+declare -A IDLE BUSY OTHER_US R_OTHER RUNQ_US
 
 # "idle+iowait total" jiffies of all CPUs, from /proc/stat.
 idle_share() {
@@ -446,8 +446,9 @@ run_pgbench() {
   local ctx0=(0 0) ctx1=(0 0)
   local user0=0 user1=0
   [[ -n $pid ]] && cpu0=$(cpu_ticks "$pid") && user0=$(user_ticks "$pid") && read -ra ctx0 <<<"$(ctx_switches "$pid")"
-  local idle0 idle1
+  local idle0 idle1 wait0=0 wait1=0
   idle0=$(idle_share)
+  [[ -n $pid ]] && wait0=$(awk '{print $2}' "/proc/$pid/schedstat")
   # Background + wait, so INT/TERM reach our trap at once instead of after pgbench.
   # shellcheck disable=SC2086  # W_ARGS is a word list on purpose
   local password=$BENCH_PW sslmode=disable
@@ -470,6 +471,7 @@ run_pgbench() {
   if [[ -n $perf_pid ]]; then kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null || true; fi
   BENCH_PID=""
   idle1=$(idle_share)
+  [[ -n $pid ]] && wait1=$(awk '{print $2}' "/proc/$pid/schedstat")
   IDLE[$w,$sys]=$(awk -v a="$idle0" -v b="$idle1" 'BEGIN { split(a, x); split(b, y); if (y[2] > x[2]) printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]); else printf "n/a" }')
   BUSY[$w,$sys]=$(awk -v a="$idle0" -v b="$idle1" 'BEGIN { split(a, x); split(b, y); print (y[2] - x[2]) - (y[1] - x[1]) }')
   [[ -n $pid && -n ${SCHED_DEBUG:-} ]] && cat "/proc/$pid/sched" >"$out.sched"
@@ -486,9 +488,12 @@ run_pgbench() {
   fi
   TPS[$w,$sys]=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
   OTHER_US[$w,$sys]=""
+  RUNQ_US[$w,$sys]=""
   if [[ -n $processed && $processed -gt 0 ]]; then
     # Everything but the pooler: PostgreSQL, pgbench, the kernel's share of both.
     OTHER_US[$w,$sys]=$(awk -v t=$(( BUSY[$w,$sys] - (cpu1 - cpu0) )) -v hz="$CLK_TCK" -v n="$processed" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    # Time the pooler was runnable but waiting for a CPU (schedstat, ns), per transaction.
+    RUNQ_US[$w,$sys]=$(awk -v t=$((wait1 - wait0)) -v n="$processed" 'BEGIN { printf "%.1f", t / 1e3 / n }')
   fi
   LAT[$w,$sys]=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -1)
   FAIL[$w,$sys]=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -1)
@@ -504,8 +509,8 @@ run_pgbench() {
     # pgbench's -T clock includes connecting all clients first
     NOTE[$w,$sys]+="${NOTE[$w,$sys]:+, }0 tx: connecting took longer than DURATION?"
   fi
-  printf '    %-10s r%s tps=%-12s lat=%-8s ms failed=%s cpu/tx=%sus (user %s) ctx/tx=%s idle=%s%% rest=%sus/tx %s\n' "$sys" "$round" "${TPS[$w,$sys]:-ERR}" \
-    "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${CPU_US[$w,$sys]:--}" "${USER_US[$w,$sys]:--}" "${CTX[$w,$sys]:--}" "${IDLE[$w,$sys]}" "${OTHER_US[$w,$sys]:-}" "${NOTE[$w,$sys]}" >&2
+  printf '    %-10s r%s tps=%-12s lat=%-8s ms failed=%s cpu/tx=%sus (user %s) ctx/tx=%s idle=%s%% rest=%sus/tx runq=%sus/tx %s\n' "$sys" "$round" "${TPS[$w,$sys]:-ERR}" \
+    "${LAT[$w,$sys]:--}" "${FAIL[$w,$sys]}" "${CPU_US[$w,$sys]:--}" "${USER_US[$w,$sys]:--}" "${CTX[$w,$sys]:--}" "${IDLE[$w,$sys]}" "${OTHER_US[$w,$sys]:-}" "${RUNQ_US[$w,$sys]:-}" "${NOTE[$w,$sys]}" >&2
   R_TPS[$w,$sys,$round]=${TPS[$w,$sys]:-}
   R_LAT[$w,$sys,$round]=${LAT[$w,$sys]:-}
   R_FAIL[$w,$sys,$round]=${FAIL[$w,$sys]}

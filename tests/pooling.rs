@@ -371,3 +371,35 @@ async fn shutdown_reaches_a_pinned_session_between_transactions() {
     assert!(pinned.is_closed() || sqlstate(&err).as_deref() == Some("57P01"), "unexpected: {err}");
     assert!(h.shared.metrics.render().contains("DatabaseConnectionsCurrentlySessionPinned 0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pinned_client_times_out_and_frees_its_backend() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.idle_client_timeout = Some(Duration::from_millis(300));
+    })
+    .await;
+    let mut raw = common::RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    // A named statement pins the session to the only backend.
+    let body = b"held\0SELECT 1\0\0\0"; // name, query, no parameter types
+    let mut msgs = vec![b'P'];
+    msgs.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
+    msgs.extend_from_slice(body);
+    msgs.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+    raw.send(&msgs).await;
+    let mut tags = Vec::new();
+    while let Some(m) = raw.recv().await {
+        tags.push(m.tag);
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(tags, [b'1', b'Z'], "ParseComplete, ReadyForQuery");
+    raw.expect_fatal_then_close("57P05").await;
+    // The backend it held serves the next client, with the statement gone.
+    let next = h.client().await;
+    let left: i64 = next.query_typed_one("SELECT count(*) FROM pg_prepared_statements", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0);
+    assert!(h.shared.metrics.render().contains("DatabaseConnectionsCurrentlySessionPinned 0"));
+}

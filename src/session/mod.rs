@@ -206,6 +206,11 @@ async fn transaction(
                         Box::pin(finish_abandoned(lease, true, false, true)).await;
                         break Err(SessionError::ShuttingDown);
                     }
+                    PinnedWake::IdleTimeout => {
+                        // The backend it pins is freed too, as RDS Proxy's IdleClientTimeout does.
+                        Box::pin(finish_abandoned(lease, true, false, true)).await;
+                        break Err(SessionError::IdleTimeout);
+                    }
                 }
             }
             Outcome::TransactionDone => {
@@ -243,16 +248,20 @@ enum PinnedWake {
     Ready,
     ClientGone,
     Drain,
+    IdleTimeout,
 }
 
 /// A pinned session between transactions, its client silent. The relay would wait on both
-/// sockets by itself; this also hears the shutdown drain. Wakes when the client sends
-/// something (read into its buffer), when the backend does (a notification, or its end: the
-/// relay forwards or reports it), or when the drain starts.
+/// sockets by itself; this also hears the shutdown drain and keeps `idle_client_timeout`
+/// (a pinned client holds a backend: left idle, it must not hold it forever). Wakes when the
+/// client sends something (read into its buffer), when the backend does (a notification, or
+/// its end: the relay forwards or reports it), when the drain starts, or at the timeout.
 async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut crate::backend::BackendConn) -> PinnedWake {
     use std::future::Future;
     use std::task::Poll;
     let mut drain = std::pin::pin!(shared.drain.started_wait());
+    let limit = shared.config.pool.idle_client_timeout;
+    let mut idle = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = client.stream.poll_read_some(cx, &mut client.buf) {
             return Poll::Ready(if matches!(r, Ok(n) if n > 0) { PinnedWake::Ready } else { PinnedWake::ClientGone });
@@ -260,7 +269,13 @@ async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut cra
         if backend.stream.tcp().is_some_and(|tcp| tcp.poll_read_ready(cx).is_ready()) {
             return Poll::Ready(PinnedWake::Ready);
         }
-        drain.as_mut().poll(cx).map(|()| PinnedWake::Drain)
+        if drain.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(PinnedWake::Drain);
+        }
+        match limit {
+            Some(_) => idle.as_mut().poll(cx).map(|()| PinnedWake::IdleTimeout),
+            None => Poll::Pending,
+        }
     })
     .await
 }
