@@ -80,6 +80,7 @@ impl DevEnv {
                 listen: SocketAddr::from(([127, 0, 0, 1], opts.port)),
                 worker_threads: opts.worker_threads,
                 shutdown_timeout: Duration::from_secs(5),
+                tcp_keepalive: Some(Duration::from_secs(60)),
                 database: DatabaseConfig {
                     // The cluster's certificate names localhost: verify-full checks that name.
                     host: if opts.backend_tls { "localhost".into() } else { "127.0.0.1".into() },
@@ -88,6 +89,7 @@ impl DevEnv {
                     tls: if opts.backend_tls { BackendTlsMode::VerifyFull } else { BackendTlsMode::Disable },
                     ca_file: cluster.ca_cert(),
                     connect_timeout: Duration::from_secs(10),
+                    tcp_keepalive: Some(Duration::from_secs(60)),
                 },
                 pool: PoolConfig {
                     max_backend_connections: opts.pool_size,

@@ -2,6 +2,8 @@
 //! login), where messages are small and read one at a time. The relay does not use this: it
 //! streams bytes through [`crate::protocol::MessageScanner`].
 
+use std::time::Duration;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -98,5 +100,43 @@ mod tests {
         assert!(matches!(read_startup_packet(&mut tiny, 10_000).await, Err(ReadError::Protocol(_))));
         let mut cut: &[u8] = &[0, 0, 0, 16, 0, 3, 0, 0];
         assert!(matches!(read_startup_packet(&mut cut, 10_000).await, Err(ReadError::Closed)));
+    }
+}
+
+/// TCP keepalive on `tcp`: after `idle` without traffic, probes every 10 s, and the connection
+/// is dropped after 6 unanswered ones. Finds peers that vanished without a FIN (a frozen
+/// Lambda sandbox, a failed-over database host) so their sessions and backends are freed.
+pub fn set_keepalive(tcp: &tokio::net::TcpStream, idle: Option<Duration>) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(tcp);
+    match idle {
+        None => sock.set_keepalive(false),
+        Some(idle) => {
+            let ka = socket2::TcpKeepalive::new().with_time(idle).with_interval(Duration::from_secs(10));
+            #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+            let ka = ka.with_retries(6);
+            sock.set_tcp_keepalive(&ka)
+        }
+    }
+}
+
+#[cfg(test)]
+mod keepalive_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_is_set_with_its_idle_time_or_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        set_keepalive(&tcp, Some(Duration::from_secs(42))).unwrap();
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(42));
+            assert_eq!(sock.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+            assert_eq!(sock.tcp_keepalive_retries().unwrap(), 6);
+        }
+        set_keepalive(&tcp, None).unwrap();
+        assert!(!sock.keepalive().unwrap());
     }
 }

@@ -79,7 +79,16 @@ impl Rig {
     /// Waits until the proxy's snapshot of `app`'s credential satisfies `pred`.
     async fn until_credential(&self, pred: impl Fn(&pgwarden::credentials::CredentialSet) -> bool) {
         let mut rx = self.h.shared.users["app"].store.subscribe();
-        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| pred(s))).await.expect("proxy sees the change").unwrap();
+        if tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| pred(s))).await.is_err() {
+            let s = self.h.shared.users["app"].store.snapshot();
+            panic!(
+                "proxy never saw the change; it holds generation {} (current {}, pending {:?}, previous {:?})",
+                s.generation.0,
+                s.secret.current.username,
+                s.secret.pending.as_ref().map(|c| &c.username),
+                s.secret.previous.as_ref().map(|c| &c.username),
+            );
+        }
     }
 
     /// `pid:user` of each backend pgwarden holds for `app`'s pool (the user may be app_clone).
@@ -288,7 +297,12 @@ async fn set_secret_falls_back_to_the_previous_password_when_current_no_longer_w
     rig.h.admin("ALTER ROLE app PASSWORD 'initial-Pa55word-0123456789abcdef'");
     let token = rotator.rotate().await.expect("setSecret logs in with AWSPREVIOUS");
     assert_eq!(token.len(), 36);
-    rig.until_credential(|s| s.generation.0 >= 3 && s.secret.pending.is_none()).await;
+    // Wait for the proxy to hold what Secrets Manager now calls AWSCURRENT (counting
+    // generations would race: two quick rotations can land within one refresh).
+    let current = rig.sm.get_secret_value().secret_id(SECRET).version_stage("AWSCURRENT").send().await.unwrap();
+    let current: serde_json::Value = serde_json::from_str(current.secret_string().unwrap()).unwrap();
+    let password = current["password"].as_str().unwrap().to_owned();
+    rig.until_credential(|s| s.secret.pending.is_none() && s.secret.current.password.expose_secret() == password).await;
     rig.kill_backends();
     let c = rig.client().await;
     assert_eq!(select_one(&c).await, "1", "the proxy logs in with the new AWSCURRENT");

@@ -74,6 +74,7 @@ async fn login(
     let addr = format!("{}:{}", target.host, target.port);
     let mut tcp = TcpStream::connect(&addr).await.map_err(|source| BackendError::Connect { addr: addr.clone(), source })?;
     tcp.set_nodelay(true)?;
+    crate::net::set_keepalive(&tcp, target.tcp_keepalive)?;
     let peer = tcp.peer_addr()?;
     let stream = match tls {
         None => Stream::Plain(tcp),

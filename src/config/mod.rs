@@ -46,6 +46,8 @@ pub struct DatabaseConfig {
     /// CA bundle for `verify-ca` / `verify-full` (e.g. RDS's global bundle).
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
+    /// TCP keepalive for backend connections (the top-level `tcp_keepalive`).
+    pub tcp_keepalive: Option<Duration>,
 }
 
 /// Client-facing TLS.
@@ -137,6 +139,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// How long a shutdown waits for clients to finish their transactions (see `shutdown`).
     pub shutdown_timeout: Duration,
+    /// Idle time before TCP keepalive probes on client and backend sockets; `None` = off.
+    pub tcp_keepalive: Option<Duration>,
     pub database: DatabaseConfig,
     pub pool: PoolConfig,
     pub metrics_listen: Option<SocketAddr>,

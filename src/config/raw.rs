@@ -15,6 +15,8 @@ pub(super) struct RawConfig {
     worker_threads: Option<usize>,
     #[serde(default = "default_shutdown_timeout")]
     shutdown_timeout: String,
+    #[serde(default = "default_tcp_keepalive")]
+    tcp_keepalive: Option<String>,
     database: RawDatabase,
     #[serde(default)]
     pool: RawPool,
@@ -39,6 +41,10 @@ struct RawTls {
     require: bool,
     #[serde(default = "default_tls_reload")]
     reload_interval: String,
+}
+
+fn default_tcp_keepalive() -> Option<String> {
+    Some("60s".into())
 }
 
 fn default_shutdown_timeout() -> String {
@@ -240,6 +246,10 @@ impl RawConfig {
             None => default_worker_threads(),
         };
         let shutdown_timeout = parse_duration("shutdown_timeout", &self.shutdown_timeout)?;
+        let tcp_keepalive = optional_duration("tcp_keepalive", &self.tcp_keepalive)?;
+        if tcp_keepalive.is_some_and(|d| d < Duration::from_secs(1)) {
+            return Err(invalid("tcp_keepalive", "must be at least 1s (or \"off\")"));
+        }
         let d = self.database;
         if d.host.is_empty() {
             return Err(invalid("database.host", "must not be empty"));
@@ -267,6 +277,7 @@ impl RawConfig {
             tls,
             ca_file,
             connect_timeout: parse_duration("database.connect_timeout", &d.connect_timeout)?,
+            tcp_keepalive,
         };
         let p = self.pool;
         if p.max_backend_connections == 0 {
@@ -367,6 +378,6 @@ impl RawConfig {
             }
             credentials.push(CredentialConfig { user: c.user, source, refresh_interval, iam_auth });
         }
-        Ok(Config { listen, worker_threads, shutdown_timeout, database, pool, metrics_listen, tls, iam, audit, credentials })
+        Ok(Config { listen, worker_threads, shutdown_timeout, tcp_keepalive, database, pool, metrics_listen, tls, iam, audit, credentials })
     }
 }

@@ -12,6 +12,16 @@ fn minimal_config_gets_rds_proxy_defaults() {
     assert_eq!(c.pool.borrow_timeout, Duration::from_secs(120));
     assert_eq!(c.pool.idle_client_timeout, Some(Duration::from_secs(1800)));
     assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
+    assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(60)));
+    assert_eq!(c.database.tcp_keepalive, c.tcp_keepalive, "backend sockets use the same setting");
+}
+
+#[test]
+fn tcp_keepalive_can_be_off_but_not_sub_second() {
+    let c = parse("tcp_keepalive = \"off\"\n[database]\nhost = \"db\"\n").unwrap();
+    assert_eq!((c.tcp_keepalive, c.database.tcp_keepalive), (None, None));
+    let err = parse("tcp_keepalive = \"500ms\"\n[database]\nhost = \"db\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("tcp_keepalive: must be at least 1s"), "{err}");
 }
 
 #[test]

@@ -28,6 +28,7 @@ pub(super) async fn open(login: &SecretValue, target: &SecretValue) -> Result<Ba
         tls: if ssl { BackendTlsMode::Require } else { BackendTlsMode::Disable },
         ca_file: None,
         connect_timeout: Duration::from_secs(10),
+        tcp_keepalive: None,
     };
     let tls = BackendTls::new(&db).map_err(|e| BackendError::Tls(std::io::Error::other(e.to_string())))?;
     connect_as(&db, tls.as_ref(), &db.dbname, &login.credential()).await

@@ -39,6 +39,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: S
     let _open = GaugeGuard::new(&shared.metrics.client_connections);
     shared.metrics.client_connections_received.increment(1);
     let _ = stream.set_nodelay(true);
+    let _ = crate::net::set_keepalive(&stream, shared.config.tcp_keepalive);
     let mut client = ClientSide {
         stream: Stream::Plain(stream),
         buf: BytesMut::new(),
