@@ -197,22 +197,16 @@ async fn transaction(
                 } else {
                     PinnedWake::Ready
                 };
-                match wake {
+                let end = match wake {
                     PinnedWake::Ready => continue,
-                    PinnedWake::ClientGone => {
-                        Box::pin(finish_abandoned(lease, true, false, true)).await;
-                        break Ok(Next::Close);
-                    }
-                    PinnedWake::Drain => {
-                        Box::pin(finish_abandoned(lease, true, false, true)).await;
-                        break Err(SessionError::ShuttingDown);
-                    }
-                    PinnedWake::IdleTimeout => {
-                        // The backend it pins is freed too, as RDS Proxy's IdleClientTimeout does.
-                        Box::pin(finish_abandoned(lease, true, false, true)).await;
-                        break Err(SessionError::IdleTimeout);
-                    }
-                }
+                    PinnedWake::ClientGone => Ok(Next::Close),
+                    PinnedWake::Drain => Err(SessionError::ShuttingDown),
+                    // The backend it pins is freed too, as RDS Proxy's IdleClientTimeout does.
+                    PinnedWake::IdleTimeout => Err(SessionError::IdleTimeout),
+                };
+                // Between transactions: clean, only its session state to clear.
+                Box::pin(finish_abandoned(lease, true, false, true)).await;
+                break end;
             }
             Outcome::TransactionDone => {
                 let ended = lease.conn().last_active;
