@@ -33,6 +33,10 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Stream::Plain(_))
+    }
+
     /// The TCP socket underneath.
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
@@ -162,33 +166,37 @@ impl Stream {
 
 /// One `recv` if tokio has seen the socket readable (else `WouldBlock`, no syscall). A short read
 /// means the socket is drained: tokio is told so (by answering `WouldBlock` to its `try_io`
-/// after keeping the bytes), and the next read waits for epoll.
+/// after keeping the bytes), and the next read waits for epoll. The syscall is made on the raw
+/// socket: `TcpStream::try_read` would check tokio's readiness a second time.
 fn read_ready(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     if buf.capacity() == buf.len() {
         buf.reserve(crate::bufpool::READ_BUFFER);
     }
-    let room = buf.capacity() - buf.len();
     let mut got = 0;
     let r = tcp.try_io(Interest::READABLE, || {
-        got = tcp.try_read_buf(buf)?;
-        if got > 0 && got < room { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(got) }
+        let room = buf.spare_capacity_mut();
+        let len = room.len();
+        got = socket2::SockRef::from(tcp).recv(room)?;
+        // SAFETY: `recv` initialised the first `got` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + got) };
+        if got > 0 && got < len { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(got) }
     });
     match r {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        Err(e) if got > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(got),
         r => r,
     }
 }
 
 /// One `send` if tokio has seen the socket writable; a short write marks it full, as in
-/// [`read_ready`].
+/// [`read_ready`]. (`MSG_NOSIGNAL`: a peer that closed is an error, not a SIGPIPE.)
 fn write_ready(tcp: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     let mut sent = 0;
     let r = tcp.try_io(Interest::WRITABLE, || {
-        sent = tcp.try_write(bytes)?;
+        sent = socket2::SockRef::from(tcp).send_with_flags(bytes, libc::MSG_NOSIGNAL)?;
         if sent > 0 && sent < bytes.len() { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(sent) }
     });
     match r {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && sent > 0 => Ok(sent),
+        Err(e) if sent > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(sent),
         r => r,
     }
 }

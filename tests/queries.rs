@@ -5,8 +5,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-
-use common::{Harness, sqlstate};
+use common::{Harness, RawClient, query_message, sqlstate};
 use futures_util::SinkExt;
 
 #[tokio::test]
@@ -96,6 +95,37 @@ async fn copy_in_and_out_round_trip_rows() {
     let chunks: Vec<bytes::Bytes> = futures_util::TryStreamExt::try_collect(stream).await.unwrap();
     let out: Vec<u8> = chunks.concat();
     assert_eq!(String::from_utf8(out).unwrap(), data);
+}
+
+/// COPY data that arrives in small pieces, each read on its own: the backend owes the COPY's
+/// answer but waits for the rest of the data, so the relay must keep reading the client (it
+/// may skip that read only after a request the backend answers, such as the Query itself).
+#[tokio::test]
+async fn copy_in_arriving_in_pieces_completes() {
+    let h = Harness::start().await;
+    h.client().await.batch_execute("CREATE TABLE pieces (n int)").await.unwrap();
+    let mut raw = RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    raw.send(&query_message("COPY pieces FROM STDIN")).await;
+    assert_eq!(raw.recv().await.expect("CopyInResponse").tag, b'G');
+    for i in 0..20 {
+        let row = format!("{i}\n");
+        let mut piece = vec![b'd'];
+        piece.extend_from_slice(&((row.len() + 4) as i32).to_be_bytes());
+        piece.extend_from_slice(row.as_bytes());
+        raw.send(&piece).await;
+        // The proxy runs on this test's runtime: yielding lets it read this piece by itself.
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+    }
+    raw.send(&[b'c', 0, 0, 0, 4]).await;
+    let done = raw.recv().await.expect("CommandComplete, not a hang");
+    assert_eq!(done.tag, b'C', "{done:?}");
+    assert_eq!(&done.body[..], b"COPY 20\0");
+    assert_eq!(raw.recv().await.expect("ReadyForQuery").tag, b'Z');
+    let n: i64 = h.client().await.query_one("SELECT count(*) FROM pieces", &[]).await.unwrap().get(0);
+    assert_eq!(n, 20);
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ pub use settings::Settings;
 pub struct BackendPid(pub i32);
 
 /// What is needed to cancel a query running on a backend.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendKey {
     pub addr: SocketAddr,
     pub pid: BackendPid,

@@ -3,11 +3,13 @@
 //! so the hot path only touches atomics. Latencies are in microseconds, as CloudWatch's are.
 //! Labels never carry secrets.
 //!
-//! Counters and gauges live in `metrics-exporter-prometheus`'s recorder; the two latencies
-//! recorded on every transaction are pgwarden's own [`LatencyHistogram`]s (cheaper per value);
+//! Counters and gauges live in `metrics-exporter-prometheus`'s recorder, except what moves on
+//! every transaction: the two latencies ([`LatencyHistogram`]), the query counters and the
+//! borrowed-backends gauge ([`hot`]) are pgwarden's own atomics (cheaper per value);
 //! [`Metrics::render`] joins both, and [`http`] serves them.
 
 pub mod histogram;
+pub mod hot;
 pub mod http;
 
 use std::time::Duration;
@@ -16,6 +18,7 @@ use metrics::{Counter, Gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub use histogram::LatencyHistogram;
+pub use hot::{HotCounter, HotGauge};
 
 const LATENCY_BUCKETS_US: &[f64] = &[
     50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 25_000.0, 50_000.0, 100_000.0, 250_000.0,
@@ -38,13 +41,13 @@ pub struct Metrics {
     pub database_connections_with_tls: Gauge,
     pub database_connections_setup_succeeded: Counter,
     pub database_connections_setup_failed: Counter,
-    pub database_connections_currently_borrowed: Gauge,
+    pub database_connections_currently_borrowed: HotGauge,
     pub database_connections_currently_session_pinned: Gauge,
     pub database_connections_borrow_latency: LatencyHistogram,
     pub max_database_connections_allowed: Gauge,
-    pub query_requests: Counter,
-    pub query_requests_no_tls: Counter,
-    pub query_requests_tls: Counter,
+    pub query_requests: HotCounter,
+    pub query_requests_no_tls: HotCounter,
+    pub query_requests_tls: HotCounter,
     pub query_database_response_latency: LatencyHistogram,
     pub borrow_timeouts: Counter,
     pub credential_refresh_failures: Counter,
@@ -74,21 +77,17 @@ impl Metrics {
             describe_counter!("pgwarden_iam_token_cache_hits", "IAM logins answered from the token verdict cache.");
             describe_counter!("DatabaseConnectionRequestsWithTLS", "Backend connections attempted with TLS.");
             describe_gauge!("DatabaseConnectionsWithTLS", "Backend connections currently open over TLS.");
-            describe_counter!("QueryRequestsTLS", "Queries received over TLS.");
             describe_counter!("ClientConnectionsSetupSucceeded", "Client connections that completed login.");
             describe_counter!("ClientConnectionsSetupFailedAuth", "Client logins refused.");
             describe_gauge!("DatabaseConnections", "Backend connections currently open.");
             describe_counter!("DatabaseConnectionRequests", "Backend connections attempted.");
             describe_counter!("DatabaseConnectionsSetupSucceeded", "Backend logins that succeeded.");
             describe_counter!("DatabaseConnectionsSetupFailed", "Backend connects or logins that failed.");
-            describe_gauge!("DatabaseConnectionsCurrentlyBorrowed", "Backend connections lent to a client now.");
             describe_gauge!(
                 "DatabaseConnectionsCurrentlySessionPinned",
                 "Backend connections pinned to one client session (named prepared statements)."
             );
             describe_gauge!("MaxDatabaseConnectionsAllowed", "Configured backend connections, all pools.");
-            describe_counter!("QueryRequests", "Queries (simple Query or extended Sync) received from clients.");
-            describe_counter!("QueryRequestsNoTLS", "Queries received over plaintext.");
             describe_counter!("pgwarden_borrow_timeouts", "Clients that gave up waiting for a backend.");
             describe_counter!("pgwarden_credential_refresh_failures", "Credential refreshes that failed (last good credential kept).");
             describe_gauge!("pgwarden_credential_stale", "1 while the last credential refresh failed.");
@@ -102,14 +101,17 @@ impl Metrics {
                 iam_token_cache_hits: counter!("pgwarden_iam_token_cache_hits"),
                 database_connection_requests_with_tls: counter!("DatabaseConnectionRequestsWithTLS"),
                 database_connections_with_tls: gauge!("DatabaseConnectionsWithTLS"),
-                query_requests_tls: counter!("QueryRequestsTLS"),
+                query_requests_tls: HotCounter::new("QueryRequestsTLS", "Queries received over TLS."),
                 client_connections_setup_succeeded: counter!("ClientConnectionsSetupSucceeded"),
                 client_connections_setup_failed_auth: counter!("ClientConnectionsSetupFailedAuth"),
                 database_connections: gauge!("DatabaseConnections"),
                 database_connection_requests: counter!("DatabaseConnectionRequests"),
                 database_connections_setup_succeeded: counter!("DatabaseConnectionsSetupSucceeded"),
                 database_connections_setup_failed: counter!("DatabaseConnectionsSetupFailed"),
-                database_connections_currently_borrowed: gauge!("DatabaseConnectionsCurrentlyBorrowed"),
+                database_connections_currently_borrowed: HotGauge::new(
+                    "DatabaseConnectionsCurrentlyBorrowed",
+                    "Backend connections lent to a client now.",
+                ),
                 database_connections_currently_session_pinned: gauge!("DatabaseConnectionsCurrentlySessionPinned"),
                 database_connections_borrow_latency: LatencyHistogram::new(
                     "DatabaseConnectionsBorrowLatency",
@@ -117,8 +119,11 @@ impl Metrics {
                     LATENCY_BUCKETS_US,
                 ),
                 max_database_connections_allowed: gauge!("MaxDatabaseConnectionsAllowed"),
-                query_requests: counter!("QueryRequests"),
-                query_requests_no_tls: counter!("QueryRequestsNoTLS"),
+                query_requests: HotCounter::new(
+                    "QueryRequests",
+                    "Queries (simple Query or extended Sync) received from clients.",
+                ),
+                query_requests_no_tls: HotCounter::new("QueryRequestsNoTLS", "Queries received over plaintext."),
                 query_database_response_latency: LatencyHistogram::new(
                     "QueryDatabaseResponseLatency",
                     "Time from forwarding a request to the first byte of the database's answer, in microseconds.",
@@ -134,6 +139,10 @@ impl Metrics {
     /// The current exposition text (what `/metrics` serves).
     pub fn render(&self) -> String {
         let mut out = self.handle.render();
+        for counter in [&self.query_requests, &self.query_requests_tls, &self.query_requests_no_tls] {
+            counter.render(&mut out);
+        }
+        self.database_connections_currently_borrowed.render(&mut out);
         self.database_connections_borrow_latency.render(&mut out);
         self.query_database_response_latency.render(&mut out);
         out

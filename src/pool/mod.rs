@@ -9,7 +9,8 @@
 //! Built here rather than on deadpool (which pgwarden used first): a checkout is on every
 //! transaction's path, and deadpool's (semaphore, async recycle hooks, object metrics, moves of
 //! the object) cost ~2,000 instructions per transaction against ~300 here (callgrind,
-//! bench/RESULTS.md). The queue never waits under a lock; one timer per *waiting* client.
+//! bench/RESULTS.md). The queue never waits under a lock; one timer per pool ends the waits
+//! that time out (all clients wait the same borrow timeout, so the front deadline is the next).
 //!
 //! A waiting client leaves its first request with its place in the queue ([`Request`]); whoever
 //! releases a connection to it sends that request on the spot (when the connection's settings
@@ -19,8 +20,6 @@
 mod manager;
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -79,9 +78,10 @@ impl PoolError {
 pub struct Request<'a> {
     /// The client's read buffer: the request starts at its first byte.
     pub bytes: &'a mut BytesMut,
-    /// How many of those bytes are whole messages that may be sent as they are (none past a
-    /// Terminate, none if the buffer starts mid-message): see [`presendable`].
-    pub presendable: usize,
+    /// Whether the buffer starts at a message boundary (else none of it may be sent early).
+    pub at_boundary: bool,
+    /// The message length cap, for measuring what may be sent: see [`presendable`].
+    pub max_message: usize,
     pub settings: &'a mut Settings,
 }
 
@@ -101,6 +101,8 @@ enum Wait {
     Served(Box<BackendConn>, Option<Deposit>, usize),
     /// A connection closed: there is room to open one.
     MayOpen(Option<Deposit>),
+    /// The borrow timeout passed (told by the pool's queue timer).
+    TimedOut(Option<Deposit>),
     /// The client stopped waiting (timed out, or left); skipped by whoever pops it.
     Gone,
 }
@@ -129,7 +131,9 @@ struct State {
     idle: Vec<Box<BackendConn>>,
     /// Connections open or being opened (idle + lent + opening).
     open: usize,
-    waiting: VecDeque<Waiter>,
+    /// Waiting clients with their borrow deadlines. Every client waits the same borrow
+    /// timeout, so deadlines come in queue order: one timer, for the front, serves them all.
+    waiting: VecDeque<(Instant, Waiter)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,7 +155,8 @@ pub struct PoolEntry {
 enum Grant {
     Conn(Box<BackendConn>),
     Open,
-    Wait(Waiter),
+    /// Queued at this instant.
+    Wait(Waiter, Instant),
 }
 
 impl PoolEntry {
@@ -176,8 +181,9 @@ impl PoolEntry {
                     }
                     None => {
                         let w = Arc::new(Mutex::new(Wait::Waiting(None, None)));
-                        st.waiting.push_back(Arc::clone(&w));
-                        Grant::Wait(w)
+                        let start = Instant::now();
+                        st.waiting.push_back((start + self.borrow_timeout, Arc::clone(&w)));
+                        Grant::Wait(w, start)
                     }
                 }
             };
@@ -192,10 +198,8 @@ impl PoolEntry {
                     return Ok((self.lend(conn), 0));
                 }
                 Grant::Open => return self.open_new(Instant::now()).await.map(|lease| (lease, 0)),
-                Grant::Wait(w) => {
-                    let start = Instant::now();
-                    let deadline = tokio::time::Instant::from_std(start) + self.borrow_timeout;
-                    let mut waiting = Waiting::new(self, w, request, deadline);
+                Grant::Wait(w, start) => {
+                    let mut waiting = Waiting::new(self, w, request);
                     let got = std::future::poll_fn(|cx| waiting.poll_wait(cx)).await;
                     drop(waiting);
                     return match got {
@@ -242,7 +246,7 @@ impl PoolEntry {
     }
 
     fn lend(&self, conn: Box<BackendConn>) -> Lease<'_> {
-        self.metrics.database_connections_currently_borrowed.increment(1.0);
+        self.metrics.database_connections_currently_borrowed.increment();
         Lease { pool: self, conn: Some(conn) }
     }
 
@@ -253,7 +257,7 @@ impl PoolEntry {
             let w = {
                 let mut st = lock(&self.state);
                 match st.waiting.pop_front() {
-                    Some(w) => w,
+                    Some((_, w)) => w,
                     None => return st.idle.push(conn),
                 }
             };
@@ -281,7 +285,7 @@ impl PoolEntry {
 
     /// Tells the longest-waiting client it may open a connection (counted as open for it).
     fn let_one_open(st: &mut State) {
-        while let Some(w) = st.waiting.pop_front() {
+        while let Some((_, w)) = st.waiting.pop_front() {
             let mut w = lock(&w);
             if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *w, Wait::Gone) {
                 *w = Wait::MayOpen(deposit);
@@ -301,7 +305,26 @@ impl PoolEntry {
 
     /// Clients waiting for a connection now (PgBouncer's `cl_waiting`).
     pub fn waiting(&self) -> usize {
-        lock(&self.state).waiting.iter().filter(|w| matches!(*lock(w), Wait::Waiting(..))).count()
+        lock(&self.state).waiting.iter().filter(|(_, w)| matches!(*lock(w), Wait::Waiting(..))).count()
+    }
+
+    /// Tells the waiting clients whose borrow deadline has passed; returns the next deadline.
+    fn expire_waiters(&self, now: Instant) -> Option<Instant> {
+        let mut wakers = Vec::new();
+        let next = {
+            let mut st = lock(&self.state);
+            while st.waiting.front().is_some_and(|(deadline, _)| *deadline <= now) {
+                let Some((_, w)) = st.waiting.pop_front() else { break };
+                let mut slot = lock(&w);
+                if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *slot, Wait::Gone) {
+                    *slot = Wait::TimedOut(deposit);
+                    wakers.extend(waker);
+                }
+            }
+            st.waiting.front().map(|(deadline, _)| *deadline)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+        next
     }
 
     /// The newest credential generation a backend of this pool has logged in with.
@@ -364,23 +387,24 @@ struct Waiting<'p, 'r> {
     w: Option<Waiter>,
     /// Where the lent request goes back to.
     home: Option<(&'r mut BytesMut, &'r mut Settings)>,
-    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<'p, 'r> Waiting<'p, 'r> {
-    fn new(pool: &'p PoolEntry, w: Waiter, request: Option<Request<'r>>, deadline: tokio::time::Instant) -> Self {
+    fn new(pool: &'p PoolEntry, w: Waiter, request: Option<Request<'r>>) -> Self {
         let home = request.map(|r| {
             // Lent only if nobody served the slot yet (another thread may have, since it queued).
             if let Wait::Waiting(_, slot) = &mut *lock(&w) {
+                // Measured only now: a client served at once never needs it.
+                let presendable = presendable(r.bytes, r.at_boundary, r.max_message);
                 *slot = Some(Deposit {
                     bytes: std::mem::take(r.bytes),
-                    presendable: r.presendable,
+                    presendable,
                     settings: std::mem::take(r.settings),
                 });
             }
             (r.bytes, r.settings)
         });
-        Waiting { pool, w: Some(w), home, deadline: Box::pin(tokio::time::sleep_until(deadline)) }
+        Waiting { pool, w: Some(w), home }
     }
 
     fn give_back(&mut self, deposit: Option<Deposit>) {
@@ -391,25 +415,22 @@ impl<'p, 'r> Waiting<'p, 'r> {
     }
 
     /// `Some(Ok)`: a connection, with `n` request bytes sent; `Some(Err)`: room to open one
-    /// (already counted as open); `None`: the borrow timeout passed. The slot is checked and
-    /// settled under its lock, so a connection handed over is never lost to the timeout.
+    /// (already counted as open); `None`: the borrow timeout passed. Whoever settles the slot
+    /// does so under its lock, so a connection handed over is never lost to the timeout.
     fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<(Box<BackendConn>, usize), ()>>> {
         let Some(w) = self.w.clone() else { return Poll::Pending };
         let mut slot = lock(&w);
         let outcome = match std::mem::replace(&mut *slot, Wait::Gone) {
             Wait::Served(conn, deposit, sent) => (deposit, Some(Ok((conn, sent)))),
             Wait::MayOpen(deposit) => (deposit, Some(Err(()))),
+            Wait::TimedOut(deposit) => (deposit, None),
             Wait::Waiting(waker, deposit) => {
-                if self.deadline.as_mut().poll(cx).is_ready() {
-                    (deposit, None)
-                } else {
-                    let waker = match waker {
-                        Some(old) if old.will_wake(cx.waker()) => old,
-                        _ => cx.waker().clone(),
-                    };
-                    *slot = Wait::Waiting(Some(waker), deposit);
-                    return Poll::Pending;
-                }
+                let waker = match waker {
+                    Some(old) if old.will_wake(cx.waker()) => old,
+                    _ => cx.waker().clone(),
+                };
+                *slot = Wait::Waiting(Some(waker), deposit);
+                return Poll::Pending;
             }
             Wait::Gone => return Poll::Pending,
         };
@@ -436,7 +457,7 @@ impl Drop for Waiting<'_, '_> {
                 st.open -= 1;
                 PoolEntry::let_one_open(&mut st);
             }
-            Wait::Waiting(_, deposit) => self.give_back(deposit),
+            Wait::Waiting(_, deposit) | Wait::TimedOut(deposit) => self.give_back(deposit),
             Wait::Gone => {}
         }
     }
@@ -479,7 +500,7 @@ impl Lease<'_> {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        self.pool.metrics.database_connections_currently_borrowed.decrement(1.0);
+        self.pool.metrics.database_connections_currently_borrowed.decrement();
         if let Some(conn) = self.conn.take() {
             self.pool.close(conn);
         }
@@ -540,9 +561,28 @@ impl Pools {
         });
         self.metrics.max_database_connections_allowed.increment(self.cfg.max_backend_connections as f64);
         spawn_janitor(Arc::downgrade(&entry), store.subscribe(), self.cfg.clone());
+        spawn_queue_timer(Arc::downgrade(&entry));
         map.insert(key.clone(), Arc::clone(&entry));
         entry
     }
+}
+
+/// Ends the wait of clients whose borrow timeout passed, at the front deadline of the queue.
+/// An empty queue is looked at again a borrow timeout later: any client queued meanwhile has a
+/// deadline no sooner than that. Stops when the pool is gone.
+fn spawn_queue_timer(entry: Weak<PoolEntry>) {
+    tokio::spawn(async move {
+        loop {
+            let (now, next, timeout) = {
+                let Some(entry) = entry.upgrade() else { return };
+                let now = Instant::now();
+                (now, entry.expire_waiters(now), entry.borrow_timeout)
+            };
+            // (A zero borrow timeout must not spin.)
+            let at = next.unwrap_or(now + timeout).max(now + Duration::from_millis(1));
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        }
+    });
 }
 
 /// Every second, and whenever the credential changes: check that a changed credential logs in

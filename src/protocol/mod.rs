@@ -52,6 +52,9 @@ pub mod backend_tag {
     pub const ERROR_RESPONSE: u8 = b'E';
     pub const NOTICE_RESPONSE: u8 = b'N';
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const COPY_IN_RESPONSE: u8 = b'G';
+    pub const COPY_BOTH_RESPONSE: u8 = b'W';
 }
 
 /// Transaction status carried by ReadyForQuery.

@@ -112,6 +112,12 @@ struct Tracker {
     pins_session: bool,
     /// The client's stream is inside a message (what was forwarded ends mid-message).
     client_mid_message: bool,
+    /// What was forwarded ends with a whole request the backend answers (Query, Sync,
+    /// FunctionCall): the client now waits, and so may the relay, on the backend alone.
+    awaits_reply: bool,
+    /// The backend started a COPY from the client and waits for its data (it ignores a Sync
+    /// meanwhile): the relay never waits on the backend alone then.
+    copy_in: bool,
 }
 
 struct Relay<'a> {
@@ -124,6 +130,8 @@ struct Relay<'a> {
     to_client: Forward,
     /// The client's chunk ends with Terminate: stop once it is forwarded.
     terminate: bool,
+    /// The read that started the relay left the client's socket empty (plain TCP, short read).
+    client_drained: bool,
     t: Tracker,
 }
 
@@ -140,6 +148,8 @@ pub async fn relay(
 ) -> RelayEnd {
     let client_tls = client.stream.is_tls();
     let client_mid_message = !client.scanner.at_boundary();
+    // A read that did not fill the buffer emptied the socket (plain TCP; rustls may hold more).
+    let client_drained = client.stream.is_plain() && client.buf.len() < client.buf.capacity();
     let mut r = Relay {
         client,
         backend,
@@ -149,6 +159,7 @@ pub async fn relay(
         to_backend: Forward::default(),
         to_client: Forward::default(),
         terminate: false,
+        client_drained,
         t: Tracker {
             pending: 0,
             unsynced: false,
@@ -158,6 +169,8 @@ pub async fn relay(
             requests: 0,
             pins_session: false,
             client_mid_message,
+            awaits_reply: false,
+            copy_in: false,
         },
     };
     if let Err(e) = r.take_client_chunk() {
@@ -181,6 +194,9 @@ impl Relay<'_> {
     /// same poll (its readiness only changes when the event loop turns; the waker is set).
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         let (mut backend_dry, mut client_dry, mut backend_full, mut client_full) = (false, false, false, false);
+        // Whether the client's socket was emptied by the last read (only the first poll carries
+        // it over, from the session's read that started the relay).
+        let mut client_drained = std::mem::take(&mut self.client_drained);
         for _ in 0..CHUNKS_PER_POLL {
             let mut progressed = false;
 
@@ -218,10 +234,18 @@ impl Relay<'_> {
                     self.client.buf.clear();
                     return Poll::Ready(Outcome::ClientGone);
                 }
+                if !client_dry && client_drained && backend_dry && self.t.awaits_reply && !self.t.copy_in {
+                    // The client's last read emptied its socket and ended with a request the
+                    // backend must answer (waking this task): asking the client's socket again
+                    // now would only register interest tokio has just cleared. The next poll
+                    // asks. (Not after COPY data: the backend answers nothing until its end.)
+                    client_dry = true;
+                }
                 if !client_dry {
                     match self.client.stream.poll_read_some(cx, &mut self.client.buf) {
                         Poll::Ready(Ok(n)) if n > 0 => {
                             progressed = true;
+                            client_drained = self.client.stream.is_plain() && self.client.buf.len() < self.client.buf.capacity();
                             if let Err(e) = self.take_client_chunk() {
                                 return Poll::Ready(Outcome::ClientProtocol(e));
                             }
@@ -267,10 +291,12 @@ impl Relay<'_> {
         let mut forward_to = buf.len();
         let mut terminate = false;
         let mut requests = 0u64;
+        let mut last_tag = 0u8;
         self.client.scanner.feed(buf, |tag| tag == frontend_tag::PARSE, |f| {
             if terminate {
                 return;
             }
+            last_tag = f.tag;
             match f.tag {
                 frontend_tag::QUERY | frontend_tag::FUNCTION_CALL => {
                     t.pending += 1;
@@ -311,6 +337,9 @@ impl Relay<'_> {
             t.request_at = Some(Instant::now());
         }
         t.client_mid_message = !terminate && !self.client.scanner.at_boundary();
+        t.awaits_reply = !terminate
+            && !t.client_mid_message
+            && matches!(last_tag, frontend_tag::QUERY | frontend_tag::SYNC | frontend_tag::FUNCTION_CALL);
         self.terminate = terminate;
         self.to_backend = Forward { sent: 0, end: forward_to, flushing: false };
         Ok(())
@@ -332,12 +361,15 @@ impl Relay<'_> {
             |tag| tag == backend_tag::READY_FOR_QUERY || tag == backend_tag::PARAMETER_STATUS,
             |f| match f.tag {
                 backend_tag::READY_FOR_QUERY => {
+                    t.copy_in = false;
                     t.pending = t.pending.saturating_sub(1);
                     match f.body.first().copied().and_then(TxStatus::from_byte) {
                         Some(s) => t.status = s,
                         None => bad_status = true,
                     }
                 }
+                backend_tag::COPY_IN_RESPONSE | backend_tag::COPY_BOTH_RESPONSE => t.copy_in = true,
+                backend_tag::COMMAND_COMPLETE | backend_tag::ERROR_RESPONSE => t.copy_in = false,
                 backend_tag::PARAMETER_STATUS => {
                     if let Ok((name, rest)) = read_cstr(f.body) {
                         if let Ok((value, _)) = read_cstr(rest) {

@@ -87,6 +87,9 @@ async fn transactions(
     // while the client is busy, instead of being registered and cleared on every transaction.
     let limit = shared.config.pool.idle_client_timeout;
     let mut idle_timer = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
+    // Polled once per deadline: the timer keeps this task's waker until it fires, so later
+    // waits read whether it has fired (an atomic load) instead of polling it again.
+    let mut timer_armed = false;
     // When the client's last transaction ended (from the relay's last clock read, not a new one).
     let mut idle_since = tokio::time::Instant::now();
     // Polled once, at the first idle wait: from then on the drain holds this task's waker
@@ -119,6 +122,10 @@ async fn transactions(
                             return Poll::Ready(IdleWake::Drain);
                         }
                     }
+                    if timer_armed {
+                        return if idle_timer.is_elapsed() { Poll::Ready(IdleWake::Timer) } else { Poll::Pending };
+                    }
+                    timer_armed = true;
                     idle_timer.as_mut().poll(cx).map(|()| IdleWake::Timer)
                 })
                 .await;
@@ -126,6 +133,7 @@ async fn transactions(
                     IdleWake::Read(n) => break n,
                     IdleWake::Drain => return Err(SessionError::ShuttingDown),
                     IdleWake::Timer => {
+                        timer_armed = false;
                         let Some(limit) = limit else {
                             idle_timer.as_mut().reset(tokio::time::Instant::now() + FAR_FUTURE);
                             continue;
@@ -285,8 +293,8 @@ async fn checkout_with_settings<'p>(
 ) -> Result<(Lease<'p>, usize), SessionError> {
     // A backend that fails the settings query was broken; try a fresh one a couple of times.
     for _ in 0..3 {
-        let presendable = crate::pool::presendable(&client.buf, client.scanner.at_boundary(), max_message);
-        let request = crate::pool::Request { bytes: &mut client.buf, presendable, settings: desired };
+        let at_boundary = client.scanner.at_boundary();
+        let request = crate::pool::Request { bytes: &mut client.buf, at_boundary, max_message, settings: desired };
         let (mut lease, sent) = entry.checkout_for(Some(request)).await.map_err(SessionError::Pool)?;
         if sent > 0 {
             // Sent only to a backend whose settings already matched.
