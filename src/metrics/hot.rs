@@ -3,7 +3,7 @@
 //! dynamic call and, for a gauge, a compare-and-swap loop on a float. Rendered in the
 //! Prometheus text format next to the exporter's output, under the same names as before.
 
-use std::fmt::Write;
+use std::fmt::{Display, Write};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// A monotonic counter.
@@ -23,8 +23,7 @@ impl HotCounter {
     }
 
     pub fn render(&self, out: &mut String) {
-        let (name, help, value) = (self.name, self.help, self.value.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n");
+        write_one(out, self.name, self.help, "counter", self.value.load(Ordering::Relaxed));
     }
 }
 
@@ -49,9 +48,13 @@ impl HotGauge {
     }
 
     pub fn render(&self, out: &mut String) {
-        let (name, help, value) = (self.name, self.help, self.value.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
+        write_one(out, self.name, self.help, "gauge", self.value.load(Ordering::Relaxed));
     }
+}
+
+/// One single-value metric in the exposition format.
+fn write_one(out: &mut String, name: &str, help: &str, kind: &str, value: impl Display) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
 }
 
 #[cfg(test)]

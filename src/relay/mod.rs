@@ -31,6 +31,14 @@ pub struct ClientSide {
     pub scanner: MessageScanner,
 }
 
+impl ClientSide {
+    /// After a read: it did not fill the buffer, so it emptied the socket (plain TCP only;
+    /// rustls may hold more decrypted bytes than one read takes).
+    fn read_emptied_socket(&self) -> bool {
+        self.stream.is_plain() && self.buf.len() < self.buf.capacity()
+    }
+}
+
 /// Why a relay stopped.
 #[derive(Debug)]
 pub enum Outcome {
@@ -148,8 +156,7 @@ pub async fn relay(
 ) -> RelayEnd {
     let client_tls = client.stream.is_tls();
     let client_mid_message = !client.scanner.at_boundary();
-    // A read that did not fill the buffer emptied the socket (plain TCP; rustls may hold more).
-    let client_drained = client.stream.is_plain() && client.buf.len() < client.buf.capacity();
+    let client_drained = client.read_emptied_socket();
     let mut r = Relay {
         client,
         backend,
@@ -245,7 +252,7 @@ impl Relay<'_> {
                     match self.client.stream.poll_read_some(cx, &mut self.client.buf) {
                         Poll::Ready(Ok(n)) if n > 0 => {
                             progressed = true;
-                            client_drained = self.client.stream.is_plain() && self.client.buf.len() < self.client.buf.capacity();
+                            client_drained = self.client.read_emptied_socket();
                             if let Err(e) = self.take_client_chunk() {
                                 return Poll::Ready(Outcome::ClientProtocol(e));
                             }
