@@ -25,7 +25,8 @@ use crate::protocol::messages;
 /// Slots are added this many at a time, and never move or go away.
 const SEGMENT: usize = 256;
 
-/// One session's registration. Only its session writes `target` and `addr`; a cancel reads them.
+/// One session's registration. Only its session (or, while it waits, whoever hands it a
+/// backend) writes `target` and `addr`; a cancel reads them.
 #[derive(Default)]
 struct Slot {
     live: AtomicBool,
@@ -82,18 +83,40 @@ impl CancelHandle {
     /// Points this session's key at the backend it now holds, or at nothing. No lock unless
     /// the backend's address changed (it is the same database host for every transaction).
     pub fn set_target(&self, key: Option<BackendKey>) {
-        let slot = self.slot();
-        let Some(key) = key else {
-            slot.target.store(0, Ordering::Release);
-            return;
-        };
-        let tag = addr_tag(&key.addr);
-        if slot.addr_tag.load(Ordering::Relaxed) != tag {
-            *lock(&slot.addr) = Some(key.addr);
-            slot.addr_tag.store(tag, Ordering::Relaxed);
-        }
-        slot.target.store(pack(&key), Ordering::Release);
+        point(self.slot(), key);
     }
+
+    /// The slot's pointer alone, for the pool to hold while the session waits for a backend:
+    /// whoever hands it one sends its request at once, and points its key there too.
+    pub fn target(&self) -> CancelTarget {
+        CancelTarget { segment: Arc::clone(&self.segment), index: self.index }
+    }
+}
+
+/// See [`CancelHandle::target`]. Set only by the hand-over, before the session itself runs
+/// again (the pool's slot lock orders the two); it never outlives the session's wait.
+pub struct CancelTarget {
+    segment: Arc<[Slot]>,
+    index: u32,
+}
+
+impl CancelTarget {
+    pub fn set(&self, key: Option<BackendKey>) {
+        point(&self.segment[self.index as usize % SEGMENT], key);
+    }
+}
+
+fn point(slot: &Slot, key: Option<BackendKey>) {
+    let Some(key) = key else {
+        slot.target.store(0, Ordering::Release);
+        return;
+    };
+    let tag = addr_tag(&key.addr);
+    if slot.addr_tag.load(Ordering::Relaxed) != tag {
+        *lock(&slot.addr) = Some(key.addr);
+        slot.addr_tag.store(tag, Ordering::Relaxed);
+    }
+    slot.target.store(pack(&key), Ordering::Release);
 }
 
 impl Drop for CancelHandle {

@@ -83,6 +83,16 @@ impl Stream {
         }
     }
 
+    /// Has `waker` woken when the socket turns readable, unless it is readable now (or not plain
+    /// TCP): true if it will be. Lets the task that hands a connection over leave its new owner
+    /// asleep until the connection has something to read.
+    pub fn wake_when_readable(&self, waker: &Waker) -> bool {
+        match self {
+            Stream::Plain(tcp) => tcp.poll_read_ready(&mut Context::from_waker(waker)).is_pending(),
+            _ => false,
+        }
+    }
+
     /// One read that never waits: `None` if nothing is there now. Through `poll_read`, so that
     /// tokio clears the socket's readiness after a short read (saving the next `recv`), and so
     /// that TLS records that carry no data (session tickets) are consumed, not mistaken for data.

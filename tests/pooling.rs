@@ -189,25 +189,48 @@ async fn backend_lost_while_clients_wait_lets_the_next_one_open_another() {
     assert_eq!(h.backend_count(), 1, "still within the pool size");
 }
 
+/// Waits until PostgreSQL itself shows `query` running on a backend.
+async fn until_active(h: &Harness, query: &str) {
+    let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE query = '{query}' AND state = 'active'");
+    for _ in 0..400 {
+        if h.admin(&sql) == "1" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{query} never reached a backend");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_request_stops_long_pg_sleep() {
     let h = Harness::start().await;
     let c = h.client().await;
     let token = c.cancel_token();
     let running = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
-    // Wait until the query is really running on a backend, as seen by Postgres itself.
-    let mut seen = false;
-    for _ in 0..200 {
-        let n = h.admin("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'");
-        if n == "1" {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(seen, "query reached the backend");
+    until_active(&h, "SELECT pg_sleep(60)").await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let err = running.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
+}
+
+/// A client that waited for a backend has its query sent by whoever released one, and is only
+/// woken by the answer: its cancel key must point at that backend from the hand-over on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_a_query_sent_on_hand_over() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let pool = dev_pool(&h);
+    let c = h.client().await;
+    let token = c.cancel_token();
+    let running = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
+    until_waiting(&pool, 1).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    until_active(&h, "SELECT pg_sleep(60)").await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    // (A dropped cancel would leave the query running its 60 s: fail well before that.)
+    let ended = tokio::time::timeout(Duration::from_secs(30), running).await.expect("the cancel reached the query");
+    let err = ended.unwrap().unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
 }
 

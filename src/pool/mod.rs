@@ -29,6 +29,7 @@ use thiserror::Error;
 
 use crate::backend::settings::Settings;
 use crate::backend::{BackendConn, BackendError};
+use crate::cancel::{CancelHandle, CancelTarget};
 use crate::config::{DatabaseConfig, PoolConfig};
 use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
 use crate::metrics::Metrics;
@@ -83,22 +84,32 @@ pub struct Request<'a> {
     /// The message length cap, for measuring what may be sent: see [`presendable`].
     pub max_message: usize,
     pub settings: &'a mut Settings,
+    /// Where the client's cancel key points: at the backend its request is sent to.
+    pub cancel: &'a CancelHandle,
+}
+
+/// What the hand-over to a waiting client did with its request: the first `len` bytes went to
+/// the backend at `at` (when the database started on it, for the response-latency metric).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Presented {
+    pub len: usize,
+    pub at: Option<Instant>,
 }
 
 /// A waiting client's request, in its place in the queue.
 struct Deposit {
     bytes: BytesMut,
-    presendable: usize,
+    presend: Presend,
     /// The client's settings (moved here while it waits, like the bytes).
     settings: Settings,
+    cancel: CancelTarget,
 }
 
 /// A client waiting for a connection, as the queue sees it.
 enum Wait {
     Waiting(Option<Waker>, Option<Deposit>),
-    /// A released connection, handed over, with the first `sent` bytes of the request already
-    /// written to it.
-    Served(Box<BackendConn>, Option<Deposit>, usize),
+    /// A released connection, handed over, with what of the request was already written to it.
+    Served(Box<BackendConn>, Option<Deposit>, Presented),
     /// A connection closed: there is room to open one.
     MayOpen(Option<Deposit>),
     /// The borrow timeout passed (told by the pool's queue timer).
@@ -107,22 +118,36 @@ enum Wait {
     Gone,
 }
 
-/// The prefix of `buf` made of whole messages before any Terminate ('X'), if `buf` starts at a
-/// message boundary; 0 if a length is out of bounds (the relay reports that, not the pool).
-pub fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> usize {
+/// What of a waiting client's request may be sent by whoever releases a connection to it.
+#[derive(Debug, PartialEq, Eq)]
+struct Presend {
+    /// The prefix of whole messages before any Terminate ('X').
+    len: usize,
+    /// The prefix is all the client sent, and ends with a request the backend answers (Query,
+    /// Sync, FunctionCall): once it is sent, the client has nothing to do until that answer.
+    awaits_answer: bool,
+}
+
+/// Measures [`Presend`] for `buf`: nothing unless `buf` starts at a message boundary; nothing
+/// from a length out of bounds on (the relay reports that, not the pool).
+fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> Presend {
+    let mut p = Presend { len: 0, awaits_answer: false };
     if !at_boundary {
-        return 0;
+        return p;
     }
     // Boundaries and length checks as the relay finds them; this scanner only measures (the
     // relay scans the same bytes again with the session's own).
-    let (mut end, mut terminated) = (0, false);
+    let mut terminated = false;
     let _ = MessageScanner::new(max_body).feed(buf, |_| false, |f| {
         terminated |= f.tag == frontend_tag::TERMINATE;
         if !terminated {
-            end = f.end;
+            p.len = f.end;
+            p.awaits_answer =
+                matches!(f.tag, frontend_tag::QUERY | frontend_tag::SYNC | frontend_tag::FUNCTION_CALL);
         }
     });
-    end
+    p.awaits_answer &= p.len == buf.len();
+    p
 }
 
 type Waiter = Arc<Mutex<Wait>>;
@@ -167,9 +192,9 @@ impl PoolEntry {
     }
 
     /// [`PoolEntry::checkout`] for a client with a request in hand: if it has to wait, the
-    /// connection it gets may come with the first bytes of `request` already sent (how many is
-    /// returned). `request`'s buffer and settings are back in place when this returns.
-    pub async fn checkout_for(&self, request: Option<Request<'_>>) -> Result<(Lease<'_>, usize), PoolError> {
+    /// connection it gets may come with the first bytes of `request` already sent (returned as
+    /// [`Presented`]). `request`'s buffer and settings are back in place when this returns.
+    pub async fn checkout_for(&self, request: Option<Request<'_>>) -> Result<(Lease<'_>, Presented), PoolError> {
         loop {
             let grant = {
                 let mut st = lock(&self.state);
@@ -195,20 +220,18 @@ impl PoolEntry {
                     }
                     // At once: borrow latency 0 µs, without reading the clock.
                     self.metrics.database_connections_borrow_latency.record_zero();
-                    return Ok((self.lend(conn), 0));
+                    return Ok((self.lend(conn), Presented::default()));
                 }
-                Grant::Open => return self.open_new(Instant::now()).await.map(|lease| (lease, 0)),
+                Grant::Open => return self.open_new(Instant::now()).await.map(|lease| (lease, Presented::default())),
                 Grant::Wait(w, start) => {
                     let mut waiting = Waiting::new(self, w, request);
                     let got = std::future::poll_fn(|cx| waiting.poll_wait(cx)).await;
                     drop(waiting);
                     return match got {
-                        Some(Ok((conn, sent))) => {
-                            self.record_borrow(start);
-                            Ok((self.lend(conn), sent))
-                        }
+                        // (Its borrow latency was recorded by the hand-over.)
+                        Some(Ok((conn, presented))) => Ok((self.lend(conn), presented)),
                         // A connection closed while we waited: its room is ours (already counted).
-                        Some(Err(())) => self.open_new(start).await.map(|lease| (lease, 0)),
+                        Some(Err(())) => self.open_new(start).await.map(|lease| (lease, Presented::default())),
                         None => {
                             self.metrics.borrow_timeouts.increment(1);
                             Err(PoolError::BorrowTimeout)
@@ -254,20 +277,40 @@ impl PoolEntry {
     /// or keeps it idle.
     fn put(&self, conn: Box<BackendConn>) {
         loop {
-            let w = {
+            let (deadline, w) = {
                 let mut st = lock(&self.state);
                 match st.waiting.pop_front() {
-                    Some((_, w)) => w,
+                    Some(waiting) => waiting,
                     None => return st.idle.push(conn),
                 }
             };
             // The pool's lock is free again: the send below holds only this client's slot.
             let mut slot = lock(&w);
             if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *slot, Wait::Gone) {
+                // Recorded here: the client may only run again once the backend answered.
+                let now = Instant::now();
+                let queued_at = deadline.checked_sub(self.borrow_timeout).unwrap_or(now);
+                self.metrics.database_connections_borrow_latency.record(now.saturating_duration_since(queued_at));
                 let sent = deposit.as_ref().map_or(0, |d| presend(&conn, d));
-                *slot = Wait::Served(conn, deposit, sent);
+                if let (Some(d), true) = (&deposit, sent > 0) {
+                    // The query runs now: the client may already want to cancel it.
+                    d.cancel.set(conn.key);
+                }
+                // A whole request sent: the client has nothing to do until the backend answers,
+                // so the answer wakes it, not this hand-over (one trip through the run queue
+                // instead of two). The waker is registered before the slot is filled: a client
+                // woken early finds it under the lock.
+                let wake_now = match &waker {
+                    Some(waker) => {
+                        let answered_later =
+                            deposit.as_ref().is_some_and(|d| d.presend.awaits_answer && sent == d.presend.len);
+                        !(answered_later && conn.stream.wake_when_readable(waker))
+                    }
+                    None => false,
+                };
+                *slot = Wait::Served(conn, deposit, Presented { len: sent, at: Some(now) });
                 drop(slot);
-                if let Some(waker) = waker {
+                if let (true, Some(waker)) = (wake_now, waker) {
                     waker.wake();
                 }
                 return;
@@ -373,10 +416,10 @@ impl PoolEntry {
 /// settings already match the client's (else the client syncs them first) and the socket takes
 /// it now. Returns the bytes sent; the client's relay sends the rest.
 fn presend(conn: &BackendConn, d: &Deposit) -> usize {
-    if d.presendable == 0 || Settings::sync_sql(&conn.applied, &d.settings).is_some() {
+    if d.presend.len == 0 || Settings::sync_sql(&conn.applied, &d.settings).is_some() {
         return 0;
     }
-    conn.stream.write_now(&d.bytes[..d.presendable]).unwrap_or(0)
+    conn.stream.write_now(&d.bytes[..d.presend.len]).unwrap_or(0)
 }
 
 /// A client in the queue. Dropped before it was served (the session went away), it leaves the
@@ -395,11 +438,12 @@ impl<'p, 'r> Waiting<'p, 'r> {
             // Lent only if nobody served the slot yet (another thread may have, since it queued).
             if let Wait::Waiting(_, slot) = &mut *lock(&w) {
                 // Measured only now: a client served at once never needs it.
-                let presendable = presendable(r.bytes, r.at_boundary, r.max_message);
+                let presend = presendable(r.bytes, r.at_boundary, r.max_message);
                 *slot = Some(Deposit {
                     bytes: std::mem::take(r.bytes),
-                    presendable,
+                    presend,
                     settings: std::mem::take(r.settings),
+                    cancel: r.cancel.target(),
                 });
             }
             (r.bytes, r.settings)
@@ -414,14 +458,14 @@ impl<'p, 'r> Waiting<'p, 'r> {
         }
     }
 
-    /// `Some(Ok)`: a connection, with `n` request bytes sent; `Some(Err)`: room to open one
+    /// `Some(Ok)`: a connection, with what of the request was sent; `Some(Err)`: room to open one
     /// (already counted as open); `None`: the borrow timeout passed. Whoever settles the slot
     /// does so under its lock, so a connection handed over is never lost to the timeout.
-    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<(Box<BackendConn>, usize), ()>>> {
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<(Box<BackendConn>, Presented), ()>>> {
         let Some(w) = self.w.clone() else { return Poll::Pending };
         let mut slot = lock(&w);
         let outcome = match std::mem::replace(&mut *slot, Wait::Gone) {
-            Wait::Served(conn, deposit, sent) => (deposit, Some(Ok((conn, sent)))),
+            Wait::Served(conn, deposit, presented) => (deposit, Some(Ok((conn, presented)))),
             Wait::MayOpen(deposit) => (deposit, Some(Err(()))),
             Wait::TimedOut(deposit) => (deposit, None),
             Wait::Waiting(waker, deposit) => {
@@ -446,10 +490,10 @@ impl Drop for Waiting<'_, '_> {
         let Some(w) = self.w.take() else { return };
         let was = std::mem::replace(&mut *lock(&w), Wait::Gone);
         match was {
-            Wait::Served(conn, deposit, sent) => {
+            Wait::Served(conn, deposit, presented) => {
                 self.give_back(deposit);
                 // A request already on its way: nobody will read the answer.
-                if sent > 0 { self.pool.close(conn) } else { self.pool.put(conn) }
+                if presented.len > 0 { self.pool.close(conn) } else { self.pool.put(conn) }
             }
             Wait::MayOpen(deposit) => {
                 self.give_back(deposit);
@@ -613,8 +657,12 @@ fn spawn_janitor(
 mod tests {
     use bytes::BytesMut;
 
-    use super::presendable;
+    use super::{Presend, presendable};
     use crate::protocol::messages;
+
+    fn p(len: usize, awaits_answer: bool) -> Presend {
+        Presend { len, awaits_answer }
+    }
 
     #[test]
     fn presendable_is_whole_messages_before_any_terminate() {
@@ -622,14 +670,30 @@ mod tests {
         messages::query(&mut q, "SELECT 1");
         let mut two = q.clone();
         messages::query(&mut two, "SELECT 2");
-        assert_eq!(presendable(&two, true, 1024), two.len());
+        assert_eq!(presendable(&two, true, 1024), p(two.len(), true));
         let mut then_x = q.clone();
         messages::terminate(&mut then_x);
-        assert_eq!(presendable(&then_x, true, 1024), q.len(), "never the Terminate");
-        assert_eq!(presendable(&q[..q.len() - 1], true, 1024), 0, "not a partial message");
-        assert_eq!(presendable(&q, false, 1024), 0, "not from the middle of a message");
+        assert_eq!(presendable(&then_x, true, 1024), p(q.len(), false), "never the Terminate");
+        assert_eq!(presendable(&q[..q.len() - 1], true, 1024), p(0, false), "not a partial message");
+        let mut and_part = q.clone();
+        and_part.extend_from_slice(&q[..3]);
+        assert_eq!(presendable(&and_part, true, 1024), p(q.len(), false), "more of the client's to come");
+        assert_eq!(presendable(&q, false, 1024), p(0, false), "not from the middle of a message");
         let mut huge = q.clone();
         huge.extend_from_slice(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
-        assert_eq!(presendable(&huge, true, 1024), q.len(), "a bad length is left to the relay");
+        assert_eq!(presendable(&huge, true, 1024), p(q.len(), false), "a bad length is left to the relay");
+    }
+
+    #[test]
+    fn only_a_request_the_backend_answers_awaits_an_answer() {
+        // Parse (unnamed statement, "SELECT 1", no parameter types), then Sync.
+        let body = b"\0SELECT 1\0\0\0";
+        let mut parse_only = BytesMut::from(&[b'P'][..]);
+        parse_only.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        parse_only.extend_from_slice(body);
+        assert_eq!(presendable(&parse_only, true, 1024), p(parse_only.len(), false), "no Sync yet");
+        let mut synced = parse_only.clone();
+        synced.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        assert_eq!(presendable(&synced, true, 1024), p(synced.len(), true));
     }
 }

@@ -21,6 +21,7 @@ use bytes::BytesMut;
 use crate::backend::BackendConn;
 use crate::backend::settings::Settings;
 use crate::metrics::Metrics;
+use crate::pool::Presented;
 use crate::protocol::{MessageScanner, ProtocolError, TxStatus, backend_tag, frontend_tag, read_cstr};
 use crate::stream::Stream;
 
@@ -144,15 +145,15 @@ struct Relay<'a> {
 }
 
 /// Relays one transaction (or more, if the client pipelines) between `client` and `backend`.
-/// `desired` follows the client's own SET of reported parameters. The first `present` bytes
-/// of the client's buffer are already on their way to the backend (the pool sent them).
+/// `desired` follows the client's own SET of reported parameters. The first `presented.len`
+/// bytes of the client's buffer are already on their way to the backend (the pool sent them).
 pub async fn relay(
     client: &mut ClientSide,
     backend: &mut BackendConn,
     desired: &mut Settings,
     metrics: &Metrics,
     max_message: usize,
-    present: usize,
+    presented: Presented,
 ) -> RelayEnd {
     let client_tls = client.stream.is_tls();
     let client_mid_message = !client.scanner.at_boundary();
@@ -172,7 +173,8 @@ pub async fn relay(
             unsynced: false,
             status: TxStatus::Idle,
             poisoned: false,
-            request_at: None,
+            // The request the pool sent reached the database then, not when this task woke.
+            request_at: presented.at.filter(|_| presented.len > 0),
             requests: 0,
             pins_session: false,
             client_mid_message,
@@ -183,8 +185,8 @@ pub async fn relay(
     if let Err(e) = r.take_client_chunk() {
         return r.end(Outcome::ClientProtocol(e), client_tls);
     }
-    if present > 0 {
-        r.to_backend.sent = present.min(r.to_backend.end);
+    if presented.len > 0 {
+        r.to_backend.sent = presented.len.min(r.to_backend.end);
         if !r.to_backend.busy() {
             // All of it is out: as if the relay had written it.
             r.client.buf.clear();

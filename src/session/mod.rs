@@ -20,7 +20,7 @@ use crate::stream::{Stream, send};
 use crate::backend::settings::Settings;
 use crate::listener::Shared;
 use crate::metrics::GaugeGuard;
-use crate::pool::{Lease, PoolEntry, PoolError};
+use crate::pool::{Lease, PoolEntry, PoolError, Presented};
 use crate::protocol::{MessageScanner, TxStatus, messages};
 use crate::relay::{self, ClientSide, Outcome};
 pub use error::SessionError;
@@ -185,11 +185,11 @@ async fn transaction(
     cancel: &crate::cancel::CancelHandle,
 ) -> Result<Next, SessionError> {
     let max_message = shared.config.pool.max_message_bytes;
-    let (mut lease, mut present) = checkout_with_settings(entry, desired, client, max_message).await?;
+    let (mut lease, mut presented) = checkout_with_settings(entry, desired, client, max_message, cancel).await?;
     cancel.set_target(lease.conn().key);
     let mut pinned: Option<GaugeGuard> = None;
     let result = loop {
-        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, max_message, std::mem::take(&mut present)).await;
+        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, max_message, std::mem::take(&mut presented)).await;
         if end.pins_session && pinned.is_none() {
             // RDS Proxy's rule: state that lives on one backend pins the session to it.
             tracing::debug!("named prepared statement: session pinned to its backend");
@@ -284,29 +284,30 @@ async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut cra
 }
 
 /// Borrows a backend and brings its session settings in line with the client's. Also returns
-/// how many bytes of the client's request the pool already sent (see `pool::Request`).
+/// what of the client's request the pool already sent (see `pool::Request`).
 async fn checkout_with_settings<'p>(
     entry: &'p PoolEntry,
     desired: &mut Settings,
     client: &mut ClientSide,
     max_message: usize,
-) -> Result<(Lease<'p>, usize), SessionError> {
+    cancel: &crate::cancel::CancelHandle,
+) -> Result<(Lease<'p>, Presented), SessionError> {
     // A backend that fails the settings query was broken; try a fresh one a couple of times.
     for _ in 0..3 {
         let at_boundary = client.scanner.at_boundary();
-        let request = crate::pool::Request { bytes: &mut client.buf, at_boundary, max_message, settings: desired };
-        let (mut lease, sent) = entry.checkout_for(Some(request)).await.map_err(SessionError::Pool)?;
-        if sent > 0 {
+        let request = crate::pool::Request { bytes: &mut client.buf, at_boundary, max_message, settings: desired, cancel };
+        let (mut lease, presented) = entry.checkout_for(Some(request)).await.map_err(SessionError::Pool)?;
+        if presented.len > 0 {
             // Sent only to a backend whose settings already matched.
-            return Ok((lease, sent));
+            return Ok((lease, presented));
         }
         let conn = lease.conn();
-        let Some(sql) = Settings::sync_sql(&conn.applied, desired) else { return Ok((lease, 0)) };
+        let Some(sql) = Settings::sync_sql(&conn.applied, desired) else { return Ok((lease, Presented::default())) };
         // Boxed: settings change rarely, and this keeps every transaction's future small.
         match Box::pin(conn.simple_query(&sql)).await {
             Ok((TxStatus::Idle, None)) => {
                 conn.applied = desired.clone();
-                return Ok((lease, 0));
+                return Ok((lease, Presented::default()));
             }
             Ok((TxStatus::Idle, Some((code, message)))) => {
                 lease.release();
