@@ -462,8 +462,8 @@ impl<'p, 'r> Waiting<'p, 'r> {
     /// (already counted as open); `None`: the borrow timeout passed. Whoever settles the slot
     /// does so under its lock, so a connection handed over is never lost to the timeout.
     fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<(Box<BackendConn>, Presented), ()>>> {
-        let Some(w) = self.w.clone() else { return Poll::Pending };
-        let mut slot = lock(&w);
+        let Some(w) = self.w.as_ref() else { return Poll::Pending };
+        let mut slot = lock(w);
         let outcome = match std::mem::replace(&mut *slot, Wait::Gone) {
             Wait::Served(conn, deposit, presented) => (deposit, Some(Ok((conn, presented)))),
             Wait::MayOpen(deposit) => (deposit, Some(Err(()))),

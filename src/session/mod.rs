@@ -186,7 +186,10 @@ async fn transaction(
 ) -> Result<Next, SessionError> {
     let max_message = shared.config.pool.max_message_bytes;
     let (mut lease, mut presented) = checkout_with_settings(entry, desired, client, max_message, cancel).await?;
-    cancel.set_target(lease.conn().key);
+    if presented.len == 0 {
+        // (Else the hand-over that sent the request pointed the key there already.)
+        cancel.set_target(lease.conn().key);
+    }
     let mut pinned: Option<GaugeGuard> = None;
     let result = loop {
         let end = relay::relay(client, lease.conn(), desired, &shared.metrics, max_message, std::mem::take(&mut presented)).await;
