@@ -16,6 +16,8 @@
 //! releases a connection to it sends that request on the spot (when the connection's settings
 //! already match), as PgBouncer does, so the database starts on it at once instead of one trip
 //! through the event loop's run queue later (measured: 80 µs with 32 clients, 400 µs with 300).
+//! When that sends the whole request, the client is left asleep with its waker on the backend's
+//! socket: the answer wakes it, and the hand-over costs it no trip through the run queue.
 
 mod manager;
 
