@@ -42,7 +42,7 @@ impl fmt::Debug for ScramVerifier {
     }
 }
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
     for p in parts {
         mac.update(p);
@@ -58,7 +58,7 @@ fn normalize(password: &str) -> Vec<u8> {
     }
 }
 
-fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
+pub(crate) fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
     let pass = normalize(password);
     let mut prev = hmac(&pass, &[salt, &[0, 0, 0, 1]]);
     let mut acc = prev;

@@ -6,22 +6,23 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
 use secrecy::ExposeSecret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::scram::{KeyCache, ScramClient};
 use super::{BackendConn, BackendError, BackendKey, BackendPid, MAX_CONTROL_MESSAGE, Settings};
 use crate::config::DatabaseConfig;
 use crate::credentials::{Credential, CredentialSet, LoginFingerprint, Stage};
 use crate::net::read_message;
+use crate::auth::scram::SCRAM_SHA_256;
 use crate::protocol::{ProtocolError, SSL_REQUEST_CODE, messages, read_cstr};
 use crate::stream::{Stream, send};
 use crate::tls::BackendTls;
 
 /// Connects to `dbname` on the target and logs in with the first credential stage that works,
-/// trying the login that worked last (`prefer`) first.
+/// trying the login that worked last (`prefer`) first. SCRAM keys come from (and go to) `keys`.
 pub async fn connect(
     target: &DatabaseConfig,
     tls: Option<&BackendTls>,
@@ -29,10 +30,11 @@ pub async fn connect(
     creds: &CredentialSet,
     prefer: Option<LoginFingerprint>,
     lifetime: Option<Duration>,
+    keys: &KeyCache,
 ) -> Result<BackendConn, BackendError> {
     let mut tried = Vec::new();
     for (stage, credential) in creds.candidates(prefer) {
-        let attempt = tokio::time::timeout(target.connect_timeout, login(target, tls, dbname, credential)).await;
+        let attempt = tokio::time::timeout(target.connect_timeout, login(target, tls, dbname, credential, keys)).await;
         match attempt {
             Err(_) => return Err(BackendError::Timeout),
             Ok(Err(e)) if e.is_auth_failure() => {
@@ -62,7 +64,9 @@ pub async fn connect_as(
     dbname: &str,
     credential: &Credential,
 ) -> Result<BackendConn, BackendError> {
-    tokio::time::timeout(target.connect_timeout, login(target, tls, dbname, credential)).await.map_err(|_| BackendError::Timeout)?
+    let keys = KeyCache::default();
+    let login = login(target, tls, dbname, credential, &keys);
+    tokio::time::timeout(target.connect_timeout, login).await.map_err(|_| BackendError::Timeout)?
 }
 
 async fn login(
@@ -70,6 +74,7 @@ async fn login(
     tls: Option<&BackendTls>,
     dbname: &str,
     credential: &Credential,
+    keys: &KeyCache,
 ) -> Result<BackendConn, BackendError> {
     let addr = format!("{}:{}", target.host, target.port);
     let mut tcp = TcpStream::connect(&addr).await.map_err(|source| BackendError::Connect { addr: addr.clone(), source })?;
@@ -110,7 +115,7 @@ async fn login(
     let params = [("user", credential.username.as_str()), ("database", dbname), ("application_name", "pgwarden")];
     frontend::startup_message(params.iter().copied(), &mut out)?;
     send(&mut conn.stream, &out).await?;
-    authenticate(&mut conn, credential).await?;
+    authenticate(&mut conn, credential, keys).await?;
     loop {
         let (tag, mut body) = read_message(&mut conn.stream, &mut conn.buf, MAX_CONTROL_MESSAGE).await?;
         match tag {
@@ -143,9 +148,9 @@ fn refused(body: &[u8]) -> BackendError {
 }
 
 /// Answers the backend's authentication requests until AuthenticationOk.
-async fn authenticate(conn: &mut BackendConn, credential: &Credential) -> Result<(), BackendError> {
+async fn authenticate(conn: &mut BackendConn, credential: &Credential, keys: &KeyCache) -> Result<(), BackendError> {
     let password = credential.password.expose_secret().as_bytes();
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<ScramClient> = None;
     loop {
         let (tag, mut body) = read_message(&mut conn.stream, &mut conn.buf, MAX_CONTROL_MESSAGE).await?;
         if tag == b'E' {
@@ -185,18 +190,19 @@ async fn authenticate(conn: &mut BackendConn, credential: &Credential) -> Result
                 if !offered {
                     return Err(BackendError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
                 }
-                let s = ScramSha256::new(password, ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                let s = ScramClient::default();
+                frontend::sasl_initial_response(SCRAM_SHA_256, &s.client_first(), &mut out)?;
                 scram = Some(s);
             }
             11 => {
                 let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASL continue before SASL start"))?;
-                s.update(&body).map_err(|_| ProtocolError::Malformed("bad SCRAM server-first message"))?;
-                frontend::sasl_response(s.message(), &mut out)?;
+                let salt = s.server_first(&body).map_err(ProtocolError::Malformed)?;
+                let proof = s.client_final(&*keys.keys(credential, &salt).await).map_err(ProtocolError::Malformed)?;
+                frontend::sasl_response(&proof, &mut out)?;
             }
             12 => {
                 let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASL final before SASL start"))?;
-                s.finish(&body).map_err(|_| ProtocolError::Malformed("SCRAM server signature does not verify"))?;
+                s.server_final(&body).map_err(ProtocolError::Malformed)?;
                 continue;
             }
             2 => return Err(BackendError::UnsupportedAuth("Kerberos V5")),

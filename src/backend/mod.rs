@@ -1,9 +1,10 @@
-//! Backend connections: TCP connect, login with the pool's credential (SCRAM-SHA-256, md5 or
-//! cleartext, as the backend asks), the server parameters and cancel key the backend reports,
+//! Backend connections: TCP connect, login with the pool's credential (SCRAM-SHA-256 with keys
+//! derived once per credential, md5 or cleartext, as the backend asks), the server parameters and cancel key the backend reports,
 //! the session settings applied on top of them, and small utility queries (settings sync,
 //! rollback). Must not: authenticate clients or decide which client gets a connection.
 
 mod login;
+pub mod scram;
 pub mod settings;
 
 use std::net::SocketAddr;

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::backend::scram::KeyCache;
 use crate::backend::{self, BackendConn, BackendError};
 use crate::config::{DatabaseConfig, PoolConfig};
 use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
@@ -32,6 +33,8 @@ pub struct BackendManager {
     /// costs one refused login, not one per waiting client, and a burst never storms the
     /// database with logins.
     login_gate: tokio::sync::Mutex<()>,
+    /// SCRAM keys derived from the credential: a login after the first costs no PBKDF2.
+    scram_keys: KeyCache,
 }
 
 /// How long a refused credential is not tried again (unless it changes first).
@@ -55,6 +58,7 @@ impl BackendManager {
             newest_working: tokio::sync::watch::Sender::new(None),
             auth_failed: Mutex::new(None),
             login_gate: tokio::sync::Mutex::new(()),
+            scram_keys: KeyCache::default(),
         }
     }
 
@@ -84,7 +88,7 @@ impl BackendManager {
         // The login that worked last goes first only while the credential is unchanged (the
         // setSecret→finishSecret window); after a change, AWSCURRENT goes first again.
         let prefer = self.newest_working.borrow().filter(|(g, _)| *g == creds.generation).map(|(_, f)| f);
-        let first = backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime()).await;
+        let first = backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime(), &self.scram_keys).await;
         let result = match first {
             Err(e) if e.is_auth_failure() => {
                 // Compare generations: the periodic refresh may have published the new secret
@@ -95,7 +99,7 @@ impl BackendManager {
                     Err(e)
                 } else {
                     tracing::info!(generation = fresh.generation.0, "credential changed after a refused login; retrying");
-                    backend::connect(&self.target, self.tls.as_deref(), &self.database, &fresh, None, self.staggered_lifetime()).await
+                    backend::connect(&self.target, self.tls.as_deref(), &self.database, &fresh, None, self.staggered_lifetime(), &self.scram_keys).await
                 }
             }
             other => other,
