@@ -234,6 +234,74 @@ async fn cancel_reaches_a_query_sent_on_hand_over() {
     assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
 }
 
+/// A TCP path to PostgreSQL that holds each new connection while its gate is closed, and says
+/// when one arrives: a backend login that takes as long as the test wants.
+async fn gated_path_to(port: u16) -> (u16, tokio::sync::watch::Sender<bool>, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap().port();
+    let (gate, open) = tokio::sync::watch::channel(true);
+    let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut open = open.clone();
+            let _ = arrived.send(());
+            tokio::spawn(async move {
+                if open.wait_for(|o| *o).await.is_err() {
+                    return;
+                }
+                let mut outbound = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (local, gate, arrivals)
+}
+
+/// While a pool fills up (one login at a time), a client that is opening a backend takes one
+/// that another client releases first, instead of waiting for its own login; that login still
+/// lands in the pool when it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_opening_a_backend_takes_a_released_one_first() {
+    let mut gated = None;
+    let h = Harness::start_async(false, async |env, c| {
+        let (port, gate, arrivals) = gated_path_to(env.cluster.port).await;
+        c.database.port = port;
+        c.pool.max_backend_connections = 2;
+        gated = Some((gate, arrivals));
+    })
+    .await;
+    let (gate, mut arrivals) = gated.unwrap();
+    let holder = h.client().await; // (its login opened the first backend, to learn the server's parameters)
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    arrivals.recv().await.unwrap();
+    gate.send_replace(false);
+    let c = h.client().await;
+    let answer = tokio::spawn(async move { c.simple_query("SELECT 'served'").await });
+    // The pool has room for a second backend: the client's login for it is held at the gate.
+    arrivals.recv().await.unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+    // (Waiting for its own login, the client would wait for the gate: fail well before that.)
+    let rows = tokio::time::timeout(Duration::from_secs(20), answer).await.expect("served by the released backend");
+    let rows = rows.unwrap().unwrap();
+    let row = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    });
+    let row = row.unwrap_or_else(|| panic!("no row: {rows:?}"));
+    assert_eq!(row.get(0), Some("served"));
+    assert_eq!(h.backend_count(), 1, "the second login is still held");
+    gate.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while h.backend_count() != 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the held login completes and its backend joins the pool");
+    let metrics = h.shared.metrics.render();
+    assert!(metrics.contains("DatabaseConnections 2"), "{metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_with_wrong_secret_is_ignored() {
     let h = Harness::start().await;

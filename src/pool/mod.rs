@@ -2,9 +2,13 @@
 //! few warm connections serve a light load and the rest age out), the fair FIFO queue of clients
 //! waiting for one, and the count of connections open or being opened, capped at
 //! `max_backend_connections`. A released connection goes straight to the longest-waiting client;
-//! a closed one lets the next waiting client open a new one. A janitor evicts idle connections
-//! that expired or retired and keeps `min_idle` warm. [`manager`] opens connections and says
-//! which must retire. Must not: authenticate clients or touch client sockets.
+//! a closed one lets the next waiting client open a new one. A client that finds room to open a
+//! connection queues too, and takes whichever comes first: its own login or a released
+//! connection (the login then goes to the next client), so a cold pool serves its first burst
+//! with the connections already open. A janitor evicts idle connections that expired or retired
+//! and keeps `min_idle` warm. [`manager`] opens connections and says which must retire;
+//! [`queue`] is a client's place in the queue. Must not: authenticate clients or touch client
+//! sockets.
 //!
 //! Built here rather than on deadpool (which pgwarden used first): a checkout is on every
 //! transaction's path, and deadpool's (semaphore, async recycle hooks, object metrics, moves of
@@ -20,24 +24,25 @@
 //! socket: the answer wakes it, and the hand-over costs it no trip through the run queue.
 
 mod manager;
+mod queue;
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use thiserror::Error;
 
-use crate::backend::settings::Settings;
 use crate::backend::{BackendConn, BackendError};
-use crate::cancel::{CancelHandle, CancelTarget};
 use crate::config::{DatabaseConfig, PoolConfig};
 use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
 use crate::metrics::Metrics;
-use crate::protocol::{MessageScanner, SqlState, frontend_tag};
+use crate::protocol::SqlState;
 use crate::tls::BackendTls;
 use manager::BackendManager;
+pub use queue::{Presented, Request};
+use queue::{Wait, Waiter, Waiting, presend};
 
 /// Which pool a client's transactions go to. Every field that changes what a backend may do
 /// is part of the key.
@@ -77,82 +82,6 @@ impl PoolError {
     }
 }
 
-/// What a client has to send first, lent to the pool while it waits (see the module doc).
-pub struct Request<'a> {
-    /// The client's read buffer: the request starts at its first byte.
-    pub bytes: &'a mut BytesMut,
-    /// Whether the buffer starts at a message boundary (else none of it may be sent early).
-    pub at_boundary: bool,
-    /// The message length cap, for measuring what may be sent: see [`presendable`].
-    pub max_message: usize,
-    pub settings: &'a mut Settings,
-    /// Where the client's cancel key points: at the backend its request is sent to.
-    pub cancel: &'a CancelHandle,
-}
-
-/// What the hand-over to a waiting client did with its request: the first `len` bytes went to
-/// the backend at `at` (when the database started on it, for the response-latency metric).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Presented {
-    pub len: usize,
-    pub at: Option<Instant>,
-}
-
-/// A waiting client's request, in its place in the queue.
-struct Deposit {
-    bytes: BytesMut,
-    presend: Presend,
-    /// The client's settings (moved here while it waits, like the bytes).
-    settings: Settings,
-    cancel: CancelTarget,
-}
-
-/// A client waiting for a connection, as the queue sees it.
-enum Wait {
-    Waiting(Option<Waker>, Option<Deposit>),
-    /// A released connection, handed over, with what of the request was already written to it.
-    Served(Box<BackendConn>, Option<Deposit>, Presented),
-    /// A connection closed: there is room to open one.
-    MayOpen(Option<Deposit>),
-    /// The borrow timeout passed (told by the pool's queue timer).
-    TimedOut(Option<Deposit>),
-    /// The client stopped waiting (timed out, or left); skipped by whoever pops it.
-    Gone,
-}
-
-/// What of a waiting client's request may be sent by whoever releases a connection to it.
-#[derive(Debug, PartialEq, Eq)]
-struct Presend {
-    /// The prefix of whole messages before any Terminate ('X').
-    len: usize,
-    /// The prefix is all the client sent, and ends with a request the backend answers (Query,
-    /// Sync, FunctionCall): once it is sent, the client has nothing to do until that answer.
-    awaits_answer: bool,
-}
-
-/// Measures [`Presend`] for `buf`: nothing unless `buf` starts at a message boundary; nothing
-/// from a length out of bounds on (the relay reports that, not the pool).
-fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> Presend {
-    let mut p = Presend { len: 0, awaits_answer: false };
-    if !at_boundary {
-        return p;
-    }
-    // Boundaries and length checks as the relay finds them; this scanner only measures (the
-    // relay scans the same bytes again with the session's own).
-    let mut terminated = false;
-    let _ = MessageScanner::new(max_body).feed(buf, |_| false, |f| {
-        terminated |= f.tag == frontend_tag::TERMINATE;
-        if !terminated {
-            p.len = f.end;
-            p.awaits_answer =
-                matches!(f.tag, frontend_tag::QUERY | frontend_tag::SYNC | frontend_tag::FUNCTION_CALL);
-        }
-    });
-    p.awaits_answer &= p.len == buf.len();
-    p
-}
-
-type Waiter = Arc<Mutex<Wait>>;
 
 struct State {
     idle: Vec<Box<BackendConn>>,
@@ -181,36 +110,45 @@ pub struct PoolEntry {
 /// What a checkout got from the queue.
 enum Grant {
     Conn(Box<BackendConn>),
-    Open,
+    /// Room to open one more connection, and a place in the queue (at this instant) meanwhile.
+    Open(Waiter, Instant),
     /// Queued at this instant.
     Wait(Waiter, Instant),
 }
 
+/// Whichever came first to a client opening a connection.
+enum Opening {
+    Queue(Option<Result<(Box<BackendConn>, Presented), ()>>),
+    Login(Result<Result<Box<BackendConn>, BackendError>, tokio::sync::oneshot::error::RecvError>),
+}
+
 impl PoolEntry {
-    /// Borrows a backend: an idle one if there is one, else a new one if the pool has room,
-    /// else the client waits its turn, up to the borrow timeout.
-    pub async fn checkout(&self) -> Result<Lease<'_>, PoolError> {
+    /// Borrows a backend: an idle one if there is one, else the first to come of a new one (if
+    /// the pool has room) and one released by another client; else the client waits its turn,
+    /// up to the borrow timeout.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Lease<'_>, PoolError> {
         self.checkout_for(None).await.map(|(lease, _)| lease)
     }
 
     /// [`PoolEntry::checkout`] for a client with a request in hand: if it has to wait, the
     /// connection it gets may come with the first bytes of `request` already sent (returned as
     /// [`Presented`]). `request`'s buffer and settings are back in place when this returns.
-    pub async fn checkout_for(&self, request: Option<Request<'_>>) -> Result<(Lease<'_>, Presented), PoolError> {
+    pub async fn checkout_for(self: &Arc<Self>, request: Option<Request<'_>>) -> Result<(Lease<'_>, Presented), PoolError> {
         loop {
             let grant = {
                 let mut st = lock(&self.state);
                 match st.idle.pop() {
                     Some(conn) => Grant::Conn(conn),
-                    None if st.open < self.max => {
-                        st.open += 1;
-                        Grant::Open
-                    }
                     None => {
                         let w = Arc::new(Mutex::new(Wait::Waiting(None, None)));
                         let start = Instant::now();
                         st.waiting.push_back((start + self.borrow_timeout, Arc::clone(&w)));
-                        Grant::Wait(w, start)
+                        if st.open < self.max {
+                            st.open += 1;
+                            Grant::Open(w, start)
+                        } else {
+                            Grant::Wait(w, start)
+                        }
                     }
                 }
             };
@@ -224,7 +162,8 @@ impl PoolEntry {
                     self.metrics.database_connections_borrow_latency.record_zero();
                     return Ok((self.lend(conn), Presented::default()));
                 }
-                Grant::Open => return self.open_new(Instant::now()).await.map(|lease| (lease, Presented::default())),
+                // Boxed: rare (only while the pool grows), and larger than a wait.
+                Grant::Open(w, start) => return Box::pin(self.open_or_take(w, start, request)).await,
                 Grant::Wait(w, start) => {
                     let mut waiting = Waiting::new(self, w, request);
                     let got = std::future::poll_fn(|cx| waiting.poll_wait(cx)).await;
@@ -242,6 +181,80 @@ impl PoolEntry {
                 }
             }
         }
+    }
+
+    /// Opens a connection in room already counted in `open`, while waiting in the queue: the
+    /// client takes whichever comes first, its own login or a connection another client
+    /// released, so while a cold pool fills up (one login at a time) every client is served by
+    /// the connections already open instead of waiting for its own login. A login that finishes
+    /// after its client was served goes to the next waiting client. A login that fails is this
+    /// client's error, unless a connection reached it meanwhile.
+    async fn open_or_take(
+        self: &Arc<Self>,
+        w: Waiter,
+        start: Instant,
+        request: Option<Request<'_>>,
+    ) -> Result<(Lease<'_>, Presented), PoolError> {
+        let mut login = self.spawn_login();
+        let mut waiting = Waiting::new(self, w, request);
+        loop {
+            let first = std::future::poll_fn(|cx| {
+                if let Poll::Ready(got) = waiting.poll_wait(cx) {
+                    return Poll::Ready(Opening::Queue(got));
+                }
+                std::pin::Pin::new(&mut login).poll(cx).map(Opening::Login)
+            })
+            .await;
+            match first {
+                Opening::Queue(Some(Ok((conn, presented)))) => return Ok((self.lend(conn), presented)),
+                // Room to open another: this client is opening one already, so it passes it on.
+                Opening::Queue(Some(Err(()))) => self.forget_one(),
+                Opening::Queue(None) => {
+                    self.metrics.borrow_timeouts.increment(1);
+                    return Err(PoolError::BorrowTimeout);
+                }
+                Opening::Login(opened) => {
+                    if let Some((conn, presented)) = waiting.withdraw() {
+                        match opened {
+                            Ok(Ok(new)) => self.put(new),
+                            Ok(Err(_)) => {}
+                            Err(_) => self.forget_one(),
+                        }
+                        return Ok((self.lend(conn), presented));
+                    }
+                    return match opened {
+                        Ok(Ok(conn)) => {
+                            self.record_borrow(start);
+                            Ok((self.lend(conn), Presented::default()))
+                        }
+                        Ok(Err(e)) => Err(PoolError::Backend(e)),
+                        // The login task was dropped unfinished (the runtime is shutting down).
+                        Err(_) => {
+                            self.forget_one();
+                            Err(PoolError::Backend(BackendError::Closed))
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// Logs a connection in on a task of its own (in room already counted in `open`, given back
+    /// if the login fails), so that it completes, and lands in the pool, even when the client
+    /// that asked for it took another connection or left.
+    fn spawn_login(self: &Arc<Self>) -> tokio::sync::oneshot::Receiver<Result<Box<BackendConn>, BackendError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            let opened = pool.open_within_timeout().await;
+            if opened.is_err() {
+                pool.forget_one();
+            }
+            if let Err(Ok(conn)) = tx.send(opened) {
+                pool.put(conn);
+            }
+        });
+        rx
     }
 
     /// Opens a connection in room already counted in `open` (given back if the login fails).
@@ -414,100 +427,6 @@ impl PoolEntry {
     }
 }
 
-/// Writes a waiting client's request to the connection it is handed, if the connection's
-/// settings already match the client's (else the client syncs them first) and the socket takes
-/// it now. Returns the bytes sent; the client's relay sends the rest.
-fn presend(conn: &BackendConn, d: &Deposit) -> usize {
-    if d.presend.len == 0 || Settings::sync_sql(&conn.applied, &d.settings).is_some() {
-        return 0;
-    }
-    conn.stream.write_now(&d.bytes[..d.presend.len]).unwrap_or(0)
-}
-
-/// A client in the queue. Dropped before it was served (the session went away), it leaves the
-/// queue; if a connection or the room to open one reached it meanwhile, it passes them on, and
-/// the request it lent comes back to the session.
-struct Waiting<'p, 'r> {
-    pool: &'p PoolEntry,
-    w: Option<Waiter>,
-    /// Where the lent request goes back to.
-    home: Option<(&'r mut BytesMut, &'r mut Settings)>,
-}
-
-impl<'p, 'r> Waiting<'p, 'r> {
-    fn new(pool: &'p PoolEntry, w: Waiter, request: Option<Request<'r>>) -> Self {
-        let home = request.map(|r| {
-            // Lent only if nobody served the slot yet (another thread may have, since it queued).
-            if let Wait::Waiting(_, slot) = &mut *lock(&w) {
-                // Measured only now: a client served at once never needs it.
-                let presend = presendable(r.bytes, r.at_boundary, r.max_message);
-                *slot = Some(Deposit {
-                    bytes: std::mem::take(r.bytes),
-                    presend,
-                    settings: std::mem::take(r.settings),
-                    cancel: r.cancel.target(),
-                });
-            }
-            (r.bytes, r.settings)
-        });
-        Waiting { pool, w: Some(w), home }
-    }
-
-    fn give_back(&mut self, deposit: Option<Deposit>) {
-        if let (Some(d), Some((bytes, settings))) = (deposit, self.home.as_mut()) {
-            **bytes = d.bytes;
-            **settings = d.settings;
-        }
-    }
-
-    /// `Some(Ok)`: a connection, with what of the request was sent; `Some(Err)`: room to open one
-    /// (already counted as open); `None`: the borrow timeout passed. Whoever settles the slot
-    /// does so under its lock, so a connection handed over is never lost to the timeout.
-    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<(Box<BackendConn>, Presented), ()>>> {
-        let Some(w) = self.w.as_ref() else { return Poll::Pending };
-        let mut slot = lock(w);
-        let outcome = match std::mem::replace(&mut *slot, Wait::Gone) {
-            Wait::Served(conn, deposit, presented) => (deposit, Some(Ok((conn, presented)))),
-            Wait::MayOpen(deposit) => (deposit, Some(Err(()))),
-            Wait::TimedOut(deposit) => (deposit, None),
-            Wait::Waiting(waker, deposit) => {
-                let waker = match waker {
-                    Some(old) if old.will_wake(cx.waker()) => old,
-                    _ => cx.waker().clone(),
-                };
-                *slot = Wait::Waiting(Some(waker), deposit);
-                return Poll::Pending;
-            }
-            Wait::Gone => return Poll::Pending,
-        };
-        drop(slot);
-        self.w = None;
-        self.give_back(outcome.0);
-        Poll::Ready(outcome.1)
-    }
-}
-
-impl Drop for Waiting<'_, '_> {
-    fn drop(&mut self) {
-        let Some(w) = self.w.take() else { return };
-        let was = std::mem::replace(&mut *lock(&w), Wait::Gone);
-        match was {
-            Wait::Served(conn, deposit, presented) => {
-                self.give_back(deposit);
-                // A request already on its way: nobody will read the answer.
-                if presented.len > 0 { self.pool.close(conn) } else { self.pool.put(conn) }
-            }
-            Wait::MayOpen(deposit) => {
-                self.give_back(deposit);
-                let mut st = lock(&self.pool.state);
-                st.open -= 1;
-                PoolEntry::let_one_open(&mut st);
-            }
-            Wait::Waiting(_, deposit) | Wait::TimedOut(deposit) => self.give_back(deposit),
-            Wait::Gone => {}
-        }
-    }
-}
 
 /// A backend lent to one client. [`Lease::release`] returns it; [`Lease::discard`], or dropping
 /// the lease without either (its state is unknown then), closes it.
@@ -653,49 +572,4 @@ fn spawn_janitor(
             entry.top_up(cfg.min_idle_backend_connections).await;
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use bytes::BytesMut;
-
-    use super::{Presend, presendable};
-    use crate::protocol::messages;
-
-    fn p(len: usize, awaits_answer: bool) -> Presend {
-        Presend { len, awaits_answer }
-    }
-
-    #[test]
-    fn presendable_is_whole_messages_before_any_terminate() {
-        let mut q = BytesMut::new();
-        messages::query(&mut q, "SELECT 1");
-        let mut two = q.clone();
-        messages::query(&mut two, "SELECT 2");
-        assert_eq!(presendable(&two, true, 1024), p(two.len(), true));
-        let mut then_x = q.clone();
-        messages::terminate(&mut then_x);
-        assert_eq!(presendable(&then_x, true, 1024), p(q.len(), false), "never the Terminate");
-        assert_eq!(presendable(&q[..q.len() - 1], true, 1024), p(0, false), "not a partial message");
-        let mut and_part = q.clone();
-        and_part.extend_from_slice(&q[..3]);
-        assert_eq!(presendable(&and_part, true, 1024), p(q.len(), false), "more of the client's to come");
-        assert_eq!(presendable(&q, false, 1024), p(0, false), "not from the middle of a message");
-        let mut huge = q.clone();
-        huge.extend_from_slice(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
-        assert_eq!(presendable(&huge, true, 1024), p(q.len(), false), "a bad length is left to the relay");
-    }
-
-    #[test]
-    fn only_a_request_the_backend_answers_awaits_an_answer() {
-        // Parse (unnamed statement, "SELECT 1", no parameter types), then Sync.
-        let body = b"\0SELECT 1\0\0\0";
-        let mut parse_only = BytesMut::from(&[b'P'][..]);
-        parse_only.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-        parse_only.extend_from_slice(body);
-        assert_eq!(presendable(&parse_only, true, 1024), p(parse_only.len(), false), "no Sync yet");
-        let mut synced = parse_only.clone();
-        synced.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-        assert_eq!(presendable(&synced, true, 1024), p(synced.len(), true));
-    }
 }

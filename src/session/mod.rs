@@ -180,7 +180,7 @@ enum Next {
 async fn transaction(
     shared: &Arc<Shared>,
     client: &mut ClientSide,
-    entry: &PoolEntry,
+    entry: &Arc<PoolEntry>,
     desired: &mut Settings,
     cancel: &crate::cancel::CancelHandle,
 ) -> Result<Next, SessionError> {
@@ -289,7 +289,7 @@ async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut cra
 /// Borrows a backend and brings its session settings in line with the client's. Also returns
 /// what of the client's request the pool already sent (see `pool::Request`).
 async fn checkout_with_settings<'p>(
-    entry: &'p PoolEntry,
+    entry: &'p Arc<PoolEntry>,
     desired: &mut Settings,
     client: &mut ClientSide,
     max_message: usize,
@@ -398,7 +398,7 @@ mod tests {
         let size = future_size5::<
             &'static Arc<Shared>,
             &'static mut ClientSide,
-            &'static PoolEntry,
+            &'static Arc<PoolEntry>,
             &'static mut Settings,
             &'static crate::cancel::CancelHandle,
             _,
