@@ -5,6 +5,7 @@
 #   bench/run.sh          # tps workloads, then idle-client memory (= "all")
 #   bench/run.sh tps      # pgbench workloads only
 #   bench/run.sh idle     # idle-client memory only
+#   bench/run.sh cold     # cold pools: first transactions' latency while the pool fills
 #
 # Environment overrides:
 #   DURATION=15        seconds per pgbench run
@@ -29,7 +30,10 @@
 #      there pgwarden's clients log in with an IAM auth token, the others with SCRAM)
 #   5. runs pgbench workloads against each system and prints TPS / mean
 #      latency / failed transactions plus pgwarden ratios
-#   6. opens IDLE_CLIENTS idle SCRAM-authenticated clients (bench/idle_clients.py,
+#   6. cold pools: restarts each pooler (so its pool is empty) and runs 32 select-only
+#      clients for 3 s with per-transaction logs: the worst latency of the transactions
+#      started in the first 0.2 s (while the pool fills), and how many took over 100 ms
+#   7. opens IDLE_CLIENTS idle SCRAM-authenticated clients (bench/idle_clients.py,
 #      asyncpg in a venv) to each pooler and reports VmRSS growth per client
 #   Results go to stdout and bench/out/latest.md (+ a timestamped copy and raw
 #   pgbench output under bench/out/raw/). Everything is torn down on exit.
@@ -38,9 +42,9 @@ set -Eeuo pipefail
 
 MODE=${1:-all}
 case "$MODE" in
-  all|tps|idle) ;;
-  -h|--help|help) sed -n '2,30p' "$0"; exit 0 ;;
-  *) echo "usage: $0 [all|tps|idle]" >&2; exit 2 ;;
+  all|tps|idle|cold) ;;
+  -h|--help|help) sed -n '2,34p' "$0"; exit 0 ;;
+  *) echo "usage: $0 [all|tps|idle|cold]" >&2; exit 2 ;;
 esac
 
 DURATION=${DURATION:-15}
@@ -119,22 +123,24 @@ PGW_PID=""
 IDLE_PID=""
 BENCH_PID=""
 
+# stop_pid PID — SIGTERM (PgBouncer: immediate shutdown; pgwarden: drain), SIGKILL after 5 s.
+stop_pid() {
+  local pid=$1
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid"
+  for _ in {1..50}; do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null
+  return 0
+}
+
 cleanup() {
   local rc=$?
   set +e
   trap - EXIT INT TERM
   if [[ -n $BENCH_PID ]]; then kill "$BENCH_PID" 2>/dev/null; wait "$BENCH_PID" 2>/dev/null; fi
   if [[ -n $IDLE_PID ]]; then kill "$IDLE_PID" 2>/dev/null; wait "$IDLE_PID" 2>/dev/null; fi
-  if [[ -n $PGW_PID ]] && kill -0 "$PGW_PID" 2>/dev/null; then
-    kill -TERM "$PGW_PID"
-    for _ in {1..50}; do kill -0 "$PGW_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$PGW_PID" 2>/dev/null
-  fi
-  if [[ -n $PGB_PID ]] && kill -0 "$PGB_PID" 2>/dev/null; then
-    kill -TERM "$PGB_PID"   # SIGTERM = immediate shutdown for PgBouncer
-    for _ in {1..50}; do kill -0 "$PGB_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$PGB_PID" 2>/dev/null
-  fi
+  stop_pid "$PGW_PID"
+  stop_pid "$PGB_PID"
   if [[ -n $PGDATA && -f $PGDATA/postmaster.pid ]]; then
     as_pg timeout 40 "$PG_BIN/pg_ctl" -D "$PGDATA" -m immediate -t 30 stop >/dev/null 2>&1
   fi
@@ -169,7 +175,7 @@ fi
 PGBOUNCER_BIN=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 
 PY=""
-if [[ $MODE != tps ]]; then
+if [[ $MODE == all || $MODE == idle ]]; then
   if [[ -x $REPO/.venv/bin/python ]] && "$REPO/.venv/bin/python" -c 'import asyncpg' 2>/dev/null; then
     PY=$REPO/.venv/bin/python
   else
@@ -235,6 +241,14 @@ PGPASSWORD=$BENCH_PW timeout 600 pgbench -i -s 10 -h 127.0.0.1 -p "$PG_PORT" -U 
 PGPASSWORD=$SUPER_PW psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench -c 'CHECKPOINT' >/dev/null
 
 # --------------------------------------------------------------- pgbouncer --
+start_pgbouncer() {
+  rm -f "$TMP/pgbouncer.pid"
+  as_pg "$PGBOUNCER_BIN" -d "$TMP/pgbouncer.ini" || die "pgbouncer failed to start"
+  for _ in {1..50}; do [[ -s $TMP/pgbouncer.pid ]] && break; sleep 0.1; done
+  PGB_PID=$(cat "$TMP/pgbouncer.pid" 2>/dev/null) || die "no pgbouncer pidfile"
+  wait_sql "$PGB_PORT" bench "$BENCH_PW" bench PgBouncer "$PGB_PID"
+}
+
 PGB_PORT=""
 if has pgbouncer; then
   PGB_PORT=$(free_port)
@@ -269,13 +283,20 @@ EOF
     chown postgres: "$TMP/userlist.txt" "$TMP/pgbouncer.ini"
   fi
   chmod 600 "$TMP/userlist.txt"
-  as_pg "$PGBOUNCER_BIN" -d "$TMP/pgbouncer.ini" || die "pgbouncer failed to start"
-  for _ in {1..50}; do [[ -s $TMP/pgbouncer.pid ]] && break; sleep 0.1; done
-  PGB_PID=$(cat "$TMP/pgbouncer.pid" 2>/dev/null) || die "no pgbouncer pidfile"
-  wait_sql "$PGB_PORT" bench "$BENCH_PW" bench PgBouncer "$PGB_PID"
+  start_pgbouncer
 fi
 
 # ---------------------------------------------------------------- pgwarden --
+start_pgwarden() {
+  # In its own session, as PgBouncer (`-d` daemonizes) and every PostgreSQL backend are: with
+  # the kernel's autogroup scheduling on, a session is one scheduling entity, and a proxy left in
+  # this script's session would share its CPU share with pgbench and be preempted by it.
+  RUST_LOG=${RUST_LOG:-warn} setsid "$PGWARDEN_BIN" serve --config "$TMP/pgwarden.toml" \
+    >>"$TMP/pgwarden.log" 2>&1 </dev/null &
+  PGW_PID=$!
+  wait_sql "$PGW_PORT" bench "$BENCH_PW" bench pgwarden "$PGW_PID"
+}
+
 PGW_PORT=""
 if has pgwarden; then
   PGW_PORT=$(free_port)
@@ -319,13 +340,7 @@ EOF
   BENCH_SECRET=$(openssl rand -hex 20)
   (umask 077; printf '{"keys": [{"access_key_id": "%s", "secret_access_key": "%s", "principal": "arn:aws:iam::000000000000:role/bench", "allow": ["arn:aws:rds-db:us-east-1:000000000000:dbuser:prx-bench/*"]}]}\n' \
     "$BENCH_AKID" "$BENCH_SECRET" >"$TMP/keyring.json")
-  # In its own session, as PgBouncer (`-d` daemonizes) and every PostgreSQL backend are: with
-  # the kernel's autogroup scheduling on, a session is one scheduling entity, and a proxy left in
-  # this script's session would share its CPU share with pgbench and be preempted by it.
-  RUST_LOG=${RUST_LOG:-warn} setsid "$PGWARDEN_BIN" serve --config "$TMP/pgwarden.toml" \
-    >"$TMP/pgwarden.log" 2>&1 </dev/null &
-  PGW_PID=$!
-  wait_sql "$PGW_PORT" bench "$BENCH_PW" bench pgwarden "$PGW_PID"
+  start_pgwarden
 fi
 
 port_of() {
@@ -641,6 +656,57 @@ measure_idle() {
     "$sys" "$before" "$after" "$opened" "$failed" "$secs" "$per" "$after_close" >&2
   echo "$sys|$opened|$est|$failed|$secs|$(mib "$before")|$(mib "$after")|$per|$(mib "$after_close")" >>"$TMP/idle.rows"
 }
+
+# ------------------------------------------------------------- cold pools --
+# restart SYS — an empty pool (but for the connection of the start-up check).
+restart() {
+  case $1 in
+    pgbouncer) stop_pid "$PGB_PID"; start_pgbouncer ;;
+    pgwarden) stop_pid "$PGW_PID"; start_pgwarden ;;
+  esac
+}
+
+# cold_round SYS ROUND — runs 32 select-only clients for 3 s with per-transaction logs against
+# a just restarted SYS, and prints "worst latency of the transactions started in the first
+# 0.2 s (ms), worst overall (ms), transactions over 100 ms, transactions" (a log line's time
+# is when its transaction ended).
+cold_round() {
+  local sys=$1 round=$2 dir=$TMP/cold-$1-$2
+  mkdir -p "$dir"
+  PGPASSWORD=$BENCH_PW pgbench -n -S -c 32 -j 2 -T 3 -l --log-prefix="$dir/tx" \
+    -h 127.0.0.1 -p "$(port_of "$sys")" -U bench bench >"$OUT_DIR/raw/cold-$sys-r$round.txt" 2>&1 || true
+  cat "$dir"/tx.* 2>/dev/null | awk '{printf "%.0f %d\n", ($5 % 100000) * 1000000 + $6 - $3, $3}' | sort -n |
+    awk 'NR == 1 {f = $1} {if ($1 - f < 200000 && $2 > first) first = $2; if ($2 > max) max = $2; if ($2 > 100000) slow++; n++}
+         END {printf "%.1f %.1f %d %d\n", first / 1000, max / 1000, slow, n}'
+}
+
+if [[ $MODE == all || $MODE == cold ]]; then
+  declare -A COLD
+  log "cold pools: each pooler restarted, 32 clients, 3 s"
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for sys in pgbouncer pgwarden; do
+      if has "$sys"; then
+        restart "$sys"
+        COLD[$sys,$round]=$(cold_round "$sys" "$round")
+        printf '    %-10s r%s first-0.2s-max/max ms, >100ms, tx: %s\n' "$sys" "$round" "${COLD[$sys,$round]}" >&2
+      fi
+    done
+  done
+  {
+    echo "### Cold pools: the first transactions while the pool fills (32 clients, pool $POOL, pooler just restarted)"
+    echo
+    {
+      echo "system|worst latency, tx started in the first 0.2 s (ms), median round|rounds|worst latency in 3 s (ms), median round|tx over 100 ms (all rounds)"
+      echo "-|-|-|-|-"
+      for sys in pgbouncer pgwarden; do
+        has "$sys" || continue
+        rows=$(for ((r = 1; r <= ROUNDS; r++)); do echo "${COLD[$sys,$r]}"; done)
+        echo "$sys|$(awk '{print $1}' <<<"$rows" | sort -g | awk -v m=$(( (ROUNDS + 1) / 2 )) 'NR == m')|$(awk '{printf "%s ", $1}' <<<"$rows")|$(awk '{print $2}' <<<"$rows" | sort -g | awk -v m=$(( (ROUNDS + 1) / 2 )) 'NR == m')|$(awk '{s += $3} END {print s}' <<<"$rows")"
+      done
+    } | md_table
+    echo
+  } >>"$REPORT"
+fi
 
 if [[ $MODE == all || $MODE == idle ]]; then
   : >"$TMP/idle.rows"
