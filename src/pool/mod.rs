@@ -323,7 +323,7 @@ impl PoolEntry {
                     }
                     None => false,
                 };
-                *slot = Wait::Served(conn, deposit, Presented { len: sent, at: Some(now) });
+                *slot = Wait::Served(conn, deposit, Presented { len: sent, at: (sent > 0).then_some(now) });
                 drop(slot);
                 if let (true, Some(waker)) = (wake_now, waker) {
                     waker.wake();

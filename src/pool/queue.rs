@@ -30,7 +30,8 @@ pub struct Request<'a> {
 }
 
 /// What the hand-over to a waiting client did with its request: the first `len` bytes went to
-/// the backend at `at` (when the database started on it, for the response-latency metric).
+/// the backend at `at` (when the database started on it, for the response-latency metric; none
+/// when nothing was sent).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Presented {
     pub len: usize,

@@ -174,7 +174,7 @@ pub async fn relay(
             status: TxStatus::Idle,
             poisoned: false,
             // The request the pool sent reached the database then, not when this task woke.
-            request_at: presented.at.filter(|_| presented.len > 0),
+            request_at: presented.at,
             requests: 0,
             pins_session: false,
             client_mid_message,
