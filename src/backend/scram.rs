@@ -41,11 +41,21 @@ impl fmt::Debug for ScramKeys {
     }
 }
 
+impl Drop for ScramKeys {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.client_key.zeroize();
+        self.server_key.zeroize();
+    }
+}
+
 impl ScramKeys {
     /// The 4096-round (or `iterations`-round) PBKDF2: milliseconds of CPU.
     pub fn derive(password: &str, salt: &[u8], iterations: u32) -> ScramKeys {
-        let salted = salted_password(password, salt, iterations);
-        ScramKeys { client_key: hmac(&salted, &[b"Client Key"]), server_key: hmac(&salted, &[b"Server Key"]) }
+        let mut salted = salted_password(password, salt, iterations);
+        let keys = ScramKeys { client_key: hmac(&salted, &[b"Client Key"]), server_key: hmac(&salted, &[b"Server Key"]) };
+        zeroize::Zeroize::zeroize(&mut salted);
+        keys
     }
 }
 
