@@ -257,20 +257,39 @@ async fn gated_path_to(port: u16) -> (u16, tokio::sync::watch::Sender<bool>, tok
     (local, gate, arrivals)
 }
 
-/// While a pool fills up (one login at a time), a client that is opening a backend takes one
-/// that another client releases first, instead of waiting for its own login; that login still
-/// lands in the pool when it completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_opening_a_backend_takes_a_released_one_first() {
+/// A harness with a pool of 2 whose backend logins go through [`gated_path_to`].
+async fn start_gated(
+    tweak: impl FnOnce(&mut pgwarden::config::Config),
+) -> (Harness, tokio::sync::watch::Sender<bool>, tokio::sync::mpsc::UnboundedReceiver<()>) {
     let mut gated = None;
     let h = Harness::start_async(false, async |env, c| {
         let (port, gate, arrivals) = gated_path_to(env.cluster.port).await;
         c.database.port = port;
         c.pool.max_backend_connections = 2;
+        tweak(c);
         gated = Some((gate, arrivals));
     })
     .await;
-    let (gate, mut arrivals) = gated.unwrap();
+    let (gate, arrivals) = gated.unwrap();
+    (h, gate, arrivals)
+}
+
+async fn until_backends(h: &Harness, n: usize) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while h.backend_count() != n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} backends, expected {n}", h.backend_count()));
+}
+
+/// While a pool fills up (one login at a time), a client that is opening a backend takes one
+/// that another client releases first, instead of waiting for its own login; that login still
+/// lands in the pool when it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_opening_a_backend_takes_a_released_one_first() {
+    let (h, gate, mut arrivals) = start_gated(|_| {}).await;
     let holder = h.client().await; // (its login opened the first backend, to learn the server's parameters)
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     arrivals.recv().await.unwrap();
@@ -291,15 +310,62 @@ async fn a_client_opening_a_backend_takes_a_released_one_first() {
     assert_eq!(row.get(0), Some("served"));
     assert_eq!(h.backend_count(), 1, "the second login is still held");
     gate.send_replace(true);
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while h.backend_count() != 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the held login completes and its backend joins the pool");
+    // The held login completes, and its backend joins the pool.
+    until_backends(&h, 2).await;
     let metrics = h.shared.metrics.render();
     assert!(metrics.contains("DatabaseConnections 2"), "{metrics}");
+}
+
+/// A connection that closes while clients wait lets the longest-waiting one open another; that
+/// client still takes a connection released before its login completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_replacing_a_lost_backend_takes_a_released_one_first() {
+    let (h, gate, mut arrivals) = start_gated(|_| {}).await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    arrivals.recv().await.unwrap();
+    let doomed = h.client().await;
+    doomed.batch_execute("BEGIN").await.unwrap();
+    arrivals.recv().await.unwrap();
+    let pid: i32 = doomed.query_typed_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    gate.send_replace(false);
+    let pool = dev_pool(&h);
+    let c = h.client().await;
+    let answer = tokio::spawn(async move { c.simple_query("SELECT 'served'").await });
+    until_waiting(&pool, 1).await;
+    h.admin(&format!("SELECT pg_terminate_backend({pid})"));
+    doomed.batch_execute("SELECT 1").await.expect_err("its backend is gone");
+    // The waiting client got the room and logs in: held at the gate.
+    arrivals.recv().await.unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+    let rows = tokio::time::timeout(Duration::from_secs(20), answer).await.expect("served by the released backend");
+    let rows = rows.unwrap().unwrap();
+    assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))), "{rows:?}");
+    gate.send_replace(true);
+    // The held login completes, and its backend joins the pool.
+    until_backends(&h, 2).await;
+}
+
+/// The borrow timeout ends a client's wait in the queue, never the login it started: a login
+/// slower than the borrow timeout still serves its client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_login_outlasts_the_borrow_timeout() {
+    let (h, gate, mut arrivals) = start_gated(|c| c.pool.borrow_timeout = Duration::from_millis(200)).await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    arrivals.recv().await.unwrap();
+    gate.send_replace(false);
+    let pool = dev_pool(&h);
+    let c = h.client().await;
+    let answer = tokio::spawn(async move { c.simple_query("SELECT 'served'").await });
+    arrivals.recv().await.unwrap();
+    until_waiting(&pool, 1).await;
+    // The queue's timer ends the wait; the login, held at the gate, goes on.
+    until_waiting(&pool, 0).await;
+    gate.send_replace(true);
+    let rows = answer.await.unwrap().expect("served by its own login");
+    assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))), "{rows:?}");
+    assert!(!h.shared.metrics.render().contains("pgwarden_borrow_timeouts 1"), "counted as a borrow timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

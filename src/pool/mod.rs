@@ -2,10 +2,11 @@
 //! few warm connections serve a light load and the rest age out), the fair FIFO queue of clients
 //! waiting for one, and the count of connections open or being opened, capped at
 //! `max_backend_connections`. A released connection goes straight to the longest-waiting client;
-//! a closed one lets the next waiting client open a new one. A client that finds room to open a
-//! connection queues too, and takes whichever comes first: its own login or a released
-//! connection (the login then goes to the next client), so a cold pool serves its first burst
-//! with the connections already open. A janitor evicts idle connections that expired or retired
+//! a closed one lets the next waiting client open a new one. A client that opens a connection
+//! (because the pool has room, or one closed) stays in the queue too, and takes whichever comes
+//! first: its own login or a released connection (the login then goes to the next client), so a
+//! cold pool serves its first burst with the connections already open, and a connection retired
+//! under load (rotation, max lifetime) costs nobody a wait for a login. A janitor evicts idle connections that expired or retired
 //! and keeps `min_idle` warm. [`manager`] opens connections and says which must retire;
 //! [`queue`] is a client's place in the queue. Must not: authenticate clients or touch client
 //! sockets.
@@ -167,12 +168,18 @@ impl PoolEntry {
                 Grant::Wait(w, start) => {
                     let mut waiting = Waiting::new(self, w, request);
                     let got = std::future::poll_fn(|cx| waiting.poll_wait(cx)).await;
-                    drop(waiting);
                     return match got {
                         // (Its borrow latency was recorded by the hand-over.)
                         Some(Ok((conn, presented))) => Ok((self.lend(conn), presented)),
                         // A connection closed while we waited: its room is ours (already counted).
-                        Some(Err(())) => self.open_new(start).await.map(|lease| (lease, Presented::default())),
+                        // The client opens one from the front of the queue, where it was, and
+                        // takes a released connection if one comes first.
+                        Some(Err(())) => {
+                            let request = waiting.into_request();
+                            let w = Arc::new(Mutex::new(Wait::Waiting(None, None)));
+                            lock(&self.state).waiting.push_front((start + self.borrow_timeout, Arc::clone(&w)));
+                            Box::pin(self.open_or_take(w, start, request)).await
+                        }
                         None => {
                             self.metrics.borrow_timeouts.increment(1);
                             Err(PoolError::BorrowTimeout)
@@ -188,7 +195,8 @@ impl PoolEntry {
     /// released, so while a cold pool fills up (one login at a time) every client is served by
     /// the connections already open instead of waiting for its own login. A login that finishes
     /// after its client was served goes to the next waiting client. A login that fails is this
-    /// client's error, unless a connection reached it meanwhile.
+    /// client's error, unless a connection reached it meanwhile; the borrow timeout ends only the
+    /// wait in the queue, never the login.
     async fn open_or_take(
         self: &Arc<Self>,
         w: Waiter,
@@ -209,10 +217,9 @@ impl PoolEntry {
                 Opening::Queue(Some(Ok((conn, presented)))) => return Ok((self.lend(conn), presented)),
                 // Room to open another: this client is opening one already, so it passes it on.
                 Opening::Queue(Some(Err(()))) => self.forget_one(),
-                Opening::Queue(None) => {
-                    self.metrics.borrow_timeouts.increment(1);
-                    return Err(PoolError::BorrowTimeout);
-                }
+                // Its place in the queue timed out: its own login still decides (within the
+                // open timeout), as it would had the client never queued.
+                Opening::Queue(None) => {}
                 Opening::Login(opened) => {
                     if let Some((conn, presented)) = waiting.withdraw() {
                         match opened {
@@ -255,20 +262,6 @@ impl PoolEntry {
             }
         });
         rx
-    }
-
-    /// Opens a connection in room already counted in `open` (given back if the login fails).
-    async fn open_new(&self, start: Instant) -> Result<Lease<'_>, PoolError> {
-        match Box::pin(self.open_within_timeout()).await {
-            Ok(conn) => {
-                self.record_borrow(start);
-                Ok(self.lend(conn))
-            }
-            Err(e) => {
-                self.forget_one();
-                Err(PoolError::Backend(e))
-            }
-        }
     }
 
     /// One backend login, bounded by the pool's open timeout.

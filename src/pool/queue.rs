@@ -110,27 +110,31 @@ pub(super) fn presend(conn: &BackendConn, d: &Deposit) -> usize {
 pub(super) struct Waiting<'p, 'r> {
     pool: &'p PoolEntry,
     w: Option<Waiter>,
-    /// Where the lent request goes back to.
-    home: Option<(&'r mut BytesMut, &'r mut Settings)>,
+    /// The lent request: its buffer and settings go back here.
+    home: Option<Request<'r>>,
 }
 
 impl<'p, 'r> Waiting<'p, 'r> {
     pub(super) fn new(pool: &'p PoolEntry, w: Waiter, request: Option<Request<'r>>) -> Self {
-        let home = request.map(|r| {
-            // Lent only if nobody served the slot yet (another thread may have, since it queued).
-            if let Wait::Waiting(_, slot) = &mut *lock(&w) {
-                // Measured only now: a client served at once never needs it.
-                let presend = presendable(r.bytes, r.at_boundary, r.max_message);
-                *slot = Some(Deposit {
-                    bytes: std::mem::take(r.bytes),
-                    presend,
-                    settings: std::mem::take(r.settings),
-                    cancel: r.cancel.target(),
-                });
-            }
-            (r.bytes, r.settings)
-        });
+        let mut home = request;
+        // Lent only if nobody served the slot yet (another thread may have, since it queued).
+        if let (Some(r), Wait::Waiting(_, slot)) = (home.as_mut(), &mut *lock(&w)) {
+            // Measured only now: a client served at once never needs it.
+            let presend = presendable(r.bytes, r.at_boundary, r.max_message);
+            *slot = Some(Deposit {
+                bytes: std::mem::take(r.bytes),
+                presend,
+                settings: std::mem::take(r.settings),
+                cancel: r.cancel.target(),
+            });
+        }
         Waiting { pool, w: Some(w), home }
+    }
+
+    /// The request, back in the client's hands, once the wait is settled.
+    pub(super) fn into_request(mut self) -> Option<Request<'r>> {
+        debug_assert!(self.w.is_none(), "the wait is settled before the request is taken back");
+        self.home.take()
     }
 
     /// Leaves the queue now; returns the connection handed over meanwhile, if one was.
@@ -156,9 +160,9 @@ impl<'p, 'r> Waiting<'p, 'r> {
     }
 
     fn give_back(&mut self, deposit: Option<Deposit>) {
-        if let (Some(d), Some((bytes, settings))) = (deposit, self.home.as_mut()) {
-            **bytes = d.bytes;
-            **settings = d.settings;
+        if let (Some(d), Some(home)) = (deposit, self.home.as_mut()) {
+            *home.bytes = d.bytes;
+            *home.settings = d.settings;
         }
     }
 
