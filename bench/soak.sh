@@ -4,7 +4,8 @@
 # For each strategy (single user, alternating users): pgbench -S for DURATION seconds without
 # rotation (baseline), then again while `pgwarden rotate` runs the four rotation steps every
 # INTERVAL seconds. Reports failed transactions (must be 0), TPS with and without rotation,
-# rotations done, and backend logins per rotation (DatabaseConnectionsSetupSucceeded).
+# rotations done, backend logins per rotation (DatabaseConnectionsSetupSucceeded), and the
+# 99.9th percentile and worst transaction latency with and without rotation (pgbench -l).
 #
 # Environment: DURATION=60 INTERVAL=2 CLIENTS=16 POOL=10 SKIP_BUILD=0 KEEP_TMP=0
 # Needs: PostgreSQL 15 server binaries, pgbench, python3 (moto[server] goes into bench/.venv-soak).
@@ -118,10 +119,14 @@ PGW_PID=$!
 for _ in {1..100}; do PGPASSWORD=$APP_PW psql -X -h 127.0.0.1 -p "$PGW_PORT" -U app -d bench -tAc 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
 logins() { curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | awk '$1 == "DatabaseConnectionsSetupSucceeded" {print $2}'; }
 
-# run_pgbench USER OUTFILE: pgbench -S through pgwarden, with the user's current password.
+# run_pgbench USER SECRET OUTFILE: pgbench -S through pgwarden, with the user's current password,
+# logging every transaction to OUTFILE.log.*.
 run_pgbench() {
-  PGPASSWORD=$(current_password "$2") pgbench -n -S -c "$CLIENTS" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$PGW_PORT" -U "$1" bench >"$3" 2>&1
+  PGPASSWORD=$(current_password "$2") pgbench -n -S -c "$CLIENTS" -j 2 -T "$DURATION" -l --log-prefix="$3.log" \
+    -h 127.0.0.1 -p "$PGW_PORT" -U "$1" bench >"$3" 2>&1
 }
+# The 99.9th percentile and the worst transaction latency (ms) of a run_pgbench log.
+tail_latency() { cat "$1".log.* | awk '{print $3}' | sort -n | awk '{v[NR] = $1} END {printf "%.1f / %.1f", v[int(NR * 0.999)] / 1000, v[NR] / 1000}'; }
 field() { sed -n "s/^$1 = \([0-9.]*\).*/\1/p; s/^$1: \([0-9]*\).*/\1/p" "$2" | head -1; }
 
 REPORT=$TMP/report.md
@@ -131,8 +136,8 @@ REPORT=$TMP/report.md
   echo "- pgwarden $(git -C "$REPO" describe --always --dirty), PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), moto $("$VENV/bin/python" -c 'import moto; print(moto.__version__)')"
   echo "- pgbench -S -c $CLIENTS -j 2 -T $DURATION through pgwarden (pool $POOL); \`pgwarden rotate\` every $INTERVAL s; credential refresh every 500 ms"
   echo
-  echo "| strategy | TPS without rotation | TPS during rotation | ratio | rotations | failed tx (with / without) | backend logins per rotation |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| strategy | TPS without rotation | TPS during rotation | ratio | rotations | failed tx (with / without) | backend logins per rotation | p99.9 / worst latency without rotation (ms) | p99.9 / worst during rotation (ms) |"
+  echo "|---|---|---|---|---|---|---|---|---|"
 } >"$REPORT"
 
 for strategy in single alternating; do
@@ -160,8 +165,9 @@ for strategy in single alternating; do
   base_fail=$(field "number of failed transactions" "$TMP/$strategy-base.txt"); rot_fail=$(field "number of failed transactions" "$TMP/$strategy-rot.txt")
   per=$(awk -v a="$logins0" -v b="$logins1" -v r="$rotations" 'BEGIN { if (r > 0) printf "%.2f", (b - a) / r; else print "n/a" }')
   ratio=$(awk -v a="$rot_tps" -v b="$base_tps" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }')
-  printf '| %s | %.0f | %.0f | %s | %s (%s failed) | %s / %s | %s |\n' "$strategy" "$base_tps" "$rot_tps" "$ratio" \
-    "$rotations" "$rotation_errors" "${rot_fail:-?}" "${base_fail:-?}" "$per" >>"$REPORT"
+  printf '| %s | %.0f | %.0f | %s | %s (%s failed) | %s / %s | %s | %s | %s |\n' "$strategy" "$base_tps" "$rot_tps" "$ratio" \
+    "$rotations" "$rotation_errors" "${rot_fail:-?}" "${base_fail:-?}" "$per" \
+    "$(tail_latency "$TMP/$strategy-base.txt")" "$(tail_latency "$TMP/$strategy-rot.txt")" >>"$REPORT"
   grep -q "aborted\|error" "$TMP/$strategy-rot.txt" && { echo "pgbench reported errors:" >&2; grep -m5 "aborted\|error" "$TMP/$strategy-rot.txt" >&2; }
 done
 echo >>"$REPORT"
