@@ -368,6 +368,89 @@ async fn a_slow_login_outlasts_the_borrow_timeout() {
     assert!(!h.shared.metrics.render().contains("pgwarden_borrow_timeouts 1"), "counted as a borrow timeout");
 }
 
+/// A client opening a connection that is given the room of another one that closed passes that
+/// room on and keeps its place in the queue: a connection released before its own login
+/// completes still serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_opening_a_backend_keeps_its_place_when_another_closes() {
+    let (h, gate, mut arrivals) = start_gated(|c| c.pool.max_backend_connections = 3).await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    arrivals.recv().await.unwrap();
+    let doomed = h.client().await;
+    doomed.batch_execute("BEGIN").await.unwrap();
+    arrivals.recv().await.unwrap();
+    let pid: i32 = doomed.query_typed_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    gate.send_replace(false);
+    let pool = dev_pool(&h);
+    let c = h.client().await;
+    let answer = tokio::spawn(async move { c.simple_query("SELECT 'served'").await });
+    // The pool has room for a third backend: the client's login for it is held at the gate.
+    arrivals.recv().await.unwrap();
+    until_waiting(&pool, 1).await;
+    h.admin(&format!("SELECT pg_terminate_backend({pid})"));
+    doomed.batch_execute("SELECT 1").await.expect_err("its backend is gone");
+    // The closed backend is gone from the count (its room went to the front of the queue, the
+    // opening client, first)...
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !h.shared.metrics.render().lines().any(|l| l == "DatabaseConnections 1") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the terminated backend was closed");
+    // ...which passed it on (nobody else waits: it is simply free again) and still waits.
+    until_waiting(&pool, 1).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let rows = tokio::time::timeout(Duration::from_secs(20), answer).await.expect("served by the released backend");
+    let rows = rows.unwrap().unwrap();
+    assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))), "{rows:?}");
+    gate.send_replace(true);
+    until_backends(&h, 2).await;
+}
+
+/// Wakes the test when a future it polls by hand is woken.
+struct NotifyWaker(std::sync::Arc<tokio::sync::Notify>);
+
+impl std::task::Wake for NotifyWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// A login that completes for a client that then goes away before taking it (the client left,
+/// or took a released connection in the same instant) lands in the pool: the room it was
+/// counted in is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_completed_for_a_client_that_left_lands_in_the_pool() {
+    use std::future::Future;
+    let (h, gate, mut arrivals) = start_gated(|_| {}).await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    arrivals.recv().await.unwrap();
+    gate.send_replace(false);
+    let pool = dev_pool(&h);
+    let woken = std::sync::Arc::new(tokio::sync::Notify::new());
+    let waker = std::task::Waker::from(std::sync::Arc::new(NotifyWaker(std::sync::Arc::clone(&woken))));
+    let mut checkout = Box::pin(pool.checkout());
+    let first = checkout.as_mut().poll(&mut std::task::Context::from_waker(&waker));
+    assert!(first.is_pending(), "the pool's one free room means a login");
+    arrivals.recv().await.unwrap();
+    gate.send_replace(true);
+    // The login completed and woke the client, which leaves without running again.
+    woken.notified().await;
+    drop(checkout);
+    // The pool of 2 still has room for both: the holder's and the login's, idle now.
+    let lease = tokio::time::timeout(Duration::from_secs(20), pool.checkout())
+        .await
+        .expect("the pool lost the room of the login")
+        .expect("a connection");
+    lease.release();
+    assert_eq!(h.backend_count(), 2);
+    let metrics = h.shared.metrics.render();
+    assert!(metrics.contains("DatabaseConnections 2"), "{metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_with_wrong_secret_is_ignored() {
     let h = Harness::start().await;

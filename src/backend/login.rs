@@ -13,10 +13,10 @@ use tokio::net::TcpStream;
 
 use super::scram::{KeyCache, ScramClient};
 use super::{BackendConn, BackendError, BackendKey, BackendPid, MAX_CONTROL_MESSAGE, Settings};
+use crate::auth::scram::SCRAM_SHA_256;
 use crate::config::DatabaseConfig;
 use crate::credentials::{Credential, CredentialSet, LoginFingerprint, Stage};
 use crate::net::read_message;
-use crate::auth::scram::SCRAM_SHA_256;
 use crate::protocol::{ProtocolError, SSL_REQUEST_CODE, messages, read_cstr};
 use crate::stream::{Stream, send};
 use crate::tls::BackendTls;

@@ -43,7 +43,7 @@ use crate::protocol::SqlState;
 use crate::tls::BackendTls;
 use manager::BackendManager;
 pub use queue::{Presented, Request};
-use queue::{Wait, Waiter, Waiting, presend};
+use queue::{Wait, Waiter, Waiting, new_waiter, presend};
 
 /// Which pool a client's transactions go to. Every field that changes what a backend may do
 /// is part of the key.
@@ -120,7 +120,36 @@ enum Grant {
 /// Whichever came first to a client opening a connection.
 enum Opening {
     Queue(Option<Result<(Box<BackendConn>, Presented), ()>>),
-    Login(Result<Result<Box<BackendConn>, BackendError>, tokio::sync::oneshot::error::RecvError>),
+    Login(Result<LoginResult, tokio::sync::oneshot::error::RecvError>),
+}
+
+type LoginResult = Result<Box<BackendConn>, BackendError>;
+
+/// A login running on a task of its own for a client (see [`PoolEntry::spawn_login`]). Dropped
+/// before its result was taken (the client took another connection, or left), it sends a
+/// connection that already came in on to the pool, like one that comes in later: the room it
+/// holds is never lost with it.
+struct PendingLogin<'p> {
+    pool: &'p PoolEntry,
+    rx: tokio::sync::oneshot::Receiver<LoginResult>,
+}
+
+impl Future for PendingLogin<'_> {
+    type Output = Result<LoginResult, tokio::sync::oneshot::error::RecvError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx).poll(cx)
+    }
+}
+
+impl Drop for PendingLogin<'_> {
+    fn drop(&mut self) {
+        // Closed first: a login finishing from now on finds nobody and puts its connection itself.
+        self.rx.close();
+        if let Ok(Ok(conn)) = self.rx.try_recv() {
+            self.pool.put(conn);
+        }
+    }
 }
 
 impl PoolEntry {
@@ -141,7 +170,7 @@ impl PoolEntry {
                 match st.idle.pop() {
                     Some(conn) => Grant::Conn(conn),
                     None => {
-                        let w = Arc::new(Mutex::new(Wait::Waiting(None, None)));
+                        let w = new_waiter();
                         let start = Instant::now();
                         st.waiting.push_back((start + self.borrow_timeout, Arc::clone(&w)));
                         if st.open < self.max {
@@ -176,7 +205,7 @@ impl PoolEntry {
                         // takes a released connection if one comes first.
                         Some(Err(())) => {
                             let request = waiting.into_request();
-                            let w = Arc::new(Mutex::new(Wait::Waiting(None, None)));
+                            let w = new_waiter();
                             lock(&self.state).waiting.push_front((start + self.borrow_timeout, Arc::clone(&w)));
                             Box::pin(self.open_or_take(w, start, request)).await
                         }
@@ -194,9 +223,11 @@ impl PoolEntry {
     /// client takes whichever comes first, its own login or a connection another client
     /// released, so while a cold pool fills up (one login at a time) every client is served by
     /// the connections already open instead of waiting for its own login. A login that finishes
-    /// after its client was served goes to the next waiting client. A login that fails is this
-    /// client's error, unless a connection reached it meanwhile; the borrow timeout ends only the
-    /// wait in the queue, never the login.
+    /// after its client was served goes to the next waiting client. Room for yet another
+    /// connection that reaches this client meanwhile goes to the next client, and this one keeps
+    /// its place at the front of the queue. A login that fails is this client's error, unless a
+    /// connection reached it meanwhile; the borrow timeout ends only the wait in the queue, never
+    /// the login.
     async fn open_or_take(
         self: &Arc<Self>,
         w: Waiter,
@@ -214,9 +245,21 @@ impl PoolEntry {
             })
             .await;
             match first {
+                // (The login, dropped, goes to the next client when it completes.)
                 Opening::Queue(Some(Ok((conn, presented)))) => return Ok((self.lend(conn), presented)),
-                // Room to open another: this client is opening one already, so it passes it on.
-                Opening::Queue(Some(Err(()))) => self.forget_one(),
+                // Room to open another: this client is opening one already, so it passes the room
+                // on, and stays in the queue, in front of the client it passed it to (out of the
+                // queue it would wait for its own login while released connections go to others).
+                Opening::Queue(Some(Err(()))) => {
+                    let w = new_waiter();
+                    {
+                        let mut st = lock(&self.state);
+                        st.open -= 1;
+                        Self::let_one_open(&mut st);
+                        st.waiting.push_front((start + self.borrow_timeout, Arc::clone(&w)));
+                    }
+                    waiting = Waiting::new(self, w, waiting.into_request());
+                }
                 // Its place in the queue timed out: its own login still decides (within the
                 // open timeout), as it would had the client never queued.
                 Opening::Queue(None) => {}
@@ -249,7 +292,7 @@ impl PoolEntry {
     /// Logs a connection in on a task of its own (in room already counted in `open`, given back
     /// if the login fails), so that it completes, and lands in the pool, even when the client
     /// that asked for it took another connection or left.
-    fn spawn_login(self: &Arc<Self>) -> tokio::sync::oneshot::Receiver<Result<Box<BackendConn>, BackendError>> {
+    fn spawn_login(self: &Arc<Self>) -> PendingLogin<'_> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let pool = Arc::clone(self);
         tokio::spawn(async move {
@@ -261,7 +304,7 @@ impl PoolEntry {
                 pool.put(conn);
             }
         });
-        rx
+        PendingLogin { pool: self, rx }
     }
 
     /// One backend login, bounded by the pool's open timeout.

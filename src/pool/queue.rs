@@ -94,6 +94,11 @@ fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> Presend {
 
 pub(super) type Waiter = Arc<Mutex<Wait>>;
 
+/// A client's new place in the queue, nothing in it yet.
+pub(super) fn new_waiter() -> Waiter {
+    Arc::new(Mutex::new(Wait::Waiting(None, None)))
+}
+
 /// Writes a waiting client's request to the connection it is handed, if the connection's
 /// settings already match the client's (else the client syncs them first) and the socket takes
 /// it now. Returns the bytes sent; the client's relay sends the rest.
