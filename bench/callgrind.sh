@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Counts a pooler's user-space instructions per transaction with callgrind: deterministic, so
-# it shows a 3% change that TPS on a shared 2-core VM cannot. Runs `pgwarden dev` (release
+# it shows a 3% change that TPS on a shared 2-core VM cannot. Runs `pgwarden dev` (dist
 # build) for its throwaway PostgreSQL and, by default, under valgrind; with
 # SYSTEM=pgbouncer, PgBouncer runs under valgrind in front of the same PostgreSQL instead
 # (transaction pooling, SCRAM, same pool size), for a like-for-like count.
@@ -26,7 +26,7 @@ PORT=${PORT:-6499}
 PGB_PORT=${PGB_PORT:-6498}
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
 [[ $SYSTEM == pgwarden || $SYSTEM == pgbouncer ]] || { echo "SYSTEM must be pgwarden or pgbouncer" >&2; exit 1; }
-[[ ${SKIP_BUILD:-0} == 1 ]] || cargo build --release --bin pgwarden
+[[ ${SKIP_BUILD:-0} == 1 ]] || cargo build --profile dist --bin pgwarden
 OUT=$(mktemp -d /tmp/pgwarden-callgrind.XXXXXX)
 chmod 755 "$OUT"
 DEV="" VG=""
@@ -40,12 +40,12 @@ trap cleanup EXIT
 as_owner() { "$@"; }   # who may talk to the valgrind'ed process
 
 if [[ $SYSTEM == pgwarden ]]; then
-  valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" target/release/pgwarden dev --port "$PORT" --pool-size "$POOL" \
+  valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" target/dist/pgwarden dev --port "$PORT" --pool-size "$POOL" \
     >"$OUT/dev.log" 2>&1 &
   DEV=$!
   VG=$DEV
 else
-  target/release/pgwarden dev --port "$PORT" --pool-size "$POOL" >"$OUT/dev.log" 2>&1 &
+  target/dist/pgwarden dev --port "$PORT" --pool-size "$POOL" >"$OUT/dev.log" 2>&1 &
   DEV=$!
 fi
 for _ in $(seq 1 240); do grep -q "accepting clients" "$OUT/dev.log" && break; sleep 0.5; done

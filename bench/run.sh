@@ -21,7 +21,7 @@
 #   KEEP_TMP=1         keep the temp dir (logs, configs) after exit
 #
 # What it does, in one run:
-#   1. cargo build --release --bin pgwarden (if pgwarden is in SYSTEMS)
+#   1. cargo build --profile dist --bin pgwarden (if pgwarden is in SYSTEMS)
 #   2. installs pgbouncer with apt-get if missing
 #   3. starts a throwaway PostgreSQL 15 (scram-sha-256, fsync=off, ...) as the
 #      `postgres` OS user, creates role+db `bench`, pgbench -i -s 10
@@ -60,7 +60,7 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 OUT_DIR=$BENCH_DIR/out
 PG_BIN=/usr/lib/postgresql/15/bin
-PGWARDEN_BIN=${PGWARDEN_BIN:-$REPO/target/release/pgwarden}   # override only for testing the harness
+PGWARDEN_BIN=${PGWARDEN_BIN:-$REPO/target/dist/pgwarden}   # override only for testing the harness
 
 # ---------------------------------------------------------------- helpers --
 log()  { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -162,7 +162,7 @@ trap 'exit 143' TERM
 if has pgwarden; then
   if [[ $SKIP_BUILD != 1 ]]; then
     log "building pgwarden (release)"
-    (cd "$REPO" && cargo build --release --bin pgwarden)
+    (cd "$REPO" && cargo build --profile dist --bin pgwarden)
   fi
   [[ -x $PGWARDEN_BIN ]] || die "$PGWARDEN_BIN not found"
 fi

@@ -6,6 +6,14 @@
 # INTERVAL seconds. Reports failed transactions (must be 0), TPS with and without rotation,
 # rotations done, backend logins per rotation (DatabaseConnectionsSetupSucceeded), and the
 # 99.9th percentile and worst transaction latency with and without rotation (pgbench -l).
+# Then the same two runs with pgbench connected straight to PostgreSQL (its connections open
+# before the rotations start, so they outlive every password change): what the rotations
+# themselves (ALTER ROLE, the rotator's test logins, moto on the same cores) cost PostgreSQL and
+# the machine, without pgwarden in the path. Unlike pgbench's, pgwarden's backends retire after
+# a rotation and new ones log in: with the kernel's autogroup scheduling on (the default), each
+# new PostgreSQL backend is a scheduling group of its own and may wait a second or more for a CPU
+# on a busy 2-core machine (see bench/RESULTS.md); `sysctl kernel.sched_autogroup_enabled=0`
+# before a run leaves pgwarden's own share.
 #
 # Environment: DURATION=60 INTERVAL=2 CLIENTS=16 POOL=10 SKIP_BUILD=0 KEEP_TMP=0
 # Needs: PostgreSQL 15 server binaries, pgbench, python3 (moto[server] goes into bench/.venv-soak).
@@ -20,7 +28,7 @@ KEEP_TMP=${KEEP_TMP:-0}
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
-PGW=$REPO/target/release/pgwarden
+PGW=$REPO/target/dist/pgwarden
 VENV=$BENCH_DIR/.venv-soak
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -43,7 +51,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [[ $SKIP_BUILD != 1 ]]; then log "building pgwarden (release)"; (cd "$REPO" && cargo build --release --bin pgwarden); fi
+if [[ $SKIP_BUILD != 1 ]]; then log "building pgwarden (dist profile)"; (cd "$REPO" && cargo build --profile dist --bin pgwarden); fi
 if ! [[ -x $VENV/bin/moto_server ]]; then
   log "creating $VENV with moto[server]"
   python3 -m venv "$VENV" && "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]>=5.1,<6"
@@ -81,10 +89,12 @@ master = sm.create_secret(Name="soak/master", SecretString=json.dumps(dict(base,
 sm.create_secret(Name="soak/single", SecretString=json.dumps(dict(base, username="app", password=sys.argv[4])))
 sm.create_secret(Name="soak/alternating", SecretString=json.dumps(dict(base, username="alt", password=sys.argv[5], masterarn=master["ARN"])))' \
   "$ENDPOINT" "$PG_PORT" "$SUPER_PW" "$APP_PW" "$ALT_PW"
-current_password() {
+# current_login SECRET: "username password" of the secret's AWSCURRENT version.
+current_login() {
   py 'import boto3, json, sys
 sm = boto3.client("secretsmanager", endpoint_url=sys.argv[1])
-print(json.loads(sm.get_secret_value(SecretId=sys.argv[2], VersionStage="AWSCURRENT")["SecretString"])["password"])' "$ENDPOINT" "$1"
+s = json.loads(sm.get_secret_value(SecretId=sys.argv[2], VersionStage="AWSCURRENT")["SecretString"])
+print(s["username"], s["password"])' "$ENDPOINT" "$1"
 }
 
 # ---- pgwarden
@@ -119,11 +129,15 @@ PGW_PID=$!
 for _ in {1..100}; do PGPASSWORD=$APP_PW psql -X -h 127.0.0.1 -p "$PGW_PORT" -U app -d bench -tAc 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
 logins() { curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | awk '$1 == "DatabaseConnectionsSetupSucceeded" {print $2}'; }
 
-# run_pgbench USER SECRET OUTFILE: pgbench -S through pgwarden, with the user's current password,
-# logging every transaction to OUTFILE.log.*.
+# run_pgbench PORT USER SECRET OUTFILE: pgbench -S to PORT (pgwarden or PostgreSQL) as USER (the
+# secret's current username if USER is empty: after an alternating rotation that is the clone),
+# with the current password, logging every transaction to OUTFILE.log.*.
 run_pgbench() {
-  PGPASSWORD=$(current_password "$2") pgbench -n -S -c "$CLIENTS" -j 2 -T "$DURATION" -l --log-prefix="$3.log" \
-    -h 127.0.0.1 -p "$PGW_PORT" -U "$1" bench >"$3" 2>&1
+  local login pw user
+  read -r login pw < <(current_login "$3")
+  user=${2:-$login}
+  PGPASSWORD=$pw pgbench -n -S -c "$CLIENTS" -j 2 -T "$DURATION" -l --log-prefix="$4.log" \
+    -h 127.0.0.1 -p "$1" -U "$user" bench >"$4" 2>&1
 }
 # The 99.9th percentile and the worst transaction latency (ms) of a run_pgbench log.
 tail_latency() { cat "$1".log.* | awk '{print $3}' | sort -n | awk '{v[NR] = $1} END {printf "%.1f / %.1f", v[int(NR * 0.999)] / 1000, v[NR] / 1000}'; }
@@ -134,19 +148,24 @@ REPORT=$TMP/report.md
   echo "## pgwarden rotation soak — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
   echo "- pgwarden $(git -C "$REPO" describe --always --dirty), PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), moto $("$VENV/bin/python" -c 'import moto; print(moto.__version__)')"
-  echo "- pgbench -S -c $CLIENTS -j 2 -T $DURATION through pgwarden (pool $POOL); \`pgwarden rotate\` every $INTERVAL s; credential refresh every 500 ms"
+  echo "- kernel $(uname -r), scheduler autogroup $(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo n/a) (each PostgreSQL backend is a session of its own: with autogroup on, a newly forked one can wait for a CPU for a second or more on a busy 2-core machine)"
+  echo "- pgbench -S -c $CLIENTS -j 2 -T $DURATION through pgwarden (pool $POOL), then straight to PostgreSQL; \`pgwarden rotate\` every $INTERVAL s; credential refresh every 500 ms"
   echo
-  echo "| strategy | TPS without rotation | TPS during rotation | ratio | rotations | failed tx (with / without) | backend logins per rotation | p99.9 / worst latency without rotation (ms) | p99.9 / worst during rotation (ms) |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "| strategy | pgbench to | TPS without rotation | TPS during rotation | ratio | rotations | failed tx (with / without) | backend logins per rotation | p99.9 / worst latency without rotation (ms) | p99.9 / worst during rotation (ms) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
 } >"$REPORT"
 
-for strategy in single alternating; do
+for run in single:pgwarden alternating:pgwarden single:direct alternating:direct; do
+  strategy=${run%:*} target=${run#*:}
   user=app; [[ $strategy == alternating ]] && user=alt
-  log "$strategy: baseline, ${DURATION}s without rotation"
-  run_pgbench "$user" "soak/$strategy" "$TMP/$strategy-base.txt"
-  log "$strategy: ${DURATION}s with a rotation every ${INTERVAL}s"
+  port=$PGW_PORT
+  if [[ $target == direct ]]; then port=$PG_PORT user=""; fi
+  name=$TMP/$strategy-$target
+  log "$strategy, $target: baseline, ${DURATION}s without rotation"
+  run_pgbench "$port" "$user" "soak/$strategy" "$name-base.txt"
+  log "$strategy, $target: ${DURATION}s with a rotation every ${INTERVAL}s"
   logins0=$(logins)
-  run_pgbench "$user" "soak/$strategy" "$TMP/$strategy-rot.txt" &
+  run_pgbench "$port" "$user" "soak/$strategy" "$name-rot.txt" &
   BENCH_PID=$!
   rotations=0 rotation_errors=0
   while kill -0 "$BENCH_PID" 2>/dev/null; do
@@ -161,14 +180,15 @@ for strategy in single alternating; do
   wait "$BENCH_PID" || true
   BENCH_PID=""
   logins1=$(logins)
-  base_tps=$(field tps "$TMP/$strategy-base.txt"); rot_tps=$(field tps "$TMP/$strategy-rot.txt")
-  base_fail=$(field "number of failed transactions" "$TMP/$strategy-base.txt"); rot_fail=$(field "number of failed transactions" "$TMP/$strategy-rot.txt")
+  base_tps=$(field tps "$name-base.txt"); rot_tps=$(field tps "$name-rot.txt")
+  base_fail=$(field "number of failed transactions" "$name-base.txt"); rot_fail=$(field "number of failed transactions" "$name-rot.txt")
   per=$(awk -v a="$logins0" -v b="$logins1" -v r="$rotations" 'BEGIN { if (r > 0) printf "%.2f", (b - a) / r; else print "n/a" }')
+  if [[ $target == direct ]]; then per="-"; fi
   ratio=$(awk -v a="$rot_tps" -v b="$base_tps" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }')
-  printf '| %s | %.0f | %.0f | %s | %s (%s failed) | %s / %s | %s | %s | %s |\n' "$strategy" "$base_tps" "$rot_tps" "$ratio" \
-    "$rotations" "$rotation_errors" "${rot_fail:-?}" "${base_fail:-?}" "$per" \
-    "$(tail_latency "$TMP/$strategy-base.txt")" "$(tail_latency "$TMP/$strategy-rot.txt")" >>"$REPORT"
-  grep -q "aborted\|error" "$TMP/$strategy-rot.txt" && { echo "pgbench reported errors:" >&2; grep -m5 "aborted\|error" "$TMP/$strategy-rot.txt" >&2; }
+  printf '| %s | %s | %.0f | %.0f | %s | %s (%s failed) | %s / %s | %s | %s | %s |\n' "$strategy" "$target" "$base_tps" "$rot_tps" \
+    "$ratio" "$rotations" "$rotation_errors" "${rot_fail:-?}" "${base_fail:-?}" "$per" \
+    "$(tail_latency "$name-base.txt")" "$(tail_latency "$name-rot.txt")" >>"$REPORT"
+  grep -q "aborted\|error" "$name-rot.txt" && { echo "pgbench reported errors:" >&2; grep -m5 "aborted\|error" "$name-rot.txt" >&2; }
 done
 echo >>"$REPORT"
 cat "$REPORT"
