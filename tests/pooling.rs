@@ -274,6 +274,26 @@ async fn start_gated(
     (h, gate, arrivals)
 }
 
+/// Two clients in a transaction each, through a gated path that is open: the holder, whose
+/// backend the test releases later, and the doomed, whose backend's pid it returns to terminate.
+async fn holder_and_doomed(
+    h: &Harness,
+    arrivals: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> (tokio_postgres::Client, tokio_postgres::Client, i32) {
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    arrivals.recv().await.unwrap();
+    let doomed = h.client().await;
+    doomed.batch_execute("BEGIN").await.unwrap();
+    arrivals.recv().await.unwrap();
+    let pid: i32 = doomed.query_typed_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    (holder, doomed, pid)
+}
+
+fn assert_row(rows: &[tokio_postgres::SimpleQueryMessage]) {
+    assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))), "{rows:?}");
+}
+
 async fn until_backends(h: &Harness, n: usize) {
     tokio::time::timeout(Duration::from_secs(20), async {
         while h.backend_count() != n {
@@ -321,13 +341,7 @@ async fn a_client_opening_a_backend_takes_a_released_one_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_replacing_a_lost_backend_takes_a_released_one_first() {
     let (h, gate, mut arrivals) = start_gated(|_| {}).await;
-    let holder = h.client().await;
-    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    arrivals.recv().await.unwrap();
-    let doomed = h.client().await;
-    doomed.batch_execute("BEGIN").await.unwrap();
-    arrivals.recv().await.unwrap();
-    let pid: i32 = doomed.query_typed_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let (holder, doomed, pid) = holder_and_doomed(&h, &mut arrivals).await;
     gate.send_replace(false);
     let pool = dev_pool(&h);
     let c = h.client().await;
@@ -340,7 +354,7 @@ async fn a_client_replacing_a_lost_backend_takes_a_released_one_first() {
     holder.batch_execute("COMMIT").await.unwrap();
     let rows = tokio::time::timeout(Duration::from_secs(20), answer).await.expect("served by the released backend");
     let rows = rows.unwrap().unwrap();
-    assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))), "{rows:?}");
+    assert_row(&rows);
     gate.send_replace(true);
     // The held login completes, and its backend joins the pool.
     until_backends(&h, 2).await;
@@ -364,7 +378,7 @@ async fn a_slow_login_outlasts_the_borrow_timeout() {
     until_waiting(&pool, 0).await;
     gate.send_replace(true);
     let rows = answer.await.unwrap().expect("served by its own login");
-    assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))), "{rows:?}");
+    assert_row(&rows);
     assert!(!h.shared.metrics.render().contains("pgwarden_borrow_timeouts 1"), "counted as a borrow timeout");
 }
 
@@ -374,13 +388,7 @@ async fn a_slow_login_outlasts_the_borrow_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_opening_a_backend_keeps_its_place_when_another_closes() {
     let (h, gate, mut arrivals) = start_gated(|c| c.pool.max_backend_connections = 3).await;
-    let holder = h.client().await;
-    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    arrivals.recv().await.unwrap();
-    let doomed = h.client().await;
-    doomed.batch_execute("BEGIN").await.unwrap();
-    arrivals.recv().await.unwrap();
-    let pid: i32 = doomed.query_typed_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let (holder, doomed, pid) = holder_and_doomed(&h, &mut arrivals).await;
     gate.send_replace(false);
     let pool = dev_pool(&h);
     let c = h.client().await;
@@ -404,7 +412,7 @@ async fn a_client_opening_a_backend_keeps_its_place_when_another_closes() {
     holder.batch_execute("COMMIT").await.unwrap();
     let rows = tokio::time::timeout(Duration::from_secs(20), answer).await.expect("served by the released backend");
     let rows = rows.unwrap().unwrap();
-    assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))), "{rows:?}");
+    assert_row(&rows);
     gate.send_replace(true);
     until_backends(&h, 2).await;
 }
