@@ -161,7 +161,7 @@ trap 'exit 143' TERM
 # ------------------------------------------------------------------ build --
 if has pgwarden; then
   if [[ $SKIP_BUILD != 1 ]]; then
-    log "building pgwarden (release)"
+    log "building pgwarden (dist profile)"
     (cd "$REPO" && cargo build --profile dist --bin pgwarden)
   fi
   [[ -x $PGWARDEN_BIN ]] || die "$PGWARDEN_BIN not found"
