@@ -205,8 +205,7 @@ impl PoolEntry {
                         // takes a released connection if one comes first.
                         Some(Err(())) => {
                             let request = waiting.into_request();
-                            let w = new_waiter();
-                            lock(&self.state).waiting.push_front((start + self.borrow_timeout, Arc::clone(&w)));
+                            let w = self.queue_at_front(&mut lock(&self.state), start);
                             Box::pin(self.open_or_take(w, start, request)).await
                         }
                         None => {
@@ -251,13 +250,11 @@ impl PoolEntry {
                 // on, and stays in the queue, in front of the client it passed it to (out of the
                 // queue it would wait for its own login while released connections go to others).
                 Opening::Queue(Some(Err(()))) => {
-                    let w = new_waiter();
-                    {
+                    let w = {
                         let mut st = lock(&self.state);
-                        st.open -= 1;
-                        Self::let_one_open(&mut st);
-                        st.waiting.push_front((start + self.borrow_timeout, Arc::clone(&w)));
-                    }
+                        Self::pass_room_on(&mut st);
+                        self.queue_at_front(&mut st, start)
+                    };
                     waiting = Waiting::new(self, w, waiting.into_request());
                 }
                 // Its place in the queue timed out: its own login still decides (within the
@@ -372,9 +369,21 @@ impl PoolEntry {
     /// A connection is gone (or was never opened): one more may be opened, by the
     /// longest-waiting client if there is one.
     fn forget_one(&self) {
-        let mut st = lock(&self.state);
+        Self::pass_room_on(&mut lock(&self.state));
+    }
+
+    /// [`PoolEntry::forget_one`] under a lock already held.
+    fn pass_room_on(st: &mut State) {
         st.open -= 1;
-        Self::let_one_open(&mut st);
+        Self::let_one_open(st);
+    }
+
+    /// A new place at the front of the queue for a client that queued at `start` (its borrow
+    /// deadline unchanged): one that went to open a connection and waits again meanwhile.
+    fn queue_at_front(&self, st: &mut State, start: Instant) -> Waiter {
+        let w = new_waiter();
+        st.waiting.push_front((start + self.borrow_timeout, Arc::clone(&w)));
+        w
     }
 
     /// Tells the longest-waiting client it may open a connection (counted as open for it).
