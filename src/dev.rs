@@ -99,6 +99,7 @@ impl DevEnv {
                     idle_client_timeout: Some(Duration::from_secs(1800)),
                     backend_idle_timeout: Some(Duration::from_secs(600)),
                     backend_max_lifetime: Some(Duration::from_secs(3600)),
+                    backend_login_retry_delay: Duration::from_secs(1),
                     max_client_connections: 10_000,
                     max_message_bytes: 64 * 1024 * 1024,
                 },

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, sqlstate};
+use common::{Harness, sqlstate, until_waiting};
 use tokio_postgres::types::Type;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,27 +130,12 @@ async fn borrow_timeout_answers_rds_proxy_error() {
     assert_eq!(after.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
 }
 
-fn dev_pool(h: &Harness) -> std::sync::Arc<pgwarden::pool::PoolEntry> {
-    let user = &h.shared.users[&h.env.user];
-    h.shared.pools.entry(&pgwarden::pool::PoolKey::new(&h.env.user, &h.env.database), &user.store)
-}
-
-async fn until_waiting(pool: &pgwarden::pool::PoolEntry, n: usize) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while pool.waiting() != n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{} clients waiting, expected {n}", pool.waiting()));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_clients_are_served_in_arrival_order() {
     let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
     let holder = h.client().await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let pool = dev_pool(&h);
+    let pool = h.dev_pool();
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..4i32 {
@@ -177,7 +162,7 @@ async fn backend_lost_while_clients_wait_lets_the_next_one_open_another() {
     let holder = h.client().await;
     holder.batch_execute("BEGIN").await.unwrap();
     let pid: i32 = holder.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
-    let pool = dev_pool(&h);
+    let pool = h.dev_pool();
     let waiter = h.client().await;
     let waiting = tokio::spawn(async move { waiter.query_one("SELECT 42", &[]).await.map(|r| r.get::<_, i32>(0)) });
     until_waiting(&pool, 1).await;
@@ -220,7 +205,7 @@ async fn cancel_reaches_a_query_sent_on_hand_over() {
     let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
     let holder = h.client().await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let pool = dev_pool(&h);
+    let pool = h.dev_pool();
     let c = h.client().await;
     let token = c.cancel_token();
     let running = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
@@ -343,7 +328,7 @@ async fn a_client_replacing_a_lost_backend_takes_a_released_one_first() {
     let (h, gate, mut arrivals) = start_gated(|_| {}).await;
     let (holder, doomed, pid) = holder_and_doomed(&h, &mut arrivals).await;
     gate.send_replace(false);
-    let pool = dev_pool(&h);
+    let pool = h.dev_pool();
     let c = h.client().await;
     let answer = tokio::spawn(async move { c.simple_query("SELECT 'served'").await });
     until_waiting(&pool, 1).await;
@@ -369,7 +354,7 @@ async fn a_slow_login_outlasts_the_borrow_timeout() {
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     arrivals.recv().await.unwrap();
     gate.send_replace(false);
-    let pool = dev_pool(&h);
+    let pool = h.dev_pool();
     let c = h.client().await;
     let answer = tokio::spawn(async move { c.simple_query("SELECT 'served'").await });
     arrivals.recv().await.unwrap();
@@ -390,7 +375,7 @@ async fn a_client_opening_a_backend_keeps_its_place_when_another_closes() {
     let (h, gate, mut arrivals) = start_gated(|c| c.pool.max_backend_connections = 3).await;
     let (holder, doomed, pid) = holder_and_doomed(&h, &mut arrivals).await;
     gate.send_replace(false);
-    let pool = dev_pool(&h);
+    let pool = h.dev_pool();
     let c = h.client().await;
     let answer = tokio::spawn(async move { c.simple_query("SELECT 'served'").await });
     // The pool has room for a third backend: the client's login for it is held at the gate.
@@ -400,13 +385,7 @@ async fn a_client_opening_a_backend_keeps_its_place_when_another_closes() {
     doomed.batch_execute("SELECT 1").await.expect_err("its backend is gone");
     // The closed backend is gone from the count (its room went to the front of the queue, the
     // opening client, first)...
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !h.shared.metrics.render().lines().any(|l| l == "DatabaseConnections 1") {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the terminated backend was closed");
+    h.until_metric("DatabaseConnections", |v| v == 1.0).await;
     // ...which passed it on (nobody else waits: it is simply free again) and still waits.
     until_waiting(&pool, 1).await;
     holder.batch_execute("COMMIT").await.unwrap();
@@ -437,7 +416,7 @@ async fn a_login_completed_for_a_client_that_left_lands_in_the_pool() {
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     arrivals.recv().await.unwrap();
     gate.send_replace(false);
-    let pool = dev_pool(&h);
+    let pool = h.dev_pool();
     let woken = std::sync::Arc::new(tokio::sync::Notify::new());
     let waker = std::task::Waker::from(std::sync::Arc::new(NotifyWaker(std::sync::Arc::clone(&woken))));
     let mut checkout = Box::pin(pool.checkout());

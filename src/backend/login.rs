@@ -110,6 +110,7 @@ async fn login(
         lifetime: None,
         open_guard: None,
         tls_guard: None,
+        live_guard: None,
     };
     let mut out = BytesMut::new();
     let params = [("user", credential.username.as_str()), ("database", dbname), ("application_name", "pgwarden")];

@@ -8,6 +8,8 @@ pub mod scram;
 pub mod settings;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -119,6 +121,25 @@ pub struct BackendConn {
     pub open_guard: Option<crate::metrics::GaugeGuard>,
     /// Keeps DatabaseConnectionsWithTLS counting this connection, if it is encrypted.
     pub tls_guard: Option<crate::metrics::GaugeGuard>,
+    /// Keeps its pool's count of logged-in connections counting this one while it lives.
+    pub live_guard: Option<LiveGuard>,
+}
+
+/// Counts a connection in a shared count for as long as it lives (wherever it is: idle, lent,
+/// or on its way between the two).
+pub struct LiveGuard(Arc<AtomicUsize>);
+
+impl LiveGuard {
+    pub fn new(count: &Arc<AtomicUsize>) -> LiveGuard {
+        count.fetch_add(1, Ordering::Relaxed);
+        LiveGuard(Arc::clone(count))
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for BackendConn {

@@ -111,6 +111,9 @@ pub struct PoolConfig {
     pub idle_client_timeout: Option<Duration>,
     pub backend_idle_timeout: Option<Duration>,
     pub backend_max_lifetime: Option<Duration>,
+    /// After a failed backend login while the pool has other connections open, how long before
+    /// it tries another (PgBouncer's `server_login_retry`); its clients wait for those meanwhile.
+    pub backend_login_retry_delay: Duration,
     pub max_client_connections: usize,
     /// Cap on any one message's body, either direction.
     pub max_message_bytes: usize,

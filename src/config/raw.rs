@@ -139,6 +139,7 @@ struct RawPool {
     idle_client_timeout: Option<String>,
     backend_idle_timeout: Option<String>,
     backend_max_lifetime: Option<String>,
+    backend_login_retry_delay: String,
     max_client_connections: usize,
     max_message_bytes: usize,
 }
@@ -153,6 +154,7 @@ impl Default for RawPool {
             idle_client_timeout: Some("30m".into()),
             backend_idle_timeout: Some("10m".into()),
             backend_max_lifetime: Some("1h".into()),
+            backend_login_retry_delay: "1s".into(),
             max_client_connections: 10_000,
             max_message_bytes: 64 * 1024 * 1024,
         }
@@ -300,6 +302,10 @@ impl RawConfig {
             idle_client_timeout: optional_duration("pool.idle_client_timeout", &p.idle_client_timeout)?,
             backend_idle_timeout: optional_duration("pool.backend_idle_timeout", &p.backend_idle_timeout)?,
             backend_max_lifetime: optional_duration("pool.backend_max_lifetime", &p.backend_max_lifetime)?,
+            backend_login_retry_delay: match parse_duration("pool.backend_login_retry_delay", &p.backend_login_retry_delay)? {
+                d if d.is_zero() => return Err(invalid("pool.backend_login_retry_delay", "must be more than 0")),
+                d => d,
+            },
             max_client_connections: p.max_client_connections,
             max_message_bytes: p.max_message_bytes,
         };

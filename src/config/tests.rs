@@ -25,6 +25,14 @@ fn tcp_keepalive_can_be_off_but_not_sub_second() {
 }
 
 #[test]
+fn backend_login_retry_delay_defaults_to_a_second_and_is_never_zero() {
+    let c = parse("[database]\nhost = \"db\"\n").unwrap();
+    assert_eq!(c.pool.backend_login_retry_delay, Duration::from_secs(1));
+    let err = parse("[database]\nhost = \"db\"\n[pool]\nbackend_login_retry_delay = \"0s\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("pool.backend_login_retry_delay: must be more than 0"), "{err}");
+}
+
+#[test]
 fn shutdown_timeout_and_client_cap_are_checked() {
     let err = parse("shutdown_timeout = \"soon\"\n[database]\nhost = \"db\"\n").unwrap_err().to_string();
     assert!(err.starts_with("shutdown_timeout: invalid duration"), "{err}");

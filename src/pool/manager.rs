@@ -3,11 +3,12 @@
 //! at a time, the hold after a refused credential, and retirement of connections whose login a
 //! rotation superseded. Must not: queue clients or hold idle connections (the pool does).
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::backend::scram::KeyCache;
-use crate::backend::{self, BackendConn, BackendError};
+use crate::backend::{self, BackendConn, BackendError, LiveGuard};
 use crate::config::{DatabaseConfig, PoolConfig};
 use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -35,6 +36,8 @@ pub struct BackendManager {
     login_gate: tokio::sync::Mutex<()>,
     /// SCRAM keys derived from the credential: a login after the first costs no PBKDF2.
     scram_keys: KeyCache,
+    /// Connections of this pool logged in and not yet dropped.
+    pub(super) live: Arc<AtomicUsize>,
 }
 
 /// How long a refused credential is not tried again (unless it changes first).
@@ -59,6 +62,7 @@ impl BackendManager {
             auth_failed: Mutex::new(None),
             login_gate: tokio::sync::Mutex::new(()),
             scram_keys: KeyCache::default(),
+            live: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -148,6 +152,7 @@ impl BackendManager {
             Ok(mut conn) => {
                 self.metrics.database_connections_setup_succeeded.increment(1);
                 conn.open_guard = Some(GaugeGuard::new(&self.metrics.database_connections));
+                conn.live_guard = Some(LiveGuard::new(&self.live));
                 if conn.stream.is_tls() {
                     conn.tls_guard = Some(GaugeGuard::new(&self.metrics.database_connections_with_tls));
                 }

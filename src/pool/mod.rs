@@ -6,10 +6,11 @@
 //! (because the pool has room, or one closed) stays in the queue too, and takes whichever comes
 //! first: its own login or a released connection (the login then goes to the next client), so a
 //! cold pool serves its first burst with the connections already open, and a connection retired
-//! under load (rotation, max lifetime) costs nobody a wait for a login. A janitor evicts idle connections that expired or retired
-//! and keeps `min_idle` warm. [`manager`] opens connections and says which must retire;
-//! [`queue`] is a client's place in the queue. Must not: authenticate clients or touch client
-//! sockets.
+//! under load (rotation, max lifetime) costs nobody a wait for a login. A login that fails while
+//! other connections are open leaves its client waiting for those and holds new logins back for
+//! `backend_login_retry_delay`. [`manager`] opens connections and says which must retire;
+//! [`queue`] is a client's place in the queue; [`upkeep`] runs the queue timer and the janitor
+//! (idle eviction, `min_idle`). Must not: authenticate clients or touch client sockets.
 //!
 //! Built here rather than on deadpool (which pgwarden used first): a checkout is on every
 //! transaction's path, and deadpool's (semaphore, async recycle hooks, object metrics, moves of
@@ -26,11 +27,13 @@
 
 mod manager;
 mod queue;
+mod upkeep;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Poll, Waker};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -44,6 +47,7 @@ use crate::tls::BackendTls;
 use manager::BackendManager;
 pub use queue::{Presented, Request};
 use queue::{Wait, Waiter, Waiting, new_waiter, presend};
+use upkeep::{spawn_janitor, spawn_queue_timer};
 
 /// Which pool a client's transactions go to. Every field that changes what a backend may do
 /// is part of the key.
@@ -91,6 +95,20 @@ struct State {
     /// Waiting clients with their borrow deadlines. Every client waits the same borrow
     /// timeout, so deadlines come in queue order: one timer, for the front, serves them all.
     waiting: VecDeque<(Instant, Waiter)>,
+    /// A login failed while other connections were open: until then, no new one is started
+    /// while any is (room that frees up stays free; the queue timer hands it on when the hold
+    /// ends).
+    login_hold: Option<Instant>,
+    /// The manager's count of connections logged in and alive (idle, lent, or in transit).
+    live: Arc<AtomicUsize>,
+}
+
+impl State {
+    /// New logins wait for the hold to end: it is set, and the clients have connections to
+    /// wait for meanwhile.
+    fn held(&self) -> bool {
+        self.login_hold.is_some() && self.live.load(Ordering::Relaxed) > 0
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -105,6 +123,9 @@ pub struct PoolEntry {
     max: usize,
     borrow_timeout: Duration,
     open_timeout: Duration,
+    login_retry_delay: Duration,
+    /// Tells the queue timer a login hold was set.
+    hold_set: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
 }
 
@@ -115,6 +136,16 @@ enum Grant {
     Open(Waiter, Instant),
     /// Queued at this instant.
     Wait(Waiter, Instant),
+}
+
+/// What a client without a connection does next (a loop, not recursion: a client may go from
+/// waiting to opening and back many times within its borrow timeout).
+enum Step<'p, 'r> {
+    /// Wait in the queue, in this place.
+    Wait(Waiter, Option<Request<'r>>),
+    /// Open a connection in room counted for it, waiting in the queue in this place meanwhile.
+    Open(Waiter, Option<Request<'r>>),
+    Done(Result<(Lease<'p>, Presented), PoolError>),
 }
 
 /// Whichever came first to a client opening a connection.
@@ -173,7 +204,7 @@ impl PoolEntry {
                         let w = new_waiter();
                         let start = Instant::now();
                         st.waiting.push_back((start + self.borrow_timeout, Arc::clone(&w)));
-                        if st.open < self.max {
+                        if st.open < self.max && !st.held() {
                             st.open += 1;
                             Grant::Open(w, start)
                         } else {
@@ -192,28 +223,45 @@ impl PoolEntry {
                     self.metrics.database_connections_borrow_latency.record_zero();
                     return Ok((self.lend(conn), Presented::default()));
                 }
+                Grant::Open(w, start) => return self.until_done(Step::Open(w, request), start).await,
+                Grant::Wait(w, start) => return self.until_done(Step::Wait(w, request), start).await,
+            }
+        }
+    }
+
+    /// Waits and opens, as each step says, until the client has a connection or its answer.
+    async fn until_done<'p, 'r>(
+        self: &'p Arc<Self>,
+        mut step: Step<'p, 'r>,
+        start: Instant,
+    ) -> Result<(Lease<'p>, Presented), PoolError> {
+        loop {
+            step = match step {
+                Step::Wait(w, request) => self.wait_in_queue(w, start, request).await,
                 // Boxed: rare (only while the pool grows), and larger than a wait.
-                Grant::Open(w, start) => return Box::pin(self.open_or_take(w, start, request)).await,
-                Grant::Wait(w, start) => {
-                    let mut waiting = Waiting::new(self, w, request);
-                    let got = std::future::poll_fn(|cx| waiting.poll_wait(cx)).await;
-                    return match got {
-                        // (Its borrow latency was recorded by the hand-over.)
-                        Some(Ok((conn, presented))) => Ok((self.lend(conn), presented)),
-                        // A connection closed while we waited: its room is ours (already counted).
-                        // The client opens one from the front of the queue, where it was, and
-                        // takes a released connection if one comes first.
-                        Some(Err(())) => {
-                            let request = waiting.into_request();
-                            let w = self.queue_at_front(&mut lock(&self.state), start);
-                            Box::pin(self.open_or_take(w, start, request)).await
-                        }
-                        None => {
-                            self.metrics.borrow_timeouts.increment(1);
-                            Err(PoolError::BorrowTimeout)
-                        }
-                    };
-                }
+                Step::Open(w, request) => Box::pin(self.open_or_take(w, start, request)).await,
+                Step::Done(result) => return result,
+            };
+        }
+    }
+
+    /// Waits in the queue (queued at `start`) for a released connection, or for room to open one.
+    async fn wait_in_queue<'p, 'r>(self: &'p Arc<Self>, w: Waiter, start: Instant, request: Option<Request<'r>>) -> Step<'p, 'r> {
+        let mut waiting = Waiting::new(self, w, request);
+        let got = std::future::poll_fn(|cx| waiting.poll_wait(cx)).await;
+        match got {
+            // (Its borrow latency was recorded by the hand-over.)
+            Some(Ok((conn, presented))) => Step::Done(Ok((self.lend(conn), presented))),
+            // A connection closed while we waited: its room is ours (already counted). The client
+            // opens one from the front of the queue, where it was, and takes a released
+            // connection if one comes first.
+            Some(Err(())) => {
+                let request = waiting.into_request();
+                Step::Open(self.queue_at_front(&mut lock(&self.state), start), request)
+            }
+            None => {
+                self.metrics.borrow_timeouts.increment(1);
+                Step::Done(Err(PoolError::BorrowTimeout))
             }
         }
     }
@@ -225,16 +273,14 @@ impl PoolEntry {
     /// after its client was served goes to the next waiting client. Room for yet another
     /// connection that reaches this client meanwhile goes to the next client, and this one keeps
     /// its place at the front of the queue. A login that fails is this client's error, unless a
-    /// connection reached it meanwhile; the borrow timeout ends only the wait in the queue, never
+    /// connection reached it meanwhile or other connections are open (it waits for those then,
+    /// back at the front of the queue, while the pool holds off new logins for a while: see
+    /// [`PoolEntry::login_failed`]); the borrow timeout ends only the wait in the queue, never
     /// the login.
-    async fn open_or_take(
-        self: &Arc<Self>,
-        w: Waiter,
-        start: Instant,
-        request: Option<Request<'_>>,
-    ) -> Result<(Lease<'_>, Presented), PoolError> {
+    async fn open_or_take<'p, 'r>(self: &'p Arc<Self>, w: Waiter, start: Instant, request: Option<Request<'r>>) -> Step<'p, 'r> {
         let mut login = self.spawn_login();
         let mut waiting = Waiting::new(self, w, request);
+        let mut timed_out = false;
         loop {
             let first = std::future::poll_fn(|cx| {
                 if let Poll::Ready(got) = waiting.poll_wait(cx) {
@@ -245,7 +291,7 @@ impl PoolEntry {
             .await;
             match first {
                 // (The login, dropped, goes to the next client when it completes.)
-                Opening::Queue(Some(Ok((conn, presented)))) => return Ok((self.lend(conn), presented)),
+                Opening::Queue(Some(Ok((conn, presented)))) => return Step::Done(Ok((self.lend(conn), presented))),
                 // Room to open another: this client is opening one already, so it passes the room
                 // on, and stays in the queue, in front of the client it passed it to (out of the
                 // queue it would wait for its own login while released connections go to others).
@@ -259,7 +305,7 @@ impl PoolEntry {
                 }
                 // Its place in the queue timed out: its own login still decides (within the
                 // open timeout), as it would had the client never queued.
-                Opening::Queue(None) => {}
+                Opening::Queue(None) => timed_out = true,
                 Opening::Login(opened) => {
                     if let Some((conn, presented)) = waiting.withdraw() {
                         match opened {
@@ -267,18 +313,30 @@ impl PoolEntry {
                             Ok(Err(_)) => {}
                             Err(_) => self.forget_one(),
                         }
-                        return Ok((self.lend(conn), presented));
+                        return Step::Done(Ok((self.lend(conn), presented)));
                     }
                     return match opened {
                         Ok(Ok(conn)) => {
                             self.record_borrow(start);
-                            Ok((self.lend(conn), Presented::default()))
+                            Step::Done(Ok((self.lend(conn), Presented::default())))
                         }
-                        Ok(Err(e)) => Err(PoolError::Backend(e)),
+                        Ok(Err(e)) => {
+                            // (The login task counted the failure before it sent it.)
+                            let mut st = lock(&self.state);
+                            if timed_out || st.live.load(Ordering::Relaxed) == 0 {
+                                return Step::Done(Err(PoolError::Backend(e)));
+                            }
+                            let w = self.queue_at_front(&mut st, start);
+                            // (Room free and no hold on it: connections came up since the failure.)
+                            if st.open < self.max {
+                                Self::let_one_open(&mut st);
+                            }
+                            Step::Wait(w, waiting.into_request())
+                        }
                         // The login task was dropped unfinished (the runtime is shutting down).
                         Err(_) => {
                             self.forget_one();
-                            Err(PoolError::Backend(BackendError::Closed))
+                            Step::Done(Err(PoolError::Backend(BackendError::Closed)))
                         }
                     };
                 }
@@ -294,8 +352,9 @@ impl PoolEntry {
         let pool = Arc::clone(self);
         tokio::spawn(async move {
             let opened = pool.open_within_timeout().await;
-            if opened.is_err() {
-                pool.forget_one();
+            match &opened {
+                Ok(_) => pool.login_succeeded(),
+                Err(_) => pool.login_failed(),
             }
             if let Err(Ok(conn)) = tx.send(opened) {
                 pool.put(conn);
@@ -386,8 +445,40 @@ impl PoolEntry {
         w
     }
 
-    /// Tells the longest-waiting client it may open a connection (counted as open for it).
+    /// A login failed; its room is free again. With other connections open, the clients
+    /// waiting have those to wait for, and the room stays free for `backend_login_retry_delay`
+    /// (PgBouncer's `server_login_retry`): a database that refuses more connections (its
+    /// `max_connections`, a role's connection limit) gets one login per delay, not one per
+    /// client. With none open, the longest-waiting client tries its own at once (it has nothing
+    /// else to wait for, and a failure there is its answer).
+    fn login_failed(&self) {
+        let mut st = lock(&self.state);
+        st.open -= 1;
+        if st.live.load(Ordering::Relaxed) > 0 && !self.login_retry_delay.is_zero() {
+            st.login_hold = Some(Instant::now() + self.login_retry_delay);
+            drop(st);
+            self.hold_set.notify_one();
+        } else {
+            Self::let_one_open(&mut st);
+        }
+    }
+
+    /// A login succeeded: after a hold, room still free goes to the next waiting client, so the
+    /// pool grows back one login at a time. (Otherwise a no-op: free room never waits beside a
+    /// queue.)
+    fn login_succeeded(&self) {
+        let mut st = lock(&self.state);
+        if st.open < self.max && !st.held() {
+            Self::let_one_open(&mut st);
+        }
+    }
+
+    /// Tells the longest-waiting client it may open a connection (counted as open for it),
+    /// unless a failed login holds new ones back while other connections are open.
     fn let_one_open(st: &mut State) {
+        if st.held() {
+            return;
+        }
         while let Some((_, w)) = st.waiting.pop_front() {
             let mut w = lock(&w);
             if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *w, Wait::Gone) {
@@ -401,7 +492,9 @@ impl PoolEntry {
         }
     }
 
-    fn close(&self, conn: Box<BackendConn>) {
+    fn close(&self, mut conn: Box<BackendConn>) {
+        // No longer one the clients can wait for, though its Terminate is still on the way.
+        conn.live_guard = None;
         self.forget_one();
         tokio::spawn(conn.close());
     }
@@ -409,25 +502,6 @@ impl PoolEntry {
     /// Clients waiting for a connection now (PgBouncer's `cl_waiting`).
     pub fn waiting(&self) -> usize {
         lock(&self.state).waiting.iter().filter(|(_, w)| matches!(*lock(w), Wait::Waiting(..))).count()
-    }
-
-    /// Tells the waiting clients whose borrow deadline has passed; returns the next deadline.
-    fn expire_waiters(&self, now: Instant) -> Option<Instant> {
-        let mut wakers = Vec::new();
-        let next = {
-            let mut st = lock(&self.state);
-            while st.waiting.front().is_some_and(|(deadline, _)| *deadline <= now) {
-                let Some((_, w)) = st.waiting.pop_front() else { break };
-                let mut slot = lock(&w);
-                if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *slot, Wait::Gone) {
-                    *slot = Wait::TimedOut(deposit);
-                    wakers.extend(waker);
-                }
-            }
-            st.waiting.front().map(|(deadline, _)| *deadline)
-        };
-        wakers.into_iter().for_each(Waker::wake);
-        next
     }
 
     /// The newest credential generation a backend of this pool has logged in with.
@@ -438,37 +512,6 @@ impl PoolEntry {
     /// The parameters the backend reported at login, once any backend has logged in.
     pub fn server_params(&self) -> Option<&[(String, String)]> {
         self.manager.server_params()
-    }
-
-    /// Closes idle connections that expired or whose login retired.
-    fn evict_idle(&self, idle_timeout: Option<Duration>) {
-        let now = Instant::now();
-        let evicted: Vec<Box<BackendConn>> = {
-            let mut st = lock(&self.state);
-            let (keep, evicted) =
-                std::mem::take(&mut st.idle).into_iter().partition(|c| !c.expired(now, idle_timeout) && !self.manager.is_retired(c));
-            st.idle = keep;
-            evicted
-        };
-        for conn in evicted {
-            self.close(conn);
-        }
-    }
-
-    /// Opens connections until `min_idle` are idle (within the pool's size).
-    async fn top_up(&self, min_idle: usize) {
-        let want = {
-            let mut st = lock(&self.state);
-            let want = min_idle.saturating_sub(st.idle.len()).min(self.max.saturating_sub(st.open));
-            st.open += want;
-            want
-        };
-        for _ in 0..want {
-            match self.open_within_timeout().await {
-                Ok(conn) => self.put(conn),
-                Err(_) => self.forget_one(),
-            }
-        }
     }
 }
 
@@ -560,61 +603,28 @@ impl Pools {
             self.cfg.clone(),
             Arc::clone(&self.metrics),
         );
+        let live = Arc::clone(&manager.live);
         let entry = Arc::new(PoolEntry {
             key: key.clone(),
             manager,
-            state: Mutex::new(State { idle: Vec::new(), open: 0, waiting: VecDeque::new() }),
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                open: 0,
+                waiting: VecDeque::new(),
+                login_hold: None,
+                live,
+            }),
             max: self.cfg.max_backend_connections,
             borrow_timeout: self.cfg.borrow_timeout,
             open_timeout: self.target.connect_timeout.saturating_mul(3),
+            login_retry_delay: self.cfg.backend_login_retry_delay,
+            hold_set: Arc::new(tokio::sync::Notify::new()),
             metrics: Arc::clone(&self.metrics),
         });
         self.metrics.max_database_connections_allowed.increment(self.cfg.max_backend_connections as f64);
         spawn_janitor(Arc::downgrade(&entry), store.subscribe(), self.cfg.clone());
-        spawn_queue_timer(Arc::downgrade(&entry));
+        spawn_queue_timer(Arc::downgrade(&entry), Arc::clone(&entry.hold_set));
         map.insert(key.clone(), Arc::clone(&entry));
         entry
     }
-}
-
-/// Ends the wait of clients whose borrow timeout passed, at the front deadline of the queue.
-/// An empty queue is looked at again a borrow timeout later: any client queued meanwhile has a
-/// deadline no sooner than that. Stops when the pool is gone.
-fn spawn_queue_timer(entry: Weak<PoolEntry>) {
-    tokio::spawn(async move {
-        loop {
-            let (now, next, timeout) = {
-                let Some(entry) = entry.upgrade() else { return };
-                let now = Instant::now();
-                (now, entry.expire_waiters(now), entry.borrow_timeout)
-            };
-            // (A zero borrow timeout must not spin.)
-            let at = next.unwrap_or(now + timeout).max(now + Duration::from_millis(1));
-            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
-        }
-    });
-}
-
-/// Every second, and whenever the credential changes: check that a changed credential logs in
-/// (so older connections can retire), drop idle connections that expired or retired, then top
-/// the pool up to `min_idle`. Stops when the pool is gone.
-fn spawn_janitor(
-    entry: Weak<PoolEntry>,
-    mut credential: tokio::sync::watch::Receiver<Arc<crate::credentials::CredentialSet>>,
-    cfg: PoolConfig,
-) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                changed = credential.changed() => if changed.is_err() { return },
-            }
-            let Some(entry) = entry.upgrade() else { return };
-            entry.manager.probe_new_credential().await;
-            entry.evict_idle(cfg.backend_idle_timeout);
-            entry.top_up(cfg.min_idle_backend_connections).await;
-        }
-    });
 }

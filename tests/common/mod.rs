@@ -107,6 +107,17 @@ impl Harness {
     }
 }
 
+/// Waits (up to 10 s) until exactly `n` clients wait in `pool`'s queue.
+pub async fn until_waiting(pool: &pgwarden::pool::PoolEntry, n: usize) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while pool.waiting() != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} clients waiting, expected {n}", pool.waiting()));
+}
+
 impl Harness {
     /// Connects over TLS (`sslmode=require`), trusting the dev CA, as `user` with `password`.
     pub async fn tls_client_as(&self, user: &str, password: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -142,6 +153,30 @@ impl Harness {
             let _ = connection.await;
         });
         Ok(client)
+    }
+
+    /// The pool of the dev role and database (created if no client has used it yet).
+    pub fn dev_pool(&self) -> Arc<pgwarden::pool::PoolEntry> {
+        let user = &self.shared.users[&self.env.user];
+        self.shared.pools.entry(&pgwarden::pool::PoolKey::new(&self.env.user, &self.env.database), &user.store)
+    }
+
+    /// A metric's value on the Prometheus page (unlabelled series only); 0 before it is first set.
+    pub fn metric(&self, name: &str) -> f64 {
+        let page = self.shared.metrics.render();
+        let value = page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok());
+        value.unwrap_or(0.0)
+    }
+
+    /// Waits (up to 20 s) until `name`'s value satisfies `ok`.
+    pub async fn until_metric(&self, name: &str, ok: impl Fn(f64) -> bool) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !ok(self.metric(name)) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{name} stayed at {}", self.metric(name)));
     }
 
     /// Every audit line written so far, parsed.

@@ -1,0 +1,67 @@
+//! A backend login refused while the pool has other connections open (here a role's connection
+//! limit; in production the database's `max_connections`): the client whose login it was waits
+//! for those connections instead of getting the error, the pool tries no other login until
+//! `backend_login_retry_delay` has passed, and then grows again once the database takes more.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, until_waiting};
+
+/// A client in a transaction on the pool's one backend; the role may then have no other.
+async fn holder_at_the_limit(h: &Harness) -> tokio_postgres::Client {
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    h.admin(&format!("ALTER ROLE {} CONNECTION LIMIT 1", h.env.user));
+    holder
+}
+
+fn ask(c: tokio_postgres::Client, sql: &'static str) -> tokio::task::JoinHandle<Result<String, tokio_postgres::Error>> {
+    tokio::spawn(async move { c.query_one(sql, &[]).await.map(|r| r.get::<_, String>(0)) })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_leaves_its_client_waiting_for_the_open_backend() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 3;
+        c.pool.backend_login_retry_delay = Duration::from_secs(3600);
+    })
+    .await;
+    let holder = holder_at_the_limit(&h).await;
+    let pool = h.dev_pool();
+    let first = ask(h.client().await, "SELECT 'first'");
+    // The pool has room, so the first client's request opens a backend: PostgreSQL refuses it.
+    h.until_metric("DatabaseConnectionsSetupFailed", |n| n == 1.0).await;
+    until_waiting(&pool, 1).await;
+    // The next client finds the pool holding off logins: it queues behind, without one.
+    let second = ask(h.client().await, "SELECT 'second'");
+    until_waiting(&pool, 2).await;
+    assert!(!first.is_finished(), "the refused login's client still waits");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(first.await.unwrap().expect("served by the released backend"), "first");
+    assert_eq!(second.await.unwrap().expect("served by the released backend"), "second");
+    assert_eq!(h.metric("DatabaseConnectionsSetupFailed"), 1.0, "no login tried during the hold");
+    assert_eq!(h.backend_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_retry_delay_the_pool_opens_a_backend_again() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 3;
+        c.pool.backend_login_retry_delay = Duration::from_millis(200);
+        c.pool.borrow_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let holder = holder_at_the_limit(&h).await;
+    let pool = h.dev_pool();
+    let first = ask(h.client().await, "SELECT 'first'");
+    h.until_metric("DatabaseConnectionsSetupFailed", |n| n >= 1.0).await;
+    until_waiting(&pool, 1).await;
+    h.admin(&format!("ALTER ROLE {} CONNECTION LIMIT -1", h.env.user));
+    // The holder keeps its backend: the client is served by a second one, opened after the hold.
+    let answer = tokio::time::timeout(Duration::from_secs(20), first).await.expect("a login after the delay");
+    assert_eq!(answer.unwrap().unwrap(), "first");
+    assert_eq!(h.backend_count(), 2);
+    holder.batch_execute("COMMIT").await.unwrap();
+}
