@@ -111,8 +111,8 @@ impl Server {
         let listen_port = listener.local_addr().map(|a| a.port()).unwrap_or(config.listen.port());
         let iam = match &config.iam {
             Some(i) => {
-                let iam = IamVerifier::load(i, listen_port)?;
-                iam.spawn_reload_loop(i.keyring_refresh_interval);
+                let iam = IamVerifier::load(i, listen_port).await?;
+                iam.spawn_reload_loop(i.keyring_refresh_interval, metrics.keyring_reload_failures.clone());
                 Some(iam)
             }
             None => None,

@@ -289,3 +289,52 @@ async fn psql_and_pgbench_log_in_with_a_boto3_token_over_tls() {
     let allowed = h.audit_lines().iter().filter(|l| l["result"] == "allowed").count();
     assert!(allowed >= 101, "every pgbench connection authenticated with the token: {allowed}");
 }
+
+/// A keyring of one key that may connect as any user of the dev proxy.
+fn keyring_of(key: &AwsKey<'_>) -> String {
+    let arn = format!("arn:aws:rds-db:{REGION}:{DEV_ACCOUNT}:dbuser:{DEV_PROXY_ID}/*");
+    serde_json::json!({"keys": [{"access_key_id": key.access_key_id, "secret_access_key": key.secret_access_key,
+        "principal": "arn:aws:iam::000000000000:role/app", "allow": [arn]}]})
+    .to_string()
+}
+
+/// The keyring kept in Secrets Manager (moto): tokens signed by its keys log in; a malformed new
+/// version is counted and changes nothing; a new valid version replaces the keyring at the next
+/// refresh, revoking the keys it no longer lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyring_from_secrets_manager_follows_its_current_version() {
+    const SECRET: &str = "pgwarden/keyring";
+    let moto = common::moto::Moto::start().await;
+    let sm = moto.client().await;
+    sm.create_secret().name(SECRET).secret_string(keyring_of(&FULL)).send().await.unwrap();
+    let endpoint = moto.endpoint.clone();
+    let h = Harness::start_full(false, |env, config| {
+        Harness::add_user(env, config, "iam_app", IamAuth::Required);
+        let iam = config.iam.as_mut().unwrap();
+        iam.keyring = pgwarden::config::KeyringSourceConfig::Aws {
+            secret_id: SECRET.into(),
+            region: Some(REGION.into()),
+            endpoint_url: Some(endpoint),
+        };
+        iam.keyring_refresh_interval = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let port = h.addr.port();
+    let token = |key: &AwsKey<'_>| mint(key, "127.0.0.1", port, "iam_app", now(), 900);
+    assert_eq!(current_user(&h, "iam_app", &boto3_token(&FULL, "127.0.0.1", port, "iam_app")).await, "iam_app");
+
+    sm.put_secret_value().secret_id(SECRET).secret_string("{\"keys\": [{\"access_key_id\"").send().await.unwrap();
+    h.until_metric("pgwarden_keyring_reload_failures", |n| n >= 1.0).await;
+    assert_eq!(current_user(&h, "iam_app", &token(&FULL)).await, "iam_app", "the last good keyring stays");
+
+    sm.put_secret_value().secret_id(SECRET).secret_string(keyring_of(&LIMITED)).send().await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while h.tls_client_as("iam_app", &token(&LIMITED)).await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the new keyring's key logs in");
+    let err = h.tls_client_as("iam_app", &token(&FULL)).await.err().expect("a key the new keyring dropped is refused");
+    assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
+}

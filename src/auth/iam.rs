@@ -10,6 +10,7 @@
 //! caches. Must not: talk to clients (the session does) or log a token.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ use subtle::ConstantTimeEq;
 use super::keyring::{Keyring, connect_resource};
 use super::sigv4::{self, MAX_EXPIRES_SECS, TokenError};
 use crate::config::{IamConfig, KeyringSourceConfig};
+use crate::credentials::CredentialError;
+use crate::credentials::aws::{CURRENT, aws_error};
 
 /// Cached verdicts beyond this many are swept (expired first, then all).
 const MAX_CACHED_TOKENS: usize = 100_000;
@@ -105,21 +108,61 @@ pub struct IamVerifier {
     account_id: String,
     max_skew_secs: u64,
     ring: RwLock<Arc<Ring>>,
-    source: KeyringSourceConfig,
+    source: KeyringReader,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringLoadError {
     #[error("cannot read keyring {path}: {source}")]
     Read { path: String, #[source] source: std::io::Error },
+    /// The Secrets Manager call and how it failed (never the secret's text).
+    #[error("cannot read the keyring secret {secret_id}: {error}")]
+    Aws { secret_id: String, error: CredentialError },
     #[error(transparent)]
     Invalid(#[from] super::keyring::KeyringError),
 }
 
+/// Where the keyring's text comes from.
+enum KeyringReader {
+    File(PathBuf),
+    Aws { client: aws_sdk_secretsmanager::Client, secret_id: String },
+}
+
+impl KeyringReader {
+    async fn new(source: &KeyringSourceConfig) -> KeyringReader {
+        match source {
+            KeyringSourceConfig::File { path } => KeyringReader::File(path.clone()),
+            KeyringSourceConfig::Aws { secret_id, region, endpoint_url } => KeyringReader::Aws {
+                client: crate::credentials::aws::client(endpoint_url.as_deref(), region.as_deref()).await,
+                secret_id: secret_id.clone(),
+            },
+        }
+    }
+
+    /// The keyring's text and its SHA-256 (to skip re-parsing an unchanged one).
+    async fn read(&self) -> Result<(SecretString, [u8; 32]), KeyringLoadError> {
+        let text = match self {
+            KeyringReader::File(path) => {
+                let read = tokio::fs::read_to_string(path).await;
+                read.map_err(|source| KeyringLoadError::Read { path: path.display().to_string(), source })?
+            }
+            KeyringReader::Aws { client, secret_id } => {
+                let failed = |error| KeyringLoadError::Aws { secret_id: secret_id.clone(), error };
+                let out = client.get_secret_value().secret_id(secret_id).version_stage(CURRENT).send().await;
+                let out = out.map_err(|e| failed(aws_error("GetSecretValue", e)))?;
+                out.secret_string().ok_or_else(|| failed(CredentialError::NotAString))?.to_owned()
+            }
+        };
+        let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        Ok((SecretString::from(text), hash))
+    }
+}
+
 impl IamVerifier {
     /// Loads the keyring; `listen_port` stands in for endpoints written without a port.
-    pub fn load(cfg: &IamConfig, listen_port: u16) -> Result<Arc<IamVerifier>, KeyringLoadError> {
-        let (text, hash) = read_source(&cfg.keyring)?;
+    pub async fn load(cfg: &IamConfig, listen_port: u16) -> Result<Arc<IamVerifier>, KeyringLoadError> {
+        let source = KeyringReader::new(&cfg.keyring).await;
+        let (text, hash) = source.read().await?;
         let keyring = Keyring::from_json(text.expose_secret())?;
         Ok(Arc::new(IamVerifier {
             endpoints: cfg.endpoints.iter().map(|(h, p)| (h.clone(), p.unwrap_or(listen_port))).collect(),
@@ -127,7 +170,7 @@ impl IamVerifier {
             account_id: cfg.account_id.clone(),
             max_skew_secs: cfg.max_clock_skew.as_secs(),
             ring: RwLock::new(Ring::new(keyring, hash)),
-            source: cfg.keyring.clone(),
+            source,
         }))
     }
 
@@ -137,8 +180,8 @@ impl IamVerifier {
 
     /// Re-reads the keyring; swaps it in (and drops both caches) if its text changed and is
     /// valid. An unreadable or invalid keyring leaves the current one in place.
-    pub fn reload_keyring(&self) -> Result<bool, KeyringLoadError> {
-        let (text, hash) = read_source(&self.source)?;
+    pub async fn reload_keyring(&self) -> Result<bool, KeyringLoadError> {
+        let (text, hash) = self.source.read().await?;
         if self.ring().text_hash == hash {
             return Ok(false);
         }
@@ -148,11 +191,15 @@ impl IamVerifier {
         Ok(true)
     }
 
-    pub fn spawn_reload_loop(self: &Arc<Self>, every: Duration) {
-        crate::periodic::spawn_every(self, every, |v| async move {
-            match tokio::task::spawn_blocking(move || v.reload_keyring()).await {
-                Ok(Err(e)) => tracing::warn!(error = %e, "keyring reload failed; keeping the current keyring"),
-                Ok(Ok(_)) | Err(_) => {}
+    /// Reloads the keyring every `every`, counting the reloads that fail in `failures`.
+    pub fn spawn_reload_loop(self: &Arc<Self>, every: Duration, failures: metrics::Counter) {
+        crate::periodic::spawn_every(self, every, move |v| {
+            let failures = failures.clone();
+            async move {
+                if let Err(e) = v.reload_keyring().await {
+                    failures.increment(1);
+                    tracing::warn!(error = %e, "keyring reload failed; keeping the current keyring");
+                }
             }
         });
     }
@@ -261,17 +308,6 @@ fn remember(ring: &Ring, digest: [u8; 32], verdict: CachedVerdict, now: u64) {
         }
     }
     verdicts.insert(digest, verdict);
-}
-
-fn read_source(source: &KeyringSourceConfig) -> Result<(SecretString, [u8; 32]), KeyringLoadError> {
-    match source {
-        KeyringSourceConfig::File { path } => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| KeyringLoadError::Read { path: path.display().to_string(), source })?;
-            let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-            Ok((SecretString::from(text), hash))
-        }
-    }
 }
 
 #[cfg(test)]

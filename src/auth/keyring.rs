@@ -2,9 +2,9 @@
 //! SigV4 is a shared-secret signature, so a verifier must hold each signer's secret access key:
 //! the keyring maps an access key id to that secret, the principal (IAM ARN) it stands for, and
 //! the `rds-db:connect` resources it may use (`arn:aws:rds-db:<region>:<account>:dbuser:<proxy
-//! id>/<db user>`, with IAM-style `*` and `?` wildcards). It is read from JSON (a file today; a
-//! Secrets Manager secret holds the same text) and swapped whole on reload. Secrets never reach
-//! a log line or `Debug`.
+//! id>/<db user>`, with IAM-style `*` and `?` wildcards). It is parsed from JSON (a file, or a
+//! Secrets Manager secret's `SecretString`: the verifier reads either) and swapped whole on
+//! reload. Secrets never reach a log line or `Debug`.
 
 use std::collections::HashMap;
 

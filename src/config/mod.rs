@@ -75,6 +75,9 @@ pub enum IamAuth {
 #[derive(Clone, Debug)]
 pub enum KeyringSourceConfig {
     File { path: PathBuf },
+    /// The same JSON as the AWSCURRENT `SecretString` of a Secrets Manager secret, read with
+    /// the standard credential chain and region.
+    Aws { secret_id: String, region: Option<String>, endpoint_url: Option<String> },
 }
 
 /// IAM token verification.

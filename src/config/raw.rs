@@ -75,6 +75,9 @@ fn default_skew() -> String {
 struct RawKeyring {
     source: String,
     path: Option<String>,
+    secret_id: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
     #[serde(default = "default_keyring_refresh")]
     refresh_interval: String,
 }
@@ -214,12 +217,24 @@ fn validate_iam(i: RawIam, base: &Path) -> Result<IamConfig, ConfigError> {
     if i.account_id.len() != 12 || !i.account_id.bytes().all(|b| b.is_ascii_digit()) {
         return Err(invalid("iam.account_id", "must be a 12-digit AWS account id"));
     }
-    let keyring = match i.keyring.source.as_str() {
+    let k = i.keyring;
+    let keyring = match k.source.as_str() {
         "file" => {
-            let path = i.keyring.path.ok_or_else(|| invalid("iam.keyring.path", "required for source = \"file\""))?;
+            if k.secret_id.is_some() || k.region.is_some() || k.endpoint_url.is_some() {
+                return Err(invalid("iam.keyring.secret_id", "secret_id, region and endpoint_url are only for source = \"aws\""));
+            }
+            let path = k.path.ok_or_else(|| invalid("iam.keyring.path", "required for source = \"file\""))?;
             KeyringSourceConfig::File { path: existing_file("iam.keyring.path", base, &path)? }
         }
-        other => return Err(invalid("iam.keyring.source", format!("unknown source kind {other:?} (known: \"file\")"))),
+        "aws" => {
+            if k.path.is_some() {
+                return Err(invalid("iam.keyring.path", "only for source = \"file\""));
+            }
+            let secret_id = k.secret_id.filter(|s| !s.is_empty());
+            let secret_id = secret_id.ok_or_else(|| invalid("iam.keyring.secret_id", "required for source = \"aws\" (a secret name or ARN)"))?;
+            KeyringSourceConfig::Aws { secret_id, region: k.region, endpoint_url: k.endpoint_url }
+        }
+        other => return Err(invalid("iam.keyring.source", format!("unknown source kind {other:?} (known: \"file\", \"aws\")"))),
     };
     Ok(IamConfig {
         endpoints,
@@ -227,7 +242,7 @@ fn validate_iam(i: RawIam, base: &Path) -> Result<IamConfig, ConfigError> {
         account_id: i.account_id,
         max_clock_skew: parse_duration("iam.max_clock_skew", &i.max_clock_skew)?,
         keyring,
-        keyring_refresh_interval: parse_duration("iam.keyring.refresh_interval", &i.keyring.refresh_interval)?,
+        keyring_refresh_interval: parse_duration("iam.keyring.refresh_interval", &k.refresh_interval)?,
     })
 }
 

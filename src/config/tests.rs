@@ -119,6 +119,18 @@ fn iam_auth_needs_iam_and_tls_sections() {
 }
 
 #[test]
+fn keyring_can_be_a_secrets_manager_secret() {
+    let toml = IAM.replace("source = \"file\", path = \"keyring.json\"", "source = \"aws\", secret_id = \"pgwarden/keyring\", region = \"eu-west-1\"");
+    let (_dir, c) = with_files(&toml);
+    match c.unwrap().iam.unwrap().keyring {
+        KeyringSourceConfig::Aws { secret_id, region, endpoint_url } => {
+            assert_eq!((secret_id.as_str(), region.as_deref(), endpoint_url), ("pgwarden/keyring", Some("eu-west-1"), None));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn bad_tls_and_iam_values_name_their_keys() {
     let cases = [
         ("[tls]\ncert = \"missing.pem\"\nkey = \"key.pem\"\n", "tls.cert:"),
@@ -127,6 +139,9 @@ fn bad_tls_and_iam_values_name_their_keys() {
         (&IAM.replace("prx-1", "prx/1"), "iam.proxy_id:"),
         (&IAM.replace("keyring.json", "nope.json"), "iam.keyring.path:"),
         (&IAM.replace("source = \"file\"", "source = \"s3\""), "iam.keyring.source:"),
+        (&IAM.replace("source = \"file\", path = \"keyring.json\"", "source = \"aws\""), "iam.keyring.secret_id: required"),
+        (&IAM.replace("source = \"file\"", "source = \"aws\", secret_id = \"k\""), "iam.keyring.path: only for"),
+        (&IAM.replace("source = \"file\"", "source = \"file\", region = \"us-east-1\""), "iam.keyring.secret_id: secret_id, region"),
         (&format!("{IAM_USER}").replace("required", "sometimes"), "credentials[0].iam_auth:"),
         ("[audit]\noutput = \"\"\n", "audit.output:"),
     ];

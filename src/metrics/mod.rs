@@ -51,6 +51,7 @@ pub struct Metrics {
     pub query_database_response_latency: LatencyHistogram,
     pub borrow_timeouts: Counter,
     pub credential_refresh_failures: Counter,
+    pub keyring_reload_failures: Counter,
     /// 1 while the last refresh of some credential failed (serving the last good one).
     pub credential_stale_sources: Gauge,
 }
@@ -91,6 +92,7 @@ impl Metrics {
             describe_counter!("pgwarden_borrow_timeouts", "Clients that gave up waiting for a backend.");
             describe_counter!("pgwarden_credential_refresh_failures", "Credential refreshes that failed (last good credential kept).");
             describe_gauge!("pgwarden_credential_stale", "1 while the last credential refresh failed.");
+            describe_counter!("pgwarden_keyring_reload_failures", "IAM keyring reloads that failed (last good keyring kept).");
             Metrics {
                 handle,
                 client_connections: gauge!("ClientConnections"),
@@ -131,6 +133,7 @@ impl Metrics {
                 ),
                 borrow_timeouts: counter!("pgwarden_borrow_timeouts"),
                 credential_refresh_failures: counter!("pgwarden_credential_refresh_failures"),
+                keyring_reload_failures: counter!("pgwarden_keyring_reload_failures"),
                 credential_stale_sources: gauge!("pgwarden_credential_stale"),
             }
         })

@@ -11,7 +11,7 @@ const KEYRING: &str = r#"{"keys": [
      "principal": "arn:aws:sts::123456789012:assumed-role/etl/run", "allow": ["arn:aws:rds-db:*:123456789012:dbuser:prx-test/*"]}
 ]}"#;
 
-fn verifier(dir: &Path) -> Arc<IamVerifier> {
+async fn verifier(dir: &Path) -> Arc<IamVerifier> {
     let path = dir.join("keyring.json");
     std::fs::write(&path, KEYRING).unwrap();
     let cfg = IamConfig {
@@ -22,7 +22,7 @@ fn verifier(dir: &Path) -> Arc<IamVerifier> {
         keyring: KeyringSourceConfig::File { path },
         keyring_refresh_interval: Duration::from_secs(10),
     };
-    IamVerifier::load(&cfg, 6432).unwrap()
+    IamVerifier::load(&cfg, 6432).await.unwrap()
 }
 
 struct Mint<'a> {
@@ -56,10 +56,10 @@ fn refusal(v: &IamVerifier, token: &str, user: &str, now: u64) -> IamError {
     v.verify(token, user, now).map(|_| ()).unwrap_err().error
 }
 
-#[test]
-fn valid_token_is_accepted_and_names_its_principal() {
+#[tokio::test]
+async fn valid_token_is_accepted_and_names_its_principal() {
     let dir = tempfile::tempdir().unwrap();
-    let v = verifier(dir.path());
+    let v = verifier(dir.path()).await;
     let ok = v.verify(&Mint::default().token(), "app", NOW + 10).unwrap();
     assert_eq!(&*ok.key_id, "AKIDAPP");
     assert_eq!(&*ok.principal, "arn:aws:iam::123456789012:role/app");
@@ -68,10 +68,10 @@ fn valid_token_is_accepted_and_names_its_principal() {
     v.verify(&Mint { host: "127.0.0.1", port: 6432, ..Mint::default() }.token(), "app", NOW).unwrap();
 }
 
-#[test]
-fn each_bad_token_gets_its_own_reason() {
+#[tokio::test]
+async fn each_bad_token_gets_its_own_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let v = verifier(dir.path());
+    let v = verifier(dir.path()).await;
     let good = Mint::default();
     let cases: Vec<(String, &str, u64, fn(&IamError) -> bool)> = vec![
         (good.token(), "app", NOW + 901, |e| matches!(e, IamError::Expired)),
@@ -93,18 +93,18 @@ fn each_bad_token_gets_its_own_reason() {
     }
 }
 
-#[test]
-fn a_token_altered_after_signing_is_refused() {
+#[tokio::test]
+async fn a_token_altered_after_signing_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let v = verifier(dir.path());
+    let v = verifier(dir.path()).await;
     let token = Mint::default().token().replacen("DBUser=app", "DBUser=app2", 1);
     assert!(matches!(refusal(&v, &token, "app2", NOW), IamError::BadSignature));
 }
 
-#[test]
-fn temporary_credentials_need_their_session_token() {
+#[tokio::test]
+async fn temporary_credentials_need_their_session_token() {
     let dir = tempfile::tempdir().unwrap();
-    let v = verifier(dir.path());
+    let v = verifier(dir.path()).await;
     let temp = Mint { key_id: "ASIATEMP", secret: "temp-secret", session: Some("the-session"), user: "etl", ..Mint::default() };
     assert_eq!(&*v.verify(&temp.token(), "etl", NOW).unwrap().key_id, "ASIATEMP");
     let wrong = Mint { session: Some("another-session"), ..temp };
@@ -113,10 +113,10 @@ fn temporary_credentials_need_their_session_token() {
     assert!(matches!(refusal(&v, &none.token(), "etl", NOW), IamError::SessionTokenMismatch));
 }
 
-#[test]
-fn repeated_token_hits_the_cache_until_it_expires() {
+#[tokio::test]
+async fn repeated_token_hits_the_cache_until_it_expires() {
     let dir = tempfile::tempdir().unwrap();
-    let v = verifier(dir.path());
+    let v = verifier(dir.path()).await;
     let token = Mint::default().token();
     v.verify(&token, "app", NOW).unwrap();
     assert_eq!(v.cached_verdicts(), 1);
@@ -128,18 +128,18 @@ fn repeated_token_hits_the_cache_until_it_expires() {
     assert_eq!(v.cached_verdicts(), 0);
 }
 
-#[test]
-fn keyring_reload_revokes_keys_and_drops_cached_verdicts() {
+#[tokio::test]
+async fn keyring_reload_revokes_keys_and_drops_cached_verdicts() {
     let dir = tempfile::tempdir().unwrap();
-    let v = verifier(dir.path());
+    let v = verifier(dir.path()).await;
     let token = Mint::default().token();
     v.verify(&token, "app", NOW).unwrap();
-    assert!(!v.reload_keyring().unwrap(), "unchanged keyring is not reloaded");
+    assert!(!v.reload_keyring().await.unwrap(), "unchanged keyring is not reloaded");
     std::fs::write(dir.path().join("keyring.json"), "{not json").unwrap();
-    assert!(v.reload_keyring().is_err());
+    assert!(v.reload_keyring().await.is_err());
     v.verify(&token, "app", NOW).unwrap();
     std::fs::write(dir.path().join("keyring.json"), r#"{"keys": []}"#).unwrap();
-    assert!(v.reload_keyring().unwrap());
+    assert!(v.reload_keyring().await.unwrap());
     assert_eq!(v.cached_verdicts(), 0);
     assert!(matches!(refusal(&v, &token, "app", NOW), IamError::UnknownKey));
 }
