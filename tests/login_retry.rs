@@ -1,7 +1,8 @@
-//! A backend login refused while the pool has other connections open (here a role's connection
-//! limit; in production the database's `max_connections`): the client whose login it was waits
-//! for those connections instead of getting the error, the pool tries no other login until
-//! `backend_login_retry_delay` has passed, and then grows again once the database takes more.
+//! The pool's own backend logins. One refused while the pool has other connections open (here a
+//! role's connection limit; in production the database's `max_connections`): the client whose
+//! login it was waits for those connections instead of getting the error, the pool tries no
+//! other login until `backend_login_retry_delay` has passed, and then grows again once the
+//! database takes more. The janitor's `min_idle` top-up, refused and then let through.
 
 mod common;
 
@@ -64,4 +65,23 @@ async fn after_the_retry_delay_the_pool_opens_a_backend_again() {
     assert_eq!(answer.unwrap().unwrap(), "first");
     assert_eq!(h.backend_count(), 2);
     holder.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_idle_backends_are_topped_up_after_a_refusal() {
+    let h = Harness::start_full(false, |env, c| {
+        c.pool.max_backend_connections = 3;
+        c.pool.min_idle_backend_connections = 2;
+        c.pool.backend_login_retry_delay = Duration::from_millis(200);
+        env.cluster.psql(&format!("ALTER ROLE {} CONNECTION LIMIT 1", env.user)).unwrap();
+    })
+    .await;
+    // The first client's login opens the pool's first backend; the janitor's top-up to two idle
+    // ones is refused.
+    let client = h.client().await;
+    h.until_metric("DatabaseConnectionsSetupFailed", |n| n >= 1.0).await;
+    h.admin(&format!("ALTER ROLE {} CONNECTION LIMIT -1", h.env.user));
+    h.until_backends(2).await;
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(h.backend_count(), 2, "the two idle backends served the client; none more");
 }

@@ -279,16 +279,6 @@ fn assert_row(rows: &[tokio_postgres::SimpleQueryMessage]) {
     assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))), "{rows:?}");
 }
 
-async fn until_backends(h: &Harness, n: usize) {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while h.backend_count() != n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{} backends, expected {n}", h.backend_count()));
-}
-
 /// While a pool fills up (one login at a time), a client that is opening a backend takes one
 /// that another client releases first, instead of waiting for its own login; that login still
 /// lands in the pool when it completes.
@@ -316,7 +306,7 @@ async fn a_client_opening_a_backend_takes_a_released_one_first() {
     assert_eq!(h.backend_count(), 1, "the second login is still held");
     gate.send_replace(true);
     // The held login completes, and its backend joins the pool.
-    until_backends(&h, 2).await;
+    h.until_backends(2).await;
     let metrics = h.shared.metrics.render();
     assert!(metrics.contains("DatabaseConnections 2"), "{metrics}");
 }
@@ -342,7 +332,7 @@ async fn a_client_replacing_a_lost_backend_takes_a_released_one_first() {
     assert_row(&rows);
     gate.send_replace(true);
     // The held login completes, and its backend joins the pool.
-    until_backends(&h, 2).await;
+    h.until_backends(2).await;
 }
 
 /// The borrow timeout ends a client's wait in the queue, never the login it started: a login
@@ -393,7 +383,7 @@ async fn a_client_opening_a_backend_keeps_its_place_when_another_closes() {
     let rows = rows.unwrap().unwrap();
     assert_row(&rows);
     gate.send_replace(true);
-    until_backends(&h, 2).await;
+    h.until_backends(2).await;
 }
 
 /// Wakes the test when a future it polls by hand is woken.

@@ -76,10 +76,18 @@ impl PoolEntry {
             st.open += want;
             want
         };
-        for _ in 0..want {
+        for opened in 0..want {
             match self.open_within_timeout().await {
                 Ok(conn) => self.put(conn),
-                Err(_) => self.login_failed(),
+                Err(_) => {
+                    self.login_failed();
+                    // The rest of the room counted for this round is free again (a hold the
+                    // failure set keeps it so); the next round tries again.
+                    for _ in opened + 1..want {
+                        self.forget_one();
+                    }
+                    return;
+                }
             }
         }
     }

@@ -155,6 +155,17 @@ impl Harness {
         Ok(client)
     }
 
+    /// Waits (up to 20 s) until PostgreSQL has exactly `n` backends for the dev role.
+    pub async fn until_backends(&self, n: usize) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while self.backend_count() != n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{} backends, expected {n}", self.backend_count()));
+    }
+
     /// The pool of the dev role and database (created if no client has used it yet).
     pub fn dev_pool(&self) -> Arc<pgwarden::pool::PoolEntry> {
         let user = &self.shared.users[&self.env.user];
