@@ -42,7 +42,7 @@ pub struct Shared {
     pub iam: Option<Arc<IamVerifier>>,
     pub audit: AuditLog,
     /// Set once a shutdown has begun: sessions close at their next transaction boundary.
-    pub drain: crate::shutdown::Drain,
+    pub drain: Arc<crate::shutdown::Drain>,
 }
 
 #[derive(Debug, Error)]
@@ -75,11 +75,12 @@ impl Server {
     /// the metrics exporter, and binds the client listener.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::start());
+        let drain = Arc::new(crate::shutdown::Drain::default());
         let mut metrics_addr = None;
         if let Some(addr) = config.metrics_listen {
             let listener = TcpListener::bind(addr).await.map_err(|source| StartError::MetricsBind { addr, source })?;
             metrics_addr = listener.local_addr().ok();
-            tokio::spawn(crate::metrics::http::serve(listener, Arc::clone(&metrics)));
+            tokio::spawn(crate::metrics::http::serve(listener, Arc::clone(&metrics), Arc::clone(&drain)));
         }
         let mut users = HashMap::new();
         for c in &config.credentials {
@@ -131,7 +132,7 @@ impl Server {
             tls,
             iam,
             audit,
-            drain: Default::default(),
+            drain,
         });
         Ok(Server { shared, listener, client_slots })
     }

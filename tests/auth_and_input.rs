@@ -219,6 +219,21 @@ async fn metrics_endpoint_serves_counters_and_latency_histograms() {
 }
 
 #[tokio::test]
+async fn health_checks_say_live_and_ready_until_the_drain() {
+    let mut h = Harness::start_with(|c| c.metrics_listen = Some(([127, 0, 0, 1], 0).into())).await;
+    let addr = h.shared.metrics_addr.expect("metrics listener bound");
+    let live = http_get(addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+    assert!(live.starts_with("HTTP/1.1 200 OK\r\n") && live.ends_with("\r\n\r\nok\n"), "{live}");
+    let ready = http_get(addr, b"GET /readyz HTTP/1.1\r\n\r\n").await;
+    assert!(ready.starts_with("HTTP/1.1 200 OK\r\n") && ready.ends_with("ready\n"), "{ready}");
+    // Shut down (no clients: the drain ends at once); the endpoint outlives the listener.
+    h.begin_shutdown().await.unwrap();
+    let ready = http_get(addr, b"GET /readyz HTTP/1.1\r\n\r\n").await;
+    assert!(ready.starts_with("HTTP/1.1 503 Service Unavailable\r\n") && ready.ends_with("draining\n"), "{ready}");
+    assert!(http_get(addr, b"GET /healthz HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 200 OK"));
+}
+
+#[tokio::test]
 async fn metrics_use_rds_proxy_names_and_never_show_the_password() {
     let h = Harness::start().await;
     assert_still_serving(&h).await;
