@@ -85,3 +85,17 @@ async fn min_idle_backends_are_topped_up_after_a_refusal() {
     assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     assert_eq!(h.backend_count(), 2, "the two idle backends served the client; none more");
 }
+
+/// With no backend open, the refused login is the client's answer, with the database's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_with_no_backend_open_answers_with_the_databases_code() {
+    let h = Harness::start_full(false, |env, _| {
+        env.cluster.psql(&format!("ALTER ROLE {} CONNECTION LIMIT 0", env.user)).unwrap();
+    })
+    .await;
+    let err = h.client_result().await.expect_err("no backend can log in");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    assert!(message.contains("too many connections for role"), "{message}");
+    assert_eq!(h.metric("DatabaseConnectionsSetupFailed"), 1.0);
+}

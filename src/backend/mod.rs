@@ -73,10 +73,19 @@ impl From<ReadError> for BackendError {
 }
 
 impl BackendError {
-    /// The SQLSTATE a client should see for this failure.
+    /// The SQLSTATE a client should see for this failure. A refusal the client can act on keeps
+    /// the database's own code (as PgBouncer passes it on): too many connections and "the
+    /// database is starting up or shutting down" (both worth a retry), a database that does not
+    /// exist. Anything else is a connection failure.
     pub fn sqlstate(&self) -> SqlState {
         match self {
             BackendError::AuthRejected { .. } => SqlState::INVALID_PASSWORD,
+            BackendError::Refused { code, .. } => match code.as_str() {
+                "53300" => SqlState::TOO_MANY_CONNECTIONS,
+                "57P03" => SqlState::CANNOT_CONNECT_NOW,
+                "3D000" => SqlState::INVALID_CATALOG_NAME,
+                _ => SqlState::CONNECTION_FAILURE,
+            },
             _ => SqlState::CONNECTION_FAILURE,
         }
     }

@@ -12,6 +12,8 @@ impl SqlState {
     pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");
     pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
+    pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
