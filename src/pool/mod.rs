@@ -328,9 +328,7 @@ impl PoolEntry {
                             }
                             let w = self.queue_at_front(&mut st, start);
                             // (Room free and no hold on it: connections came up since the failure.)
-                            if st.open < self.max {
-                                Self::let_one_open(&mut st);
-                            }
+                            self.offer_free_room(&mut st);
                             Step::Wait(w, waiting.into_request())
                         }
                         // The login task was dropped unfinished (the runtime is shutting down).
@@ -467,9 +465,14 @@ impl PoolEntry {
     /// pool grows back one login at a time. (Otherwise a no-op: free room never waits beside a
     /// queue.)
     fn login_succeeded(&self) {
-        let mut st = lock(&self.state);
-        if st.open < self.max && !st.held() {
-            Self::let_one_open(&mut st);
+        self.offer_free_room(&mut lock(&self.state));
+    }
+
+    /// Room the pool has free (below its size) goes to the longest-waiting client, hold
+    /// permitting.
+    fn offer_free_room(&self, st: &mut State) {
+        if st.open < self.max {
+            Self::let_one_open(st);
         }
     }
 

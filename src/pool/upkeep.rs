@@ -35,9 +35,7 @@ impl PoolEntry {
                 st.login_hold = None;
                 // One login to find out whether the database takes connections again; each one
                 // that succeeds lets the next waiting client open another (`login_succeeded`).
-                if st.open < self.max {
-                    Self::let_one_open(&mut st);
-                }
+                self.offer_free_room(&mut st);
             }
             let front = st.waiting.front().map(|(deadline, _)| *deadline);
             match (front, st.login_hold) {
