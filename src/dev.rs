@@ -102,6 +102,7 @@ impl DevEnv {
                     backend_login_retry_delay: Duration::from_secs(1),
                     max_client_connections: 10_000,
                     max_message_bytes: 64 * 1024 * 1024,
+                    pin_variable_sets: true,
                 },
                 metrics_listen: opts.metrics_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
                 tls: Some(TlsConfig { cert, key, require: false, reload_interval: Duration::from_secs(10) }),

@@ -145,6 +145,7 @@ struct RawPool {
     backend_login_retry_delay: String,
     max_client_connections: usize,
     max_message_bytes: usize,
+    session_pinning_filters: Vec<String>,
 }
 
 impl Default for RawPool {
@@ -160,6 +161,7 @@ impl Default for RawPool {
             backend_login_retry_delay: "1s".into(),
             max_client_connections: 10_000,
             max_message_bytes: 64 * 1024 * 1024,
+            session_pinning_filters: Vec::new(),
         }
     }
 }
@@ -185,6 +187,19 @@ struct RawCredential {
     refresh_interval: Option<String>,
     #[serde(default)]
     iam_auth: Option<String>,
+}
+
+/// RDS Proxy's session pinning filters; the one it has, `exclude_variable_sets`, is the one
+/// returned (true if given).
+fn pinning_filters(filters: &[String]) -> Result<bool, ConfigError> {
+    let mut exclude_variable_sets = false;
+    for f in filters {
+        match f.to_ascii_lowercase().as_str() {
+            "exclude_variable_sets" => exclude_variable_sets = true,
+            _ => return Err(invalid("pool.session_pinning_filters", format!("unknown filter {f:?} (known: \"exclude_variable_sets\")"))),
+        }
+    }
+    Ok(exclude_variable_sets)
 }
 
 fn existing_file(key: &str, base: &Path, path: &str) -> Result<PathBuf, ConfigError> {
@@ -323,6 +338,7 @@ impl RawConfig {
             },
             max_client_connections: p.max_client_connections,
             max_message_bytes: p.max_message_bytes,
+            pin_variable_sets: !pinning_filters(&p.session_pinning_filters)?,
         };
         let metrics_listen = self.metrics.map(|m| parse_addr("metrics.listen", &m.listen)).transpose()?;
         let tls = match self.tls {

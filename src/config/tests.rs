@@ -33,6 +33,16 @@ fn backend_login_retry_delay_defaults_to_a_second_and_is_never_zero() {
 }
 
 #[test]
+fn session_pinning_filters_take_rds_proxys_one_filter() {
+    let c = parse("[database]\nhost = \"db\"\n").unwrap();
+    assert!(c.pool.pin_variable_sets, "SETs pin by default, as on RDS Proxy");
+    let c = parse("[database]\nhost = \"db\"\n[pool]\nsession_pinning_filters = [\"EXCLUDE_VARIABLE_SETS\"]\n").unwrap();
+    assert!(!c.pool.pin_variable_sets);
+    let err = parse("[database]\nhost = \"db\"\n[pool]\nsession_pinning_filters = [\"exclude_temp\"]\n").unwrap_err().to_string();
+    assert!(err.starts_with("pool.session_pinning_filters: unknown filter \"exclude_temp\""), "{err}");
+}
+
+#[test]
 fn shutdown_timeout_and_client_cap_are_checked() {
     let err = parse("shutdown_timeout = \"soon\"\n[database]\nhost = \"db\"\n").unwrap_err().to_string();
     assert!(err.starts_with("shutdown_timeout: invalid duration"), "{err}");

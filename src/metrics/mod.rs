@@ -15,6 +15,8 @@ pub mod http;
 use std::time::Duration;
 
 use metrics::{Counter, Gauge};
+
+use crate::relay::session_state::PinReason;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub use histogram::LatencyHistogram;
@@ -54,6 +56,8 @@ pub struct Metrics {
     pub keyring_reload_failures: Counter,
     /// 1 while the last refresh of some credential failed (serving the last good one).
     pub credential_stale_sources: Gauge,
+    /// Sessions pinned, by reason (in `PinReason::ALL` order).
+    session_pins: [Counter; PinReason::ALL.len()],
 }
 
 impl Metrics {
@@ -86,8 +90,9 @@ impl Metrics {
             describe_counter!("DatabaseConnectionsSetupFailed", "Backend connects or logins that failed.");
             describe_gauge!(
                 "DatabaseConnectionsCurrentlySessionPinned",
-                "Backend connections pinned to one client session (named prepared statements)."
+                "Backend connections pinned to one client session (state that outlives a transaction)."
             );
+            describe_counter!("pgwarden_session_pins", "Client sessions pinned to their backend, by what pinned them.");
             describe_gauge!("MaxDatabaseConnectionsAllowed", "Configured backend connections, all pools.");
             describe_counter!("pgwarden_borrow_timeouts", "Clients that gave up waiting for a backend.");
             describe_counter!("pgwarden_credential_refresh_failures", "Credential refreshes that failed (last good credential kept).");
@@ -135,8 +140,14 @@ impl Metrics {
                 credential_refresh_failures: counter!("pgwarden_credential_refresh_failures"),
                 keyring_reload_failures: counter!("pgwarden_keyring_reload_failures"),
                 credential_stale_sources: gauge!("pgwarden_credential_stale"),
+                session_pins: PinReason::ALL.map(|r| counter!("pgwarden_session_pins", "reason" => r.label())),
             }
         })
+    }
+
+    pub fn session_pins(&self, reason: PinReason) -> &Counter {
+        let at = PinReason::ALL.iter().position(|&r| r == reason).unwrap_or(0);
+        &self.session_pins[at]
     }
 
     /// The current exposition text (what `/metrics` serves).

@@ -80,7 +80,7 @@ fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> Presend {
     // Boundaries and length checks as the relay finds them; this scanner only measures (the
     // relay scans the same bytes again with the session's own).
     let mut terminated = false;
-    let _ = MessageScanner::new(max_body).feed(buf, |_| false, |f| {
+    let _ = MessageScanner::new(max_body).feed(buf, |_, _| false, |f| {
         terminated |= f.tag == frontend_tag::TERMINATE;
         if !terminated {
             p.len = f.end;

@@ -1,9 +1,13 @@
 //! Finds message boundaries in a stream of tagged messages (`tag`, `i32` length, body) as bytes
 //! arrive in arbitrary chunks, without buffering or decoding bodies. The relay forwards chunks
 //! untouched and only asks the scanner where messages start and end, and for the bodies of the
-//! few tags it must read (ReadyForQuery, ParameterStatus). Every length is checked against a cap.
+//! few messages it must read (ReadyForQuery, ParameterStatus, a client's SQL up to a size).
+//! Every length is checked against a cap.
 
 use super::ProtocolError;
+
+/// Reassembly memory a scanner keeps between messages; more is given back after use.
+const KEEP_SPLIT_CAPACITY: usize = 8 * 1024;
 
 /// One complete message found in a chunk.
 #[derive(Debug)]
@@ -51,12 +55,13 @@ impl MessageScanner {
         self.header_len == 0 && !self.in_body
     }
 
-    /// Scans `data`, calling `on_frame` for each message completed in it. `wants_body` says
-    /// which tags' bodies the caller needs.
+    /// Scans `data`, calling `on_frame` for each message completed in it. `wants_body(tag,
+    /// body_len)` says which bodies the caller needs (a body split across chunks is copied
+    /// together, so the caller bounds what it asks for).
     pub fn feed(
         &mut self,
         data: &[u8],
-        wants_body: impl Fn(u8) -> bool,
+        wants_body: impl Fn(u8, usize) -> bool,
         mut on_frame: impl FnMut(Frame<'_>),
     ) -> Result<(), ProtocolError> {
         let mut pos = 0;
@@ -72,7 +77,7 @@ impl MessageScanner {
                 let body_at = pos + 5;
                 if data.len() - body_at >= body_len {
                     let end = body_at + body_len;
-                    let body = if wants_body(tag) { &data[body_at..end] } else { &[] };
+                    let body = if wants_body(tag, body_len) { &data[body_at..end] } else { &[] };
                     on_frame(Frame { tag, body, start: Some(pos), end });
                     pos = end;
                     continue;
@@ -97,7 +102,7 @@ impl MessageScanner {
                 self.remaining = len as usize - 4;
                 self.header_len = 0;
                 self.in_body = true;
-                self.capture = wants_body(self.tag);
+                self.capture = wants_body(self.tag, self.remaining);
                 self.split_body.clear();
             }
             let take = self.remaining.min(data.len() - pos);
@@ -116,6 +121,10 @@ impl MessageScanner {
                     (true, false) => &self.split_body,
                 };
                 on_frame(Frame { tag: self.tag, body, start: self.start.take(), end: pos });
+                if self.split_body.capacity() > KEEP_SPLIT_CAPACITY {
+                    // A large body was reassembled: do not keep its memory for the session.
+                    self.split_body = Vec::new();
+                }
             }
         }
         Ok(())
@@ -136,7 +145,7 @@ mod tests {
     fn collect(scanner: &mut MessageScanner, data: &[u8]) -> Vec<(u8, Vec<u8>, Option<usize>, usize)> {
         let mut out = Vec::new();
         scanner
-            .feed(data, |t| t == b'Z' || t == b'S', |f| out.push((f.tag, f.body.to_vec(), f.start, f.end)))
+            .feed(data, |t, _| t == b'Z' || t == b'S', |f| out.push((f.tag, f.body.to_vec(), f.start, f.end)))
             .unwrap();
         out
     }
@@ -198,15 +207,15 @@ mod tests {
     #[test]
     fn feed_oversize_length_is_refused() {
         let mut s = MessageScanner::new(1024);
-        let err = s.feed(&[b'Q', 0x7f, 0xff, 0xff, 0xff], |_| false, |_| {}).unwrap_err();
+        let err = s.feed(&[b'Q', 0x7f, 0xff, 0xff, 0xff], |_, _| false, |_| {}).unwrap_err();
         assert!(matches!(err, ProtocolError::BadLength { .. }));
     }
 
     #[test]
     fn feed_length_below_four_is_refused() {
         let mut s = MessageScanner::new(1024);
-        assert!(s.feed(&[b'Q', 0, 0, 0, 3], |_| false, |_| {}).is_err());
+        assert!(s.feed(&[b'Q', 0, 0, 0, 3], |_, _| false, |_| {}).is_err());
         let mut s = MessageScanner::new(1024);
-        assert!(s.feed(&[b'Q', 0xff, 0xff, 0xff, 0xff], |_| false, |_| {}).is_err());
+        assert!(s.feed(&[b'Q', 0xff, 0xff, 0xff, 0xff], |_, _| false, |_| {}).is_err());
     }
 }

@@ -4,7 +4,9 @@
 //! ReadyForQuery (Query, Sync, FunctionCall), notes extended-protocol messages not yet followed
 //! by Sync, and reads the status of each ReadyForQuery. The backend goes back to the pool when
 //! every expected ReadyForQuery has arrived, the last one said idle ('I'), and neither stream is
-//! in the middle of a message.
+//! in the middle of a message. It also reads the client's SQL (Query and Parse text, up to
+//! [`SQL_READ_LIMIT`]) for state that would outlive the transaction ([`session_state`]), and
+//! reports it: such a session keeps its backend.
 //!
 //! One hand-written poll function drives both directions in the session's task, so a backend
 //! that writes while the client writes (COPY, pipelining) cannot deadlock the proxy, and a
@@ -13,6 +15,8 @@
 //! writer, and memory stays bounded by one chunk per direction. Must not: decide what a client
 //! is told on failure (the session does), or touch the pool.
 
+pub mod session_state;
+
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -20,10 +24,16 @@ use bytes::BytesMut;
 
 use crate::backend::BackendConn;
 use crate::backend::settings::Settings;
+use crate::config::PoolConfig;
 use crate::metrics::Metrics;
 use crate::pool::Presented;
 use crate::protocol::{MessageScanner, ProtocolError, TxStatus, backend_tag, frontend_tag, read_cstr};
 use crate::stream::Stream;
+use session_state::PinReason;
+
+/// The longest Query or Parse text the relay reads for session state; a longer one pins its
+/// session ([`PinReason::Unread`]). (RDS Proxy pins past 16 KB.)
+pub const SQL_READ_LIMIT: usize = 1024 * 1024;
 
 /// The client's socket and what has been read from it but not yet forwarded.
 pub struct ClientSide {
@@ -63,8 +73,9 @@ pub struct RelayEnd {
     /// Nothing outstanding but a transaction is open: a ROLLBACK makes it clean.
     pub backend_rollbackable: bool,
     /// The client now depends on state that lives on this backend (a named prepared
-    /// statement), so the backend must stay with it for the rest of the session.
-    pub pins_session: bool,
+    /// statement, a SET, a temporary table, ...), so the backend must stay with it for the
+    /// rest of the session.
+    pub pins_session: Option<PinReason>,
 }
 
 /// Chunks moved in one poll before yielding to other sessions (a COPY can stream for minutes).
@@ -117,8 +128,10 @@ struct Tracker {
     request_at: Option<Instant>,
     /// Requests seen, added to the QueryRequests counters once, when the relay ends.
     requests: u64,
-    /// The client created a named prepared statement: it lives on this backend only.
-    pins_session: bool,
+    /// The client created state that lives on this backend only (the first reason seen).
+    pins_session: Option<PinReason>,
+    /// Whether a SET the proxy does not follow pins (`PoolConfig::pin_variable_sets`).
+    pin_variable_sets: bool,
     /// The client's stream is inside a message (what was forwarded ends mid-message).
     client_mid_message: bool,
     /// What was forwarded ends with a whole request the backend answers (Query, Sync,
@@ -152,9 +165,10 @@ pub async fn relay(
     backend: &mut BackendConn,
     desired: &mut Settings,
     metrics: &Metrics,
-    max_message: usize,
+    limits: &PoolConfig,
     presented: Presented,
 ) -> RelayEnd {
+    let max_message = limits.max_message_bytes;
     let client_tls = client.stream.is_tls();
     let client_mid_message = !client.scanner.at_boundary();
     let client_drained = client.read_emptied_socket();
@@ -176,7 +190,8 @@ pub async fn relay(
             // The request the pool sent reached the database then, not when this task woke.
             request_at: presented.at,
             requests: 0,
-            pins_session: false,
+            pins_session: None,
+            pin_variable_sets: limits.pin_variable_sets,
             client_mid_message,
             awaits_reply: false,
             copy_in: false,
@@ -301,13 +316,28 @@ impl Relay<'_> {
         let mut terminate = false;
         let mut requests = 0u64;
         let mut last_tag = 0u8;
-        self.client.scanner.feed(buf, |tag| tag == frontend_tag::PARSE, |f| {
+        let reads_sql = |tag, len| (tag == frontend_tag::QUERY || tag == frontend_tag::PARSE) && len <= SQL_READ_LIMIT;
+        self.client.scanner.feed(buf, reads_sql, |f| {
             if terminate {
                 return;
             }
             last_tag = f.tag;
             match f.tag {
-                frontend_tag::QUERY | frontend_tag::FUNCTION_CALL => {
+                frontend_tag::QUERY => {
+                    t.pending += 1;
+                    requests += 1;
+                    if t.pins_session.is_none() {
+                        t.pins_session = match f.body.split_last() {
+                            // The SQL runs to the NUL that ends the body.
+                            Some((0, sql)) => session_state::pin_reason(sql, t.pin_variable_sets),
+                            // Malformed: the database refuses it.
+                            Some(_) => None,
+                            // Not copied: longer than SQL_READ_LIMIT.
+                            None => Some(PinReason::Unread),
+                        };
+                    }
+                }
+                frontend_tag::FUNCTION_CALL => {
                     t.pending += 1;
                     requests += 1;
                 }
@@ -318,9 +348,17 @@ impl Relay<'_> {
                 }
                 frontend_tag::PARSE => {
                     t.unsynced = true;
-                    // A Parse body starts with the statement name; empty is unnamed.
-                    if f.body.first().is_some_and(|&b| b != 0) {
-                        t.pins_session = true;
+                    if t.pins_session.is_none() {
+                        // A Parse body starts with the statement name (empty: unnamed), then the SQL.
+                        t.pins_session = match f.body.split_first() {
+                            Some((0, rest)) => {
+                                let sql = rest.split(|&b| b == 0).next().unwrap_or_default();
+                                session_state::pin_reason(sql, t.pin_variable_sets)
+                            }
+                            Some(_) => Some(PinReason::NamedStatement),
+                            // Not copied: longer than SQL_READ_LIMIT.
+                            None => Some(PinReason::Unread),
+                        };
                     }
                 }
                 frontend_tag::BIND
@@ -367,7 +405,7 @@ impl Relay<'_> {
         let mut bad_status = false;
         self.backend_scanner.feed(
             &self.backend.buf,
-            |tag| tag == backend_tag::READY_FOR_QUERY || tag == backend_tag::PARAMETER_STATUS,
+            |tag, _| tag == backend_tag::READY_FOR_QUERY || tag == backend_tag::PARAMETER_STATUS,
             |f| match f.tag {
                 backend_tag::READY_FOR_QUERY => {
                     t.copy_in = false;

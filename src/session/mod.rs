@@ -192,10 +192,13 @@ async fn transaction(
     }
     let mut pinned: Option<GaugeGuard> = None;
     let result = loop {
-        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, max_message, std::mem::take(&mut presented)).await;
-        if end.pins_session && pinned.is_none() {
+        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, &shared.config.pool, std::mem::take(&mut presented)).await;
+        if let Some(reason) = end.pins_session
+            && pinned.is_none()
+        {
             // RDS Proxy's rule: state that lives on one backend pins the session to it.
-            tracing::debug!("named prepared statement: session pinned to its backend");
+            tracing::debug!(reason = reason.label(), "session pinned to its backend until it ends");
+            shared.metrics.session_pins(reason).increment(1);
             pinned = Some(GaugeGuard::new(&shared.metrics.database_connections_currently_session_pinned));
         }
         match end.outcome {

@@ -1,0 +1,469 @@
+//! Reads the SQL a client sends just far enough to tell whether it leaves state on its backend
+//! that outlives the transaction, RDS Proxy's pinning conditions: `SET` or `RESET` of a
+//! parameter the proxy cannot follow (and `SET ROLE`, `set_config(.., false)`), `PREPARE`,
+//! temporary tables, cursors `WITH HOLD`, `LISTEN`, `LOAD`, `DISCARD`, session-level advisory
+//! locks. A session that does any of these keeps its backend until it ends (the relay reports
+//! the reason, the session pins). What the proxy follows by itself does not pin: a `SET` of a
+//! parameter every server reports back (application_name, TimeZone, DateStyle, ...), whose new
+//! value travels with the client to its next backend (`backend::settings`).
+//!
+//! A lexer, not a parser: it skips comments, quoted strings and identifiers and dollar-quoted
+//! bodies, and looks at the first words of each statement and at function names anywhere.
+//! What runs inside functions and `DO` blocks is not seen. Must not: allocate, or look past
+//! the text it is given.
+
+/// Why a session keeps its backend until it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinReason {
+    /// A protocol-level named prepared statement (Parse with a name).
+    NamedStatement,
+    /// `SET`/`RESET` of a parameter the proxy does not follow, `SET ROLE`, `set_config(.., false)`.
+    Set,
+    /// SQL `PREPARE`.
+    Prepare,
+    TempObject,
+    HoldCursor,
+    Listen,
+    Load,
+    Discard,
+    AdvisoryLock,
+    /// A statement longer than the proxy reads: what it does is unknown.
+    Unread,
+}
+
+impl PinReason {
+    /// The metric label and log field.
+    pub fn label(self) -> &'static str {
+        match self {
+            PinReason::NamedStatement => "named_statement",
+            PinReason::Set => "set",
+            PinReason::Prepare => "prepare",
+            PinReason::TempObject => "temp_object",
+            PinReason::HoldCursor => "hold_cursor",
+            PinReason::Listen => "listen",
+            PinReason::Load => "load",
+            PinReason::Discard => "discard",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::Unread => "unread",
+        }
+    }
+
+    pub const ALL: [PinReason; 10] = [
+        PinReason::NamedStatement,
+        PinReason::Set,
+        PinReason::Prepare,
+        PinReason::TempObject,
+        PinReason::HoldCursor,
+        PinReason::Listen,
+        PinReason::Load,
+        PinReason::Discard,
+        PinReason::AdvisoryLock,
+        PinReason::Unread,
+    ];
+}
+
+/// Parameters every supported server reports with ParameterStatus when they change: the relay
+/// follows them (the client's next backend gets the same value), so setting them does not pin.
+/// (search_path is reported only from PostgreSQL 18: it pins.)
+const FOLLOWED: &[&[u8]] =
+    &[b"application_name", b"client_encoding", b"datestyle", b"intervalstyle", b"timezone", b"standard_conforming_strings"];
+
+const ADVISORY_LOCKS: &[&[u8]] =
+    &[b"pg_advisory_lock", b"pg_advisory_lock_shared", b"pg_try_advisory_lock", b"pg_try_advisory_lock_shared"];
+
+/// Why `sql` (one Query's text, or a Parse's, without the NUL) would pin its session. With
+/// `sets_pin` false (RDS Proxy's `EXCLUDE_VARIABLE_SETS` filter) parameter changes do not pin:
+/// the operator accepts that they stay on the backend.
+pub fn pin_reason(sql: &[u8], sets_pin: bool) -> Option<PinReason> {
+    let mut statement = Statement::default();
+    for token in (Lexer { sql, pos: 0 }) {
+        if token == Token::Punct(b';') {
+            if let Some(reason) = statement.head_reason(sets_pin) {
+                return Some(reason);
+            }
+            statement = Statement::default();
+            continue;
+        }
+        if let Some(reason) = statement.push(token, sets_pin) {
+            return Some(reason);
+        }
+    }
+    statement.head_reason(sets_pin)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token<'a> {
+    /// A keyword or unquoted identifier, as written.
+    Word(&'a [u8]),
+    Punct(u8),
+    /// A literal, a quoted identifier, a parameter (`$1`), a number.
+    Other,
+}
+
+/// What is known of the statement being read.
+#[derive(Default)]
+struct Statement<'a> {
+    /// Its first tokens, enough to read `SET SESSION TIME ZONE ...`.
+    head: [Option<Token<'a>>; 4],
+    seen: usize,
+    previous_word: &'a [u8],
+    set_config: SetConfigCall,
+}
+
+/// Where a `set_config(name, value, is_local)` call is: only `is_local = true` is harmless.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum SetConfigCall {
+    #[default]
+    None,
+    /// The name was read; its `(` is next.
+    Named,
+    /// Inside the parentheses, at this depth, after this many top-level commas.
+    Args { depth: u32, commas: u32 },
+}
+
+impl<'a> Statement<'a> {
+    /// Reads one token; answers for what can be decided on the token alone (function calls,
+    /// `TEMP`, `WITH HOLD`). The head is judged when the statement ends.
+    fn push(&mut self, token: Token<'a>, sets_pin: bool) -> Option<PinReason> {
+        if self.seen < self.head.len() {
+            self.head[self.seen] = Some(token);
+        }
+        self.seen += 1;
+        if let Some(reason) = self.follow_set_config(token, sets_pin) {
+            return Some(reason);
+        }
+        let Token::Word(word) = token else { return None };
+        let previous = std::mem::replace(&mut self.previous_word, word);
+        match word.len() {
+            4 | 9 if is(word, b"temp") || is(word, b"temporary") => {
+                let creates = [&b"create"[..], b"global", b"local", b"replace"].iter().any(|w| is(previous, w));
+                let selects_into = is(previous, b"into") && self.first_word_is(b"select");
+                (creates || selects_into).then_some(PinReason::TempObject)
+            }
+            4 if is(word, b"hold") => (is(previous, b"with") && self.first_word_is(b"declare")).then_some(PinReason::HoldCursor),
+            10 if is(word, b"set_config") => {
+                self.set_config = SetConfigCall::Named;
+                None
+            }
+            16..=27 if ADVISORY_LOCKS.iter().any(|f| is(word, f)) => Some(PinReason::AdvisoryLock),
+            _ => None,
+        }
+    }
+
+    fn follow_set_config(&mut self, token: Token<'a>, sets_pin: bool) -> Option<PinReason> {
+        let pin = sets_pin.then_some(PinReason::Set);
+        match (self.set_config, token) {
+            (SetConfigCall::None, _) => None,
+            (SetConfigCall::Named, Token::Punct(b'(')) => {
+                self.set_config = SetConfigCall::Args { depth: 1, commas: 0 };
+                None
+            }
+            // A column or something else named set_config.
+            (SetConfigCall::Named, _) => {
+                self.set_config = SetConfigCall::None;
+                None
+            }
+            (SetConfigCall::Args { depth: 1, commas: 2 }, token) => {
+                self.set_config = SetConfigCall::None;
+                match token {
+                    Token::Word(w) if is(w, b"true") => None,
+                    _ => pin,
+                }
+            }
+            (SetConfigCall::Args { depth, commas }, Token::Punct(p)) => {
+                self.set_config = match (p, depth) {
+                    (b'(', _) => SetConfigCall::Args { depth: depth + 1, commas },
+                    // Closed before its third argument: not a call this lexer understands.
+                    (b')', 1) => return pin,
+                    (b')', _) => SetConfigCall::Args { depth: depth - 1, commas },
+                    (b',', 1) => SetConfigCall::Args { depth, commas: commas + 1 },
+                    _ => SetConfigCall::Args { depth, commas },
+                };
+                None
+            }
+            (SetConfigCall::Args { .. }, _) => None,
+        }
+    }
+
+    fn first_word_is(&self, keyword: &[u8]) -> bool {
+        matches!(self.head[0], Some(Token::Word(w)) if is(w, keyword))
+    }
+
+    /// What the statement's first words say (`SET ...`, `PREPARE ...`, ...).
+    fn head_reason(&self, sets_pin: bool) -> Option<PinReason> {
+        let word = |i: usize| match self.head.get(i).copied().flatten() {
+            Some(Token::Word(w)) => Some(w),
+            _ => None,
+        };
+        let first = word(0)?;
+        let is_at = |i: usize, keyword: &[u8]| word(i).is_some_and(|w| is(w, keyword));
+        let set = sets_pin.then_some(PinReason::Set);
+        if is(first, b"set") {
+            if is_at(1, b"local") {
+                return None;
+            }
+            let at = if is_at(1, b"session") { 2 } else { 1 };
+            if at == 1 && (is_at(1, b"transaction") || is_at(1, b"constraints")) {
+                return None;
+            }
+            if (is_at(at, b"time") && is_at(at + 1, b"zone")) || is_at(at, b"names") {
+                return None;
+            }
+            return if self.names_followed(at) { None } else { set };
+        }
+        if is(first, b"reset") {
+            return if self.names_followed(1) { None } else { set };
+        }
+        if is(first, b"prepare") {
+            return (!is_at(1, b"transaction")).then_some(PinReason::Prepare);
+        }
+        [(&b"discard"[..], PinReason::Discard), (b"listen", PinReason::Listen), (b"load", PinReason::Load)]
+            .into_iter()
+            .find(|(keyword, _)| is(first, keyword))
+            .map(|(_, reason)| reason)
+    }
+
+    /// The parameter named at `head[at]` is one the proxy follows (a plain name, not
+    /// `a.b`, not `ALL`, `ROLE` or `SESSION AUTHORIZATION`).
+    fn names_followed(&self, at: usize) -> bool {
+        let Some(Some(Token::Word(name))) = self.head.get(at) else { return false };
+        let dotted = matches!(self.head.get(at + 1), Some(Some(Token::Punct(b'.'))));
+        !dotted && FOLLOWED.iter().any(|f| is(name, f))
+    }
+}
+
+fn is(word: &[u8], keyword: &[u8]) -> bool {
+    word.eq_ignore_ascii_case(keyword)
+}
+
+struct Lexer<'a> {
+    sql: &'a [u8],
+    pos: usize,
+}
+
+fn is_word_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+}
+
+fn is_word_byte(b: u8) -> bool {
+    is_word_start(b) || b.is_ascii_digit() || b == b'$'
+}
+
+impl<'a> Lexer<'a> {
+    fn peek(&self, ahead: usize) -> Option<u8> {
+        self.sql.get(self.pos + ahead).copied()
+    }
+
+    /// Past a quoted run that opened at `pos` (the quote itself), honouring doubled quotes and,
+    /// for `E'...'`, backslash escapes. An unterminated run ends the text.
+    fn skip_quoted(&mut self, quote: u8, backslashes: bool) {
+        self.pos += 1;
+        while let Some(b) = self.peek(0) {
+            self.pos += 1;
+            if backslashes && b == b'\\' {
+                self.pos += 1;
+            } else if b == quote {
+                if self.peek(0) == Some(quote) {
+                    self.pos += 1;
+                } else {
+                    return;
+                }
+            }
+        }
+        self.pos = self.sql.len();
+    }
+
+    /// At a `$`: a parameter (`$1`), a dollar-quoted body (`$tag$ ... $tag$`, skipped whole),
+    /// or a lone `$`.
+    fn dollar(&mut self) -> Token<'a> {
+        let rest = &self.sql[self.pos..];
+        if rest.get(1).is_some_and(u8::is_ascii_digit) {
+            self.pos += 1 + rest[1..].iter().take_while(|b| b.is_ascii_digit()).count();
+            return Token::Other;
+        }
+        let tag_len = rest[1..].iter().take_while(|&&b| is_word_byte(b) && b != b'$').count();
+        let tag_is_word = tag_len == 0 || is_word_start(rest[1]);
+        if !tag_is_word || rest.get(1 + tag_len) != Some(&b'$') {
+            self.pos += 1;
+            return Token::Punct(b'$');
+        }
+        let delimiter = &rest[..tag_len + 2];
+        let body = &rest[delimiter.len()..];
+        self.pos += match body.windows(delimiter.len()).position(|w| w == delimiter) {
+            Some(at) => delimiter.len() * 2 + at,
+            None => rest.len(),
+        };
+        Token::Other
+    }
+}
+
+impl<'a> Iterator for Lexer<'a> {
+    type Item = Token<'a>;
+
+    fn next(&mut self) -> Option<Token<'a>> {
+        loop {
+            let b = self.peek(0)?;
+            match b {
+                b' ' | b'\t' | b'\n' | b'\r' | 0x0c => self.pos += 1,
+                b'-' if self.peek(1) == Some(b'-') => {
+                    let line = self.sql[self.pos..].iter().position(|&c| c == b'\n');
+                    self.pos = line.map_or(self.sql.len(), |n| self.pos + n + 1);
+                }
+                b'/' if self.peek(1) == Some(b'*') => {
+                    // Block comments nest in PostgreSQL.
+                    let mut depth = 0u32;
+                    while self.pos < self.sql.len() {
+                        match (self.peek(0), self.peek(1)) {
+                            (Some(b'/'), Some(b'*')) => {
+                                depth += 1;
+                                self.pos += 2;
+                            }
+                            (Some(b'*'), Some(b'/')) => {
+                                depth -= 1;
+                                self.pos += 2;
+                                if depth == 0 {
+                                    break;
+                                }
+                            }
+                            _ => self.pos += 1,
+                        }
+                    }
+                }
+                b'\'' => {
+                    self.skip_quoted(b'\'', false);
+                    return Some(Token::Other);
+                }
+                b'"' => {
+                    self.skip_quoted(b'"', false);
+                    return Some(Token::Other);
+                }
+                b'$' => return Some(self.dollar()),
+                b if is_word_start(b) => {
+                    let start = self.pos;
+                    self.pos += self.sql[start..].iter().take_while(|&&c| is_word_byte(c)).count();
+                    let word = &self.sql[start..self.pos];
+                    if self.peek(0) == Some(b'\'') && (is(word, b"e") || is(word, b"b") || is(word, b"x") || is(word, b"n")) {
+                        self.skip_quoted(b'\'', is(word, b"e"));
+                        return Some(Token::Other);
+                    }
+                    return Some(Token::Word(word));
+                }
+                b'0'..=b'9' => {
+                    self.pos += self.sql[self.pos..].iter().take_while(|c| c.is_ascii_alphanumeric() || **c == b'.').count();
+                    return Some(Token::Other);
+                }
+                b => {
+                    self.pos += 1;
+                    return Some(Token::Punct(b));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(sql: &str) -> Option<PinReason> {
+        pin_reason(sql.as_bytes(), true)
+    }
+
+    #[test]
+    fn pin_reason_ordinary_statements_do_not_pin() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+            "BEGIN; UPDATE t SET x = 1 WHERE id = $1; COMMIT",
+            "INSERT INTO temp VALUES (1)",
+            "CREATE TABLE temp (x int)",
+            "SET LOCAL statement_timeout = '1s'",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET CONSTRAINTS ALL DEFERRED",
+            "SELECT pg_advisory_xact_lock(1)",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1",
+            "SELECT set_config('app.tenant', '42', true)",
+            "SELECT pg_catalog.set_config('app.tenant', f(1, 2), TRUE)",
+            "PREPARE TRANSACTION 'gid'",
+            "UNLISTEN *",
+            "select 'SET x = 1; LISTEN y'",
+            "select $$ SET x = 1; select pg_advisory_lock(1) $$",
+            "select $f$ $$ LISTEN $$ $f$, 1",
+            "select \"pg_advisory_lock\"",
+            "-- SET statement_timeout = 1\nSELECT 1",
+            "/* LISTEN /* nested */ x */ SELECT 1",
+            "select E'it\\'s; LISTEN x'",
+            "",
+        ] {
+            assert_eq!(reason(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn pin_reason_followed_parameters_do_not_pin() {
+        for sql in [
+            "SET application_name = 'worker'",
+            "set session TimeZone to 'UTC'",
+            "SET TIME ZONE 'Europe/Paris'",
+            "SET NAMES 'UTF8'",
+            "SET DateStyle = ISO, MDY",
+            "RESET application_name",
+            "SET intervalstyle TO postgres",
+        ] {
+            assert_eq!(reason(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn pin_reason_session_state_pins() {
+        for (sql, want) in [
+            ("SET statement_timeout = '1ms'", PinReason::Set),
+            ("set session search_path to app, public", PinReason::Set),
+            ("SET ROLE reader", PinReason::Set),
+            ("SET SESSION AUTHORIZATION bob", PinReason::Set),
+            ("SET myapp.tenant = '42'", PinReason::Set),
+            ("SET application_name.x = '1'", PinReason::Set),
+            ("RESET ALL", PinReason::Set),
+            ("SELECT set_config('statement_timeout', '1', false)", PinReason::Set),
+            ("SELECT set_config('a', 'b', is_local)", PinReason::Set),
+            ("PREPARE q(int) AS SELECT $1", PinReason::Prepare),
+            ("CREATE TEMP TABLE t (x int)", PinReason::TempObject),
+            ("create local temporary table t (x int)", PinReason::TempObject),
+            ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", PinReason::TempObject),
+            ("SELECT 1 AS x INTO TEMP t", PinReason::TempObject),
+            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", PinReason::HoldCursor),
+            ("LISTEN jobs", PinReason::Listen),
+            ("LOAD 'auto_explain'", PinReason::Load),
+            ("DISCARD ALL", PinReason::Discard),
+            ("SELECT pg_advisory_lock(1)", PinReason::AdvisoryLock),
+            ("select PG_TRY_ADVISORY_LOCK_SHARED(1, 2)", PinReason::AdvisoryLock),
+            ("SELECT 1; SET statement_timeout = 5", PinReason::Set),
+            ("/* c */ -- d\n  listen x", PinReason::Listen),
+            ("SELECT 'a''b'; LISTEN x", PinReason::Listen),
+            ("SELECT $1; LISTEN x", PinReason::Listen),
+        ] {
+            assert_eq!(reason(sql), Some(want), "{sql}");
+        }
+    }
+
+    #[test]
+    fn pin_reason_excluding_variable_sets_keeps_the_rest() {
+        assert_eq!(pin_reason(b"SET statement_timeout = 1", false), None);
+        assert_eq!(pin_reason(b"SELECT set_config('a', 'b', false)", false), None);
+        assert_eq!(pin_reason(b"SET ROLE x; LISTEN y", false), Some(PinReason::Listen));
+    }
+
+    /// Unterminated quotes, comments and dollar bodies end the text; nothing panics.
+    #[test]
+    fn pin_reason_truncated_text_is_safe() {
+        for sql in ["SELECT 'abc", "SELECT \"abc", "/* open", "select $a$ body", "select $", "select $1", "SELECT E'\\", "--", "set", "set_config(", "x$y$"] {
+            let _ = reason(sql);
+        }
+        // Every prefix of a tricky statement.
+        let sql = "SELECT E'a\\'b', $q$ x $q$, \"i\"\"d\" /* /* */ */ -- c\n; SET ROLE r";
+        for end in 0..=sql.len() {
+            let _ = pin_reason(&sql.as_bytes()[..end], true);
+        }
+        assert_eq!(reason(sql), Some(PinReason::Set));
+    }
+}
