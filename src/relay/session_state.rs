@@ -75,6 +75,9 @@ const ADVISORY_LOCKS: &[&[u8]] =
 /// `sets_pin` false (RDS Proxy's `EXCLUDE_VARIABLE_SETS` filter) parameter changes do not pin:
 /// the operator accepts that they stay on the backend.
 pub fn pin_reason(sql: &[u8], sets_pin: bool) -> Option<PinReason> {
+    if !may_pin(sql) {
+        return None;
+    }
     let mut statement = Statement::default();
     for token in (Lexer { sql, pos: 0 }) {
         if token == Token::Punct(b';') {
@@ -89,6 +92,63 @@ pub fn pin_reason(sql: &[u8], sets_pin: bool) -> Option<PinReason> {
         }
     }
     statement.head_reason(sets_pin)
+}
+
+/// A cheap first look, for the statements of every transaction: whether `sql` has a word that
+/// can pin where it can pin (a statement's first word for SET, PREPARE and the like; anywhere
+/// for TEMP, HOLD and the functions). It may say yes to a word in a comment or a string, which
+/// the lexer then reads past; it never says no where the lexer would pin.
+fn may_pin(sql: &[u8]) -> bool {
+    // (`$` ends a word here: it joins words only in the lexer's view, never into a pinning one.)
+    const WORDY: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            table[b] = is_word_start(b as u8) || (b as u8).is_ascii_digit();
+            b += 1;
+        }
+        table
+    };
+    let mut at = 0;
+    while at < sql.len() {
+        if !WORDY[sql[at] as usize] {
+            at += 1;
+            continue;
+        }
+        let start = at;
+        while at < sql.len() && WORDY[sql[at] as usize] {
+            at += 1;
+        }
+        let word = &sql[start..at];
+        let pins = match word.len() {
+            3 => is(word, b"set") && may_start_statement(&sql[..start]),
+            4 => is(word, b"temp") || is(word, b"hold") || (is(word, b"load") && may_start_statement(&sql[..start])),
+            5 => is(word, b"reset") && may_start_statement(&sql[..start]),
+            6 => is(word, b"listen") && may_start_statement(&sql[..start]),
+            7 => (is(word, b"prepare") || is(word, b"discard")) && may_start_statement(&sql[..start]),
+            9 => is(word, b"temporary"),
+            10 => is(word, b"set_config"),
+            16..=27 => ADVISORY_LOCKS.iter().any(|f| is(word, f)),
+            _ => false,
+        };
+        if pins {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether a statement may start after `before`: only blanks since the text's start, a `;`,
+/// a comment's end (`*/`, or the line break after `--`). `UPDATE t SET` is not one.
+fn may_start_statement(before: &[u8]) -> bool {
+    for &b in before.iter().rev() {
+        match b {
+            b' ' | b'\t' | b'\r' | 0x0c => {}
+            b'\n' | b';' | b'/' => return true,
+            _ => return false,
+        }
+    }
+    true
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,7 +301,7 @@ struct Lexer<'a> {
     pos: usize,
 }
 
-fn is_word_start(b: u8) -> bool {
+const fn is_word_start(b: u8) -> bool {
     b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
 }
 
@@ -451,6 +511,28 @@ mod tests {
         assert_eq!(pin_reason(b"SET statement_timeout = 1", false), None);
         assert_eq!(pin_reason(b"SELECT set_config('a', 'b', false)", false), None);
         assert_eq!(pin_reason(b"SET ROLE x; LISTEN y", false), Some(PinReason::Listen));
+    }
+
+    /// The first look never clears what the lexer pins.
+    #[test]
+    fn may_pin_never_clears_a_pinning_statement() {
+        let words = ["SET", "set_config", "x", "(", ")", ",", "true", "false", "'s'", "LISTEN", "temp", "create", "into", "select",
+            "with", "hold", "declare", "pg_advisory_lock", ";", "\n", "-- c\n", "/* c */", "$$ a $$", "$1", ".", "RESET", "$", "e'\\''"];
+        // Every sequence of up to three of these words, with and without spaces between.
+        let mut stack = vec![(String::new(), 0)];
+        while let Some((sql, len)) = stack.pop() {
+            if reason(&sql).is_some() {
+                assert!(may_pin(sql.as_bytes()), "{sql:?}");
+            }
+            if len < 3 {
+                for w in words {
+                    stack.push((format!("{sql} {w}"), len + 1));
+                    stack.push((format!("{sql}{w}"), len + 1));
+                }
+            }
+        }
+        assert!(!may_pin(b"SELECT abalance FROM pgbench_accounts WHERE aid = 42;"));
+        assert!(!may_pin(b"UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = 7;"));
     }
 
     /// Unterminated quotes, comments and dollar bodies end the text; nothing panics.
