@@ -518,17 +518,11 @@ async fn pinned_backend_is_reset_before_the_next_client_gets_it() {
     // Same settings as the pinned client: nothing to re-send unless pgwarden knows the backend
     // was reset, which it must, or the next client would silently get the default path.
     let next = common::connect(&with_path).await.unwrap();
-    let rows = next
-        .simple_query("SELECT count(*) FROM pg_prepared_statements; SELECT count(*) FROM pg_tables WHERE tablename = 'leftover'; SHOW search_path")
-        .await
-        .unwrap();
-    let values: Vec<String> = rows
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_owned()),
-            _ => None,
-        })
-        .collect();
+    let values = common::first_column(
+        &next,
+        "SELECT count(*) FROM pg_prepared_statements; SELECT count(*) FROM pg_tables WHERE tablename = 'leftover'; SHOW search_path",
+    )
+    .await;
     assert_eq!(values, ["0", "0", "pinned_path"], "statements and temp tables gone, the client's settings in place");
 }
 

@@ -7,19 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::Harness;
-use tokio_postgres::{AsyncMessage, SimpleQueryMessage};
-
-/// The first column of every row the statements returned, as text.
-async fn values(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
-    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    rows.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
-            _ => None,
-        })
-        .collect()
-}
+use common::{Harness, first_column as values};
+use tokio_postgres::AsyncMessage;
 
 fn pins(h: &Harness, reason: &str) -> f64 {
     h.metric(&format!("pgwarden_session_pins{{reason=\"{reason}\"}}"))

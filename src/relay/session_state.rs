@@ -272,7 +272,8 @@ impl<'a> Statement<'a> {
             return if self.names_followed(at) { None } else { set };
         }
         if is(first, b"reset") {
-            return if self.names_followed(1) { None } else { set };
+            let time_zone = is_at(1, b"time") && is_at(2, b"zone");
+            return if time_zone || self.names_followed(1) { None } else { set };
         }
         if is(first, b"prepare") {
             return (!is_at(1, b"transaction")).then_some(PinReason::Prepare);
@@ -315,7 +316,8 @@ impl<'a> Lexer<'a> {
     }
 
     /// Past a quoted run that opened at `pos` (the quote itself), honouring doubled quotes and,
-    /// for `E'...'`, backslash escapes. An unterminated run ends the text.
+    /// for `E'...'`, backslash escapes (with standard_conforming_strings on, every server's
+    /// default since 9.1). An unterminated run ends the text.
     fn skip_quoted(&mut self, quote: u8, backslashes: bool) {
         self.pos += 1;
         while let Some(b) = self.peek(0) {
@@ -468,6 +470,7 @@ mod tests {
             "SET NAMES 'UTF8'",
             "SET DateStyle = ISO, MDY",
             "RESET application_name",
+            "RESET TIME ZONE",
             "SET intervalstyle TO postgres",
         ] {
             assert_eq!(reason(sql), None, "{sql}");

@@ -283,6 +283,17 @@ pub async fn connect(conn_str: &str) -> Result<tokio_postgres::Client, tokio_pos
     Ok(client)
 }
 
+/// The first column of every row the statements return, as text ("NULL" for null).
+pub async fn first_column(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_owned())
 }
