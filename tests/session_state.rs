@@ -1,7 +1,7 @@
-//! Session state under transaction pooling: SQL that leaves state on a backend beyond its
-//! transaction (SET, temporary tables, advisory locks, LISTEN) pins the session to that backend,
-//! as RDS Proxy does, so it never reaches another client; parameters the proxy follows (SET
-//! application_name, TimeZone, ...) do not pin.
+//! Session state under transaction pooling: a parameter a client SETs follows that client from
+//! backend to backend and never reaches another client (where RDS Proxy pins); other state that
+//! outlives a transaction (temporary tables, advisory locks, LISTEN, SET ROLE) pins the session
+//! to its backend, as RDS Proxy does, and is cleared before the backend serves anyone else.
 
 mod common;
 
@@ -15,25 +15,63 @@ fn pins(h: &Harness, reason: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn set_of_unfollowed_parameter_pins_and_never_reaches_another_client() {
-    let h = Harness::start_with(|c| c.pool.max_backend_connections = 3).await;
+async fn set_parameter_follows_its_client_and_never_reaches_another() {
+    // One backend for everyone: each client's settings must be put in place, and taken away,
+    // every time it changes hands.
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.borrow_timeout = Duration::from_secs(5);
+    })
+    .await;
     // Both protocols: a simple Query, and a Parse of an unnamed statement.
     let simple = h.client().await;
     simple.batch_execute("SET statement_timeout = '40ms'").await.unwrap();
     let extended = h.client().await;
     extended.query_typed("SET lock_timeout = '30ms'", &[]).await.unwrap();
-    assert_eq!(pins(&h, "set"), 2.0);
-    assert_eq!(h.metric("DatabaseConnectionsCurrentlySessionPinned"), 2.0);
 
-    // Unpinned, the most recently released backend (the one with a SET) would serve the next
-    // client; pinned, the next client gets the third.
     let other = h.client().await;
     assert_eq!(values(&other, "SHOW statement_timeout; SHOW lock_timeout").await, ["0", "0"]);
     other.batch_execute("SELECT pg_sleep(0.1)").await.expect("no timeout from another session's SET");
+    // In force, not just shown: the statement is cancelled by its own client's timeout.
+    let err = simple.batch_execute("SELECT pg_sleep(0.1)").await.expect_err("statement_timeout applies");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("57014"));
+    assert_eq!(values(&simple, "SHOW statement_timeout; SHOW lock_timeout").await, ["40ms", "0"]);
+    assert_eq!(values(&extended, "SHOW statement_timeout; SHOW lock_timeout").await, ["0", "30ms"]);
+    assert_eq!(h.metric("DatabaseConnectionsCurrentlySessionPinned"), 0.0);
+    assert_eq!(pins(&h, "set"), 0.0);
+}
 
-    // The pinned clients keep their settings, transaction after transaction.
-    assert_eq!(values(&simple, "SHOW statement_timeout").await, ["40ms"]);
-    assert_eq!(values(&extended, "SHOW lock_timeout").await, ["30ms"]);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_inside_a_transaction_follows_only_if_committed() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let (a, b) = (h.client().await, h.client().await);
+    let default = values(&b, "SHOW work_mem").await;
+    for sql in ["BEGIN", "SET work_mem = '7MB'", "ROLLBACK"] {
+        a.batch_execute(sql).await.unwrap();
+    }
+    assert_eq!(values(&a, "SHOW work_mem").await, default);
+    for sql in ["BEGIN", "SET search_path = pg_catalog, public", "SET work_mem = '7MB'", "COMMIT"] {
+        a.batch_execute(sql).await.unwrap();
+    }
+    assert_eq!(values(&b, "SHOW work_mem").await, default);
+    assert_eq!(values(&a, "SHOW work_mem; SHOW search_path").await, ["7MB", "pg_catalog, public"]);
+    a.batch_execute("RESET work_mem").await.unwrap();
+    assert_eq!(values(&a, "SHOW work_mem").await, default);
+    assert_eq!(h.metric("DatabaseConnectionsCurrentlySessionPinned"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_role_pins_and_is_reset_when_its_session_ends() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 2).await;
+    let user = h.env.user.clone();
+    let a = h.client().await;
+    a.batch_execute(&format!("SET ROLE \"{user}\"")).await.unwrap();
+    assert_eq!(pins(&h, "set"), 1.0);
+    assert_eq!(values(&a, "SELECT current_setting('role')").await, [user.as_str()]);
+    drop(a);
+    h.until_metric("DatabaseConnectionsCurrentlySessionPinned", |v| v == 0.0).await;
+    let b = h.client().await;
+    assert_eq!(values(&b, "SELECT current_setting('role')").await, ["none"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +154,7 @@ async fn listen_pins_and_notifications_reach_the_listener() {
 async fn exclude_variable_sets_filter_leaves_sets_unpinned() {
     let h = Harness::start_with(|c| c.pool.pin_variable_sets = false).await;
     let client = h.client().await;
-    client.batch_execute("SET statement_timeout = '5s'").await.unwrap();
+    client.batch_execute(&format!("SET ROLE \"{}\"", h.env.user)).await.unwrap();
     assert_eq!(h.metric("DatabaseConnectionsCurrentlySessionPinned"), 0.0);
     client.batch_execute("LISTEN still_pins").await.unwrap();
     assert_eq!(h.metric("DatabaseConnectionsCurrentlySessionPinned"), 1.0);

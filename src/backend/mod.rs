@@ -206,10 +206,66 @@ impl BackendConn {
         }
     }
 
+    /// Runs a query that returns one row of text values (`SELECT a, b`) and returns that row,
+    /// or `None` if the database answered with an error (or no row).
+    pub async fn query_row(&mut self, sql: &str) -> Result<(TxStatus, Option<Vec<Option<String>>>), BackendError> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        send(&mut self.stream, &out).await?;
+        let (mut row, mut failed) = (None, false);
+        loop {
+            let (tag, body) = read_message(&mut self.stream, &mut self.buf, MAX_CONTROL_MESSAGE).await?;
+            match tag {
+                b'E' => failed = true,
+                b'D' if row.is_none() => row = Some(data_row(&body).ok_or(ProtocolError::Malformed("DataRow"))?),
+                b'Z' => {
+                    let status = body.first().copied().and_then(TxStatus::from_byte).ok_or(
+                        ProtocolError::Malformed("ReadyForQuery without a valid status"),
+                    )?;
+                    return Ok((status, if failed { None } else { row }));
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Sends Terminate and drops the socket; errors are irrelevant at this point.
     pub async fn close(mut self) {
         let mut out = BytesMut::new();
         messages::terminate(&mut out);
         let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut self.stream, &out)).await;
+    }
+}
+
+/// A DataRow's columns as text (`None` for NULL); `None` if the body is malformed.
+fn data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let (count, mut rest) = body.split_first_chunk::<2>()?;
+    let mut values = Vec::new();
+    for _ in 0..i16::from_be_bytes(*count) {
+        let (len, after) = rest.split_first_chunk::<4>()?;
+        let len = i32::from_be_bytes(*len);
+        if len < 0 {
+            values.push(None);
+            rest = after;
+            continue;
+        }
+        let (value, after) = after.split_at_checked(len as usize)?;
+        values.push(Some(String::from_utf8_lossy(value).into_owned()));
+        rest = after;
+    }
+    Some(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::data_row;
+
+    #[test]
+    fn data_row_reads_text_and_null_and_refuses_short_bodies() {
+        let body = [&[0, 2][..], &[0, 0, 0, 3], b"1ms", &[0xff, 0xff, 0xff, 0xff]].concat();
+        assert_eq!(data_row(&body), Some(vec![Some("1ms".to_owned()), None]));
+        assert_eq!(data_row(&body[..8]), None, "a value cut short");
+        assert_eq!(data_row(&[0, 1, 0x7f, 0xff, 0xff, 0xff]), None, "a length past the end");
+        assert_eq!(data_row(&[0]), None);
     }
 }

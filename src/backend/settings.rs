@@ -79,6 +79,15 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// SQL whose one row holds the current values of `names` (NULL for an unknown one).
+    pub fn read_back_sql(names: &[String]) -> String {
+        let columns: Vec<String> =
+            names.iter().map(|n| format!("pg_catalog.current_setting({}, true)", literal(n))).collect();
+        format!("SELECT {}", columns.join(", "))
+    }
+}
+
 /// An escape-string literal: safe whatever `standard_conforming_strings` is.
 fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
@@ -128,6 +137,14 @@ mod tests {
         assert!(s.track_reported("TimeZone", "UTC"));
         assert!(!s.track_reported("is_superuser", "on"));
         assert_eq!(s.get("timezone"), Some("UTC"));
+    }
+
+    #[test]
+    fn read_back_sql_quotes_each_name() {
+        assert_eq!(
+            Settings::read_back_sql(&["statement_timeout".into(), "app.x'y".into()]),
+            "SELECT pg_catalog.current_setting(E'statement_timeout', true), pg_catalog.current_setting(E'app.x''y', true)"
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! by Sync, and reads the status of each ReadyForQuery. The backend goes back to the pool when
 //! every expected ReadyForQuery has arrived, the last one said idle ('I'), and neither stream is
 //! in the middle of a message. It also reads the client's SQL (Query and Parse text, up to
-//! [`SQL_READ_LIMIT`]) for state that would outlive the transaction ([`session_state`]), and
-//! reports it: such a session keeps its backend.
+//! [`SQL_READ_LIMIT`]) for what would outlive the transaction ([`session_state`]) and reports
+//! it: parameters set, which the session reads back and carries to the client's next backend,
+//! and state that keeps the session on this backend.
 //!
 //! One hand-written poll function drives both directions in the session's task, so a backend
 //! that writes while the client writes (COPY, pipelining) cannot deadlock the proxy, and a
@@ -76,6 +77,9 @@ pub struct RelayEnd {
     /// statement, a SET, a temporary table, ...), so the backend must stay with it for the
     /// rest of the session.
     pub pins_session: Option<PinReason>,
+    /// Parameters the client set or reset (unless pinned): their values are on this backend
+    /// now, and must follow the client to the next.
+    pub sets: Vec<String>,
 }
 
 /// Chunks moved in one poll before yielding to other sessions (a COPY can stream for minutes).
@@ -132,6 +136,8 @@ struct Tracker {
     pins_session: Option<PinReason>,
     /// Whether a SET the proxy does not follow pins (`PoolConfig::pin_variable_sets`).
     pin_variable_sets: bool,
+    /// Parameters set so far (see `RelayEnd::sets`).
+    sets: Vec<String>,
     /// The client's stream is inside a message (what was forwarded ends mid-message).
     client_mid_message: bool,
     /// What was forwarded ends with a whole request the backend answers (Query, Sync,
@@ -192,6 +198,7 @@ pub async fn relay(
             requests: 0,
             pins_session: None,
             pin_variable_sets: limits.pin_variable_sets,
+            sets: Vec::new(),
             client_mid_message,
             awaits_reply: false,
             copy_in: false,
@@ -210,6 +217,19 @@ pub async fn relay(
     }
     let outcome = std::future::poll_fn(|cx| r.poll(cx)).await;
     r.end(outcome, client_tls)
+}
+
+impl Tracker {
+    /// Notes what a statement text leaves on the backend beyond the transaction.
+    fn read_sql(&mut self, sql: &[u8]) {
+        let effects = session_state::session_effects(sql, self.pin_variable_sets);
+        self.pins_session = effects.pin;
+        for name in effects.sets {
+            if !self.sets.contains(&name) {
+                self.sets.push(name);
+            }
+        }
+    }
 }
 
 impl Relay<'_> {
@@ -327,14 +347,14 @@ impl Relay<'_> {
                     t.pending += 1;
                     requests += 1;
                     if t.pins_session.is_none() {
-                        t.pins_session = match f.body.split_last() {
+                        match f.body.split_last() {
                             // The SQL runs to the NUL that ends the body.
-                            Some((0, sql)) => session_state::pin_reason(sql, t.pin_variable_sets),
+                            Some((0, sql)) => t.read_sql(sql),
                             // Malformed: the database refuses it.
-                            Some(_) => None,
+                            Some(_) => {}
                             // Not copied: longer than SQL_READ_LIMIT.
-                            None => Some(PinReason::Unread),
-                        };
+                            None => t.pins_session = Some(PinReason::Unread),
+                        }
                     }
                 }
                 frontend_tag::FUNCTION_CALL => {
@@ -350,15 +370,12 @@ impl Relay<'_> {
                     t.unsynced = true;
                     if t.pins_session.is_none() {
                         // A Parse body starts with the statement name (empty: unnamed), then the SQL.
-                        t.pins_session = match f.body.split_first() {
-                            Some((0, rest)) => {
-                                let sql = rest.split(|&b| b == 0).next().unwrap_or_default();
-                                session_state::pin_reason(sql, t.pin_variable_sets)
-                            }
-                            Some(_) => Some(PinReason::NamedStatement),
+                        match f.body.split_first() {
+                            Some((0, rest)) => t.read_sql(rest.split(|&b| b == 0).next().unwrap_or_default()),
+                            Some(_) => t.pins_session = Some(PinReason::NamedStatement),
                             // Not copied: longer than SQL_READ_LIMIT.
-                            None => Some(PinReason::Unread),
-                        };
+                            None => t.pins_session = Some(PinReason::Unread),
+                        }
                     }
                 }
                 frontend_tag::BIND
@@ -460,6 +477,7 @@ impl Relay<'_> {
         let status = self.t.status;
         RelayEnd {
             pins_session: self.t.pins_session,
+            sets: self.t.sets,
             backend_clean: quiet && status == TxStatus::Idle && matches!(outcome, Outcome::TransactionDone | Outcome::ClientGone),
             backend_rollbackable: quiet
                 && status != TxStatus::Idle

@@ -1,16 +1,19 @@
-//! Reads the SQL a client sends just far enough to tell whether it leaves state on its backend
-//! that outlives the transaction, RDS Proxy's pinning conditions: `SET` or `RESET` of a
-//! parameter the proxy cannot follow (and `SET ROLE`, `set_config(.., false)`), `PREPARE`,
-//! temporary tables, cursors `WITH HOLD`, `LISTEN`, `LOAD`, `DISCARD`, session-level advisory
-//! locks. A session that does any of these keeps its backend until it ends (the relay reports
-//! the reason, the session pins). What the proxy follows by itself does not pin: a `SET` of a
-//! parameter every server reports back (application_name, TimeZone, DateStyle, ...), whose new
-//! value travels with the client to its next backend (`backend::settings`).
+//! Reads the SQL a client sends just far enough to tell what it leaves on its backend beyond
+//! the transaction. Parameters it `SET`s (or `RESET`s) are named, so that the session can read
+//! their values back and make them follow the client from backend to backend (`backend::settings`)
+//! instead of pinning, where RDS Proxy pins (its users' top complaint: drivers' own `SET`s
+//! pin every session). The parameters every server reports back with ParameterStatus
+//! (application_name, TimeZone, ...) follow without that: the relay sees their new values. Other
+//! state pins the session to its backend until it ends, as on RDS Proxy: `SET ROLE`, `RESET ALL`,
+//! `set_config(.., false)`, `PREPARE`, temporary tables, cursors `WITH HOLD`, `LISTEN`, `LOAD`,
+//! `DISCARD`, session-level advisory locks.
 //!
 //! A lexer, not a parser: it skips comments, quoted strings and identifiers and dollar-quoted
 //! bodies, and looks at the first words of each statement and at function names anywhere.
-//! What runs inside functions and `DO` blocks is not seen. Must not: allocate, or look past
-//! the text it is given.
+//! What runs inside functions and `DO` blocks is not seen. Must not: look past the text it is
+//! given, or allocate but for the names of parameters set.
+
+use crate::backend::settings::is_valid_name;
 
 /// Why a session keeps its backend until it ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,35 +66,54 @@ impl PinReason {
 }
 
 /// Parameters every supported server reports with ParameterStatus when they change: the relay
-/// follows them (the client's next backend gets the same value), so setting them does not pin.
-/// (search_path is reported only from PostgreSQL 18: it pins.)
+/// sees their new values itself. (search_path is reported only from PostgreSQL 18.)
 const FOLLOWED: &[&[u8]] =
     &[b"application_name", b"client_encoding", b"datestyle", b"intervalstyle", b"timezone", b"standard_conforming_strings"];
 
 const ADVISORY_LOCKS: &[&[u8]] =
     &[b"pg_advisory_lock", b"pg_advisory_lock_shared", b"pg_try_advisory_lock", b"pg_try_advisory_lock_shared"];
 
-/// Why `sql` (one Query's text, or a Parse's, without the NUL) would pin its session. With
-/// `sets_pin` false (RDS Proxy's `EXCLUDE_VARIABLE_SETS` filter) parameter changes do not pin:
-/// the operator accepts that they stay on the backend.
-pub fn pin_reason(sql: &[u8], sets_pin: bool) -> Option<PinReason> {
+/// What a statement text leaves on its backend beyond the transaction.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SessionEffects {
+    /// State that keeps the session on this backend (the first found).
+    pub pin: Option<PinReason>,
+    /// Parameters set or reset (lower-cased names) whose values the proxy must read back and
+    /// carry to the client's next backend.
+    pub sets: Vec<String>,
+}
+
+/// What `sql` (one Query's text, or a Parse's, without the NUL) does to its session. With
+/// `sets_pin` false (RDS Proxy's `EXCLUDE_VARIABLE_SETS` filter) parameter changes the proxy
+/// cannot follow (`SET ROLE`, `RESET ALL`, `set_config`) do not pin either: the operator
+/// accepts that they stay on the backend.
+pub fn session_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
+    let mut effects = SessionEffects::default();
     if !may_pin(sql) {
-        return None;
+        return effects;
     }
     let mut statement = Statement::default();
     for token in (Lexer { sql, pos: 0 }) {
         if token == Token::Punct(b';') {
-            if let Some(reason) = statement.head_reason(sets_pin) {
-                return Some(reason);
+            statement.judge_head(sets_pin, &mut effects);
+            if effects.pin.is_some() {
+                return effects;
             }
             statement = Statement::default();
             continue;
         }
         if let Some(reason) = statement.push(token, sets_pin) {
-            return Some(reason);
+            effects.pin = Some(reason);
+            return effects;
         }
     }
-    statement.head_reason(sets_pin)
+    statement.judge_head(sets_pin, &mut effects);
+    effects
+}
+
+/// Why `sql` would pin its session, if it would (`session_effects` without the names).
+pub fn pin_reason(sql: &[u8], sets_pin: bool) -> Option<PinReason> {
+    session_effects(sql, sets_pin).pin
 }
 
 /// A cheap first look, for the statements of every transaction: whether `sql` has a word that
@@ -163,8 +185,8 @@ enum Token<'a> {
 /// What is known of the statement being read.
 #[derive(Default)]
 struct Statement<'a> {
-    /// Its first tokens, enough to read `SET SESSION TIME ZONE ...`.
-    head: [Option<Token<'a>>; 4],
+    /// Its first tokens, enough to read `SET SESSION app.tenant = ...`.
+    head: [Option<Token<'a>>; 6],
     seen: usize,
     previous_word: &'a [u8],
     set_config: SetConfigCall,
@@ -249,47 +271,81 @@ impl<'a> Statement<'a> {
         matches!(self.head[0], Some(Token::Word(w)) if is(w, keyword))
     }
 
-    /// What the statement's first words say (`SET ...`, `PREPARE ...`, ...).
-    fn head_reason(&self, sets_pin: bool) -> Option<PinReason> {
+    /// What the statement's first words say (`SET ...`, `PREPARE ...`, ...), added to `effects`.
+    fn judge_head(&self, sets_pin: bool, effects: &mut SessionEffects) {
         let word = |i: usize| match self.head.get(i).copied().flatten() {
             Some(Token::Word(w)) => Some(w),
             _ => None,
         };
-        let first = word(0)?;
+        let Some(first) = word(0) else { return };
         let is_at = |i: usize, keyword: &[u8]| word(i).is_some_and(|w| is(w, keyword));
-        let set = sets_pin.then_some(PinReason::Set);
-        if is(first, b"set") {
-            if is_at(1, b"local") {
-                return None;
+        let unfollowable = sets_pin.then_some(PinReason::Set);
+        let (named_at, special) = if is(first, b"set") {
+            if is_at(1, b"local") || is_at(1, b"transaction") || is_at(1, b"constraints") {
+                return;
             }
             let at = if is_at(1, b"session") { 2 } else { 1 };
-            if at == 1 && (is_at(1, b"transaction") || is_at(1, b"constraints")) {
-                return None;
-            }
             if (is_at(at, b"time") && is_at(at + 1, b"zone")) || is_at(at, b"names") {
-                return None;
+                return; // TimeZone and client_encoding: reported.
             }
-            return if self.names_followed(at) { None } else { set };
+            if is_at(at, b"role") || is_at(at, b"authorization") || is_at(at, b"characteristics") {
+                effects.pin = effects.pin.or(unfollowable);
+                return;
+            }
+            let special = [(&b"schema"[..], "search_path"), (b"xml", "xmloption")]
+                .into_iter()
+                .find(|(keyword, _)| is_at(at, keyword))
+                .map(|(_, name)| name);
+            (at, special)
+        } else if is(first, b"reset") {
+            if is_at(1, b"time") && is_at(2, b"zone") {
+                return;
+            }
+            if is_at(1, b"all") || is_at(1, b"role") || is_at(1, b"session") {
+                effects.pin = effects.pin.or(unfollowable);
+                return;
+            }
+            (1, None)
+        } else {
+            let pins = [
+                (&b"prepare"[..], PinReason::Prepare),
+                (b"discard", PinReason::Discard),
+                (b"listen", PinReason::Listen),
+                (b"load", PinReason::Load),
+            ];
+            let reason = pins.into_iter().find(|(keyword, _)| is(first, keyword)).map(|(_, reason)| reason);
+            if reason == Some(PinReason::Prepare) && is_at(1, b"transaction") {
+                return;
+            }
+            effects.pin = effects.pin.or(reason);
+            return;
+        };
+        if let Some(name) = special {
+            effects.sets.push(name.to_owned());
+            return;
         }
-        if is(first, b"reset") {
-            let time_zone = is_at(1, b"time") && is_at(2, b"zone");
-            return if time_zone || self.names_followed(1) { None } else { set };
+        match self.parameter_name(named_at) {
+            Some(name) if FOLLOWED.iter().any(|f| is(name.as_bytes(), f)) => {}
+            Some(name) => effects.sets.push(name),
+            // A quoted name, or none: not a statement this lexer follows.
+            None => effects.pin = effects.pin.or(unfollowable),
         }
-        if is(first, b"prepare") {
-            return (!is_at(1, b"transaction")).then_some(PinReason::Prepare);
-        }
-        [(&b"discard"[..], PinReason::Discard), (b"listen", PinReason::Listen), (b"load", PinReason::Load)]
-            .into_iter()
-            .find(|(keyword, _)| is(first, keyword))
-            .map(|(_, reason)| reason)
     }
 
-    /// The parameter named at `head[at]` is one the proxy follows (a plain name, not
-    /// `a.b`, not `ALL`, `ROLE` or `SESSION AUTHORIZATION`).
-    fn names_followed(&self, at: usize) -> bool {
-        let Some(Some(Token::Word(name))) = self.head.get(at) else { return false };
-        let dotted = matches!(self.head.get(at + 1), Some(Some(Token::Punct(b'.'))));
-        !dotted && FOLLOWED.iter().any(|f| is(name, f))
+    /// The parameter named from `head[at]`: `name` or `prefix.name`, lower-cased; `None` if it
+    /// is not a plain GUC name.
+    fn parameter_name(&self, at: usize) -> Option<String> {
+        let word = |i: usize| match self.head.get(i).copied().flatten() {
+            Some(Token::Word(w)) => Some(w),
+            _ => None,
+        };
+        let first = word(at)?;
+        let mut name = String::from_utf8_lossy(first).to_ascii_lowercase();
+        if self.head.get(at + 1).copied().flatten() == Some(Token::Punct(b'.')) {
+            name.push('.');
+            name.push_str(&String::from_utf8_lossy(word(at + 2)?).to_ascii_lowercase());
+        }
+        is_valid_name(&name).then_some(name)
     }
 }
 
@@ -473,20 +529,19 @@ mod tests {
             "RESET TIME ZONE",
             "SET intervalstyle TO postgres",
         ] {
-            assert_eq!(reason(sql), None, "{sql}");
+            assert_eq!(session_effects(sql.as_bytes(), true), SessionEffects::default(), "{sql}");
         }
     }
 
     #[test]
     fn pin_reason_session_state_pins() {
         for (sql, want) in [
-            ("SET statement_timeout = '1ms'", PinReason::Set),
-            ("set session search_path to app, public", PinReason::Set),
             ("SET ROLE reader", PinReason::Set),
             ("SET SESSION AUTHORIZATION bob", PinReason::Set),
-            ("SET myapp.tenant = '42'", PinReason::Set),
-            ("SET application_name.x = '1'", PinReason::Set),
+            ("set session characteristics as transaction read only", PinReason::Set),
+            ("SET \"statement_timeout\" = 1", PinReason::Set),
             ("RESET ALL", PinReason::Set),
+            ("RESET ROLE", PinReason::Set),
             ("SELECT set_config('statement_timeout', '1', false)", PinReason::Set),
             ("SELECT set_config('a', 'b', is_local)", PinReason::Set),
             ("PREPARE q(int) AS SELECT $1", PinReason::Prepare),
@@ -500,7 +555,6 @@ mod tests {
             ("DISCARD ALL", PinReason::Discard),
             ("SELECT pg_advisory_lock(1)", PinReason::AdvisoryLock),
             ("select PG_TRY_ADVISORY_LOCK_SHARED(1, 2)", PinReason::AdvisoryLock),
-            ("SELECT 1; SET statement_timeout = 5", PinReason::Set),
             ("/* c */ -- d\n  listen x", PinReason::Listen),
             ("SELECT 'a''b'; LISTEN x", PinReason::Listen),
             ("SELECT $1; LISTEN x", PinReason::Listen),
@@ -510,8 +564,32 @@ mod tests {
     }
 
     #[test]
+    fn session_effects_name_the_parameters_to_follow() {
+        for (sql, want) in [
+            ("SET statement_timeout = '1ms'", &["statement_timeout"][..]),
+            ("set session search_path to app, public", &["search_path"]),
+            ("SET myapp.Tenant = '42'", &["myapp.tenant"]),
+            ("SET application_name.x = '1'", &["application_name.x"]),
+            ("SET SCHEMA 'app'", &["search_path"]),
+            ("SET XML OPTION DOCUMENT", &["xmloption"]),
+            ("RESET lock_timeout", &["lock_timeout"]),
+            ("SELECT 1; SET statement_timeout = 5", &["statement_timeout"]),
+            ("SET a = 1; /* */ SET b.c TO 2;", &["a", "b.c"]),
+            ("SET application_name = 'x'; SET TIME ZONE 'UTC'", &[]),
+            ("SET LOCAL work_mem = '1GB'", &[]),
+        ] {
+            let effects = session_effects(sql.as_bytes(), true);
+            assert_eq!(effects.pin, None, "{sql}");
+            assert_eq!(effects.sets, want, "{sql}");
+        }
+        // A pin ends the reading: the session keeps its backend, what else it set stays there.
+        assert_eq!(session_effects(b"SET a = 1; LISTEN x; SET b = 2", true).pin, Some(PinReason::Listen));
+    }
+
+    #[test]
     fn pin_reason_excluding_variable_sets_keeps_the_rest() {
-        assert_eq!(pin_reason(b"SET statement_timeout = 1", false), None);
+        assert_eq!(pin_reason(b"SET ROLE reader", false), None);
+        assert_eq!(session_effects(b"SET statement_timeout = 1", false).sets, ["statement_timeout"]);
         assert_eq!(pin_reason(b"SELECT set_config('a', 'b', false)", false), None);
         assert_eq!(pin_reason(b"SET ROLE x; LISTEN y", false), Some(PinReason::Listen));
     }
@@ -524,7 +602,8 @@ mod tests {
         // Every sequence of up to three of these words, with and without spaces between.
         let mut stack = vec![(String::new(), 0)];
         while let Some((sql, len)) = stack.pop() {
-            if reason(&sql).is_some() {
+            let effects = session_effects(sql.as_bytes(), true);
+            if effects.pin.is_some() || !effects.sets.is_empty() {
                 assert!(may_pin(sql.as_bytes()), "{sql:?}");
             }
             if len < 3 {

@@ -22,6 +22,7 @@ use crate::listener::Shared;
 use crate::metrics::GaugeGuard;
 use crate::pool::{Lease, PoolEntry, PoolError, Presented};
 use crate::protocol::{MessageScanner, TxStatus, messages};
+use crate::relay::session_state::PinReason;
 use crate::relay::{self, ClientSide, Outcome};
 pub use error::SessionError;
 
@@ -193,7 +194,25 @@ async fn transaction(
     let mut pinned: Option<GaugeGuard> = None;
     let result = loop {
         let end = relay::relay(client, lease.conn(), desired, &shared.metrics, &shared.config.pool, std::mem::take(&mut presented)).await;
-        if let Some(reason) = end.pins_session
+        let mut pins = end.pins_session;
+        if !end.sets.is_empty() && pins.is_none() && pinned.is_none() {
+            // Parameters the client set: carried to its next backend if they can be read back
+            // now; else (or if the client is leaving) the backend keeps them, pinned, and is
+            // reset when the session ends.
+            let readback = match end.outcome {
+                Outcome::TransactionDone => Box::pin(follow_sets(lease.conn(), desired, &end.sets)).await,
+                _ => Readback::Unreadable,
+            };
+            match readback {
+                Readback::Followed => {}
+                Readback::Unreadable => pins = Some(PinReason::Set),
+                Readback::Broken => {
+                    lease.discard();
+                    break Err(SessionError::BackendLost);
+                }
+            }
+        }
+        if let Some(reason) = pins
             && pinned.is_none()
         {
             // RDS Proxy's rule: state that lives on one backend pins the session to it.
@@ -249,6 +268,38 @@ async fn transaction(
     };
     cancel.set_target(None);
     result
+}
+
+/// How reading back a client's parameters went.
+enum Readback {
+    /// Recorded as the client's settings and this backend's.
+    Followed,
+    /// The database could not say (an error, an unknown name): the backend is clean but keeps
+    /// the values; the caller pins.
+    Unreadable,
+    /// The backend failed or stopped answering: it must go.
+    Broken,
+}
+
+/// Reads back the values of the parameters the client set (or reset) and makes them the
+/// client's settings and this backend's: the client's next backend gets the same values, and
+/// this backend's next client gets its own.
+async fn follow_sets(conn: &mut crate::backend::BackendConn, desired: &mut Settings, names: &[String]) -> Readback {
+    let sql = Settings::read_back_sql(names);
+    let values = match tokio::time::timeout(ROLLBACK_TIMEOUT, conn.query_row(&sql)).await {
+        Ok(Ok((TxStatus::Idle, Some(values)))) if values.len() == names.len() => values,
+        Ok(Ok((TxStatus::Idle, _))) => return Readback::Unreadable,
+        _ => return Readback::Broken,
+    };
+    // (NULL: a custom parameter reset out of existence; keep the backend rather than guess.)
+    if values.iter().any(Option::is_none) {
+        return Readback::Unreadable;
+    }
+    for (name, value) in names.iter().zip(values.into_iter().flatten()) {
+        desired.set(name, &value);
+        conn.applied.set(name, &value);
+    }
+    Readback::Followed
 }
 
 /// What ended a pinned session's wait between transactions.
