@@ -326,6 +326,10 @@ impl<'a> Statement<'a> {
         }
         match self.parameter_name(named_at) {
             Some(name) if FOLLOWED.iter().any(|f| is(name.as_bytes(), f)) => {}
+            // Scoped to the transaction, like SET TRANSACTION.
+            Some(name) if name.starts_with("transaction_") => {}
+            // Who the session is: not something to re-apply elsewhere.
+            Some(name) if name == "role" || name == "session_authorization" => effects.pin = effects.pin.or(unfollowable),
             Some(name) => effects.sets.push(name),
             // A quoted name, or none: not a statement this lexer follows.
             None => effects.pin = effects.pin.or(unfollowable),
@@ -542,6 +546,8 @@ mod tests {
             ("SET \"statement_timeout\" = 1", PinReason::Set),
             ("RESET ALL", PinReason::Set),
             ("RESET ROLE", PinReason::Set),
+            ("SET session_authorization = 'bob'", PinReason::Set),
+            ("reset Session_Authorization", PinReason::Set),
             ("SELECT set_config('statement_timeout', '1', false)", PinReason::Set),
             ("SELECT set_config('a', 'b', is_local)", PinReason::Set),
             ("PREPARE q(int) AS SELECT $1", PinReason::Prepare),
@@ -577,6 +583,7 @@ mod tests {
             ("SET a = 1; /* */ SET b.c TO 2;", &["a", "b.c"]),
             ("SET application_name = 'x'; SET TIME ZONE 'UTC'", &[]),
             ("SET LOCAL work_mem = '1GB'", &[]),
+            ("SET transaction_isolation = 'serializable'", &[]),
         ] {
             let effects = session_effects(sql.as_bytes(), true);
             assert_eq!(effects.pin, None, "{sql}");
