@@ -29,8 +29,15 @@ async fn set_parameter_follows_its_client_and_never_reaches_another() {
     let extended = h.client().await;
     extended.query_typed("SET lock_timeout = '30ms'", &[]).await.unwrap();
 
+    // And a custom parameter, by function (RLS setups keep a tenant id this way).
+    let tenant = h.client().await;
+    tenant.batch_execute("SELECT set_config('app.tenant', '42', false)").await.unwrap();
+    let show_tenant = "SELECT coalesce(current_setting('app.tenant', true), '')";
+
     let other = h.client().await;
     assert_eq!(values(&other, "SHOW statement_timeout; SHOW lock_timeout").await, ["0", "0"]);
+    assert_eq!(values(&other, show_tenant).await, [""]);
+    assert_eq!(values(&tenant, show_tenant).await, ["42"]);
     other.batch_execute("SELECT pg_sleep(0.1)").await.expect("no timeout from another session's SET");
     // In force, not just shown: the statement is cancelled by its own client's timeout.
     let err = simple.batch_execute("SELECT pg_sleep(0.1)").await.expect_err("statement_timeout applies");

@@ -102,8 +102,8 @@ pub fn session_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
             statement = Statement::default();
             continue;
         }
-        if let Some(reason) = statement.push(token, sets_pin) {
-            effects.pin = Some(reason);
+        statement.push(token, sets_pin, &mut effects);
+        if effects.pin.is_some() {
             return effects;
         }
     }
@@ -178,7 +178,9 @@ enum Token<'a> {
     /// A keyword or unquoted identifier, as written.
     Word(&'a [u8]),
     Punct(u8),
-    /// A literal, a quoted identifier, a parameter (`$1`), a number.
+    /// A plain string literal's text, between its quotes (doubled quotes left doubled).
+    Str(&'a [u8]),
+    /// Another literal, a quoted identifier, a parameter (`$1`), a number.
     Other,
 }
 
@@ -189,34 +191,41 @@ struct Statement<'a> {
     head: [Option<Token<'a>>; 6],
     seen: usize,
     previous_word: &'a [u8],
-    set_config: SetConfigCall,
+    set_config: SetConfigCall<'a>,
 }
 
-/// Where a `set_config(name, value, is_local)` call is: only `is_local = true` is harmless.
+/// Where a `set_config(name, value, is_local)` call is: `is_local = true` is the transaction's;
+/// `false` with a literal name is followed like `SET`; anything else pins.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
-enum SetConfigCall {
+enum SetConfigCall<'a> {
     #[default]
     None,
-    /// The name was read; its `(` is next.
+    /// The function's name was read; its `(` is next.
     Named,
-    /// Inside the parentheses, at this depth, after this many top-level commas.
-    Args { depth: u32, commas: u32 },
+    /// Inside the parentheses, at this depth, after this many top-level commas; the first
+    /// argument, if it is one string literal.
+    Args { depth: u32, commas: u32, name: FirstArg<'a> },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FirstArg<'a> {
+    Unread,
+    Literal(&'a [u8]),
+    Expression,
 }
 
 impl<'a> Statement<'a> {
     /// Reads one token; answers for what can be decided on the token alone (function calls,
     /// `TEMP`, `WITH HOLD`). The head is judged when the statement ends.
-    fn push(&mut self, token: Token<'a>, sets_pin: bool) -> Option<PinReason> {
+    fn push(&mut self, token: Token<'a>, sets_pin: bool, effects: &mut SessionEffects) {
         if self.seen < self.head.len() {
             self.head[self.seen] = Some(token);
         }
         self.seen += 1;
-        if let Some(reason) = self.follow_set_config(token, sets_pin) {
-            return Some(reason);
-        }
-        let Token::Word(word) = token else { return None };
+        self.follow_set_config(token, sets_pin, effects);
+        let Token::Word(word) = token else { return };
         let previous = std::mem::replace(&mut self.previous_word, word);
-        match word.len() {
+        let pin = match word.len() {
             4 | 9 if is(word, b"temp") || is(word, b"temporary") => {
                 let creates = [&b"create"[..], b"global", b"local", b"replace"].iter().any(|w| is(previous, w));
                 let selects_into = is(previous, b"into") && self.first_word_is(b"select");
@@ -229,42 +238,43 @@ impl<'a> Statement<'a> {
             }
             16..=27 if ADVISORY_LOCKS.iter().any(|f| is(word, f)) => Some(PinReason::AdvisoryLock),
             _ => None,
-        }
+        };
+        effects.pin = effects.pin.or(pin);
     }
 
-    fn follow_set_config(&mut self, token: Token<'a>, sets_pin: bool) -> Option<PinReason> {
-        let pin = sets_pin.then_some(PinReason::Set);
-        match (self.set_config, token) {
-            (SetConfigCall::None, _) => None,
-            (SetConfigCall::Named, Token::Punct(b'(')) => {
-                self.set_config = SetConfigCall::Args { depth: 1, commas: 0 };
-                None
-            }
+    fn follow_set_config(&mut self, token: Token<'a>, sets_pin: bool, effects: &mut SessionEffects) {
+        let unfollowable = sets_pin.then_some(PinReason::Set);
+        self.set_config = match (self.set_config, token) {
+            (SetConfigCall::None, _) => return,
+            (SetConfigCall::Named, Token::Punct(b'(')) => SetConfigCall::Args { depth: 1, commas: 0, name: FirstArg::Unread },
             // A column or something else named set_config.
-            (SetConfigCall::Named, _) => {
-                self.set_config = SetConfigCall::None;
-                None
-            }
-            (SetConfigCall::Args { depth: 1, commas: 2 }, token) => {
-                self.set_config = SetConfigCall::None;
-                match token {
-                    Token::Word(w) if is(w, b"true") => None,
-                    _ => pin,
+            (SetConfigCall::Named, _) => SetConfigCall::None,
+            (SetConfigCall::Args { depth: 1, commas: 2, name }, token) => {
+                match (token, name) {
+                    (Token::Word(w), _) if is(w, b"true") => {}
+                    (Token::Word(w), FirstArg::Literal(name)) if is(w, b"false") => {
+                        note_set(std::str::from_utf8(name).ok().map(str::to_ascii_lowercase), unfollowable, effects)
+                    }
+                    _ => effects.pin = effects.pin.or(unfollowable),
                 }
+                SetConfigCall::None
             }
-            (SetConfigCall::Args { depth, commas }, Token::Punct(p)) => {
-                self.set_config = match (p, depth) {
-                    (b'(', _) => SetConfigCall::Args { depth: depth + 1, commas },
-                    // Closed before its third argument: not a call this lexer understands.
-                    (b')', 1) => return pin,
-                    (b')', _) => SetConfigCall::Args { depth: depth - 1, commas },
-                    (b',', 1) => SetConfigCall::Args { depth, commas: commas + 1 },
-                    _ => SetConfigCall::Args { depth, commas },
-                };
-                None
-            }
-            (SetConfigCall::Args { .. }, _) => None,
-        }
+            (SetConfigCall::Args { depth, commas, name }, token) => match (token, depth) {
+                (Token::Punct(b'('), _) => SetConfigCall::Args { depth: depth + 1, commas, name },
+                // Closed before its third argument: not a call this lexer understands.
+                (Token::Punct(b')'), 1) => {
+                    effects.pin = effects.pin.or(unfollowable);
+                    SetConfigCall::None
+                }
+                (Token::Punct(b')'), _) => SetConfigCall::Args { depth: depth - 1, commas, name },
+                (Token::Punct(b','), 1) => SetConfigCall::Args { depth, commas: commas + 1, name },
+                (Token::Str(text), 1) if commas == 0 && name == FirstArg::Unread => {
+                    SetConfigCall::Args { depth, commas, name: FirstArg::Literal(text) }
+                }
+                _ if commas == 0 => SetConfigCall::Args { depth, commas, name: FirstArg::Expression },
+                _ => SetConfigCall::Args { depth, commas, name },
+            },
+        };
     }
 
     fn first_word_is(&self, keyword: &[u8]) -> bool {
@@ -324,16 +334,7 @@ impl<'a> Statement<'a> {
             effects.sets.push(name.to_owned());
             return;
         }
-        match self.parameter_name(named_at) {
-            Some(name) if FOLLOWED.iter().any(|f| is(name.as_bytes(), f)) => {}
-            // Scoped to the transaction, like SET TRANSACTION.
-            Some(name) if name.starts_with("transaction_") => {}
-            // Who the session is: not something to re-apply elsewhere.
-            Some(name) if name == "role" || name == "session_authorization" => effects.pin = effects.pin.or(unfollowable),
-            Some(name) => effects.sets.push(name),
-            // A quoted name, or none: not a statement this lexer follows.
-            None => effects.pin = effects.pin.or(unfollowable),
-        }
+        note_set(self.parameter_name(named_at), unfollowable, effects);
     }
 
     /// The parameter named from `head[at]`: `name` or `prefix.name`, lower-cased; `None` if it
@@ -349,7 +350,22 @@ impl<'a> Statement<'a> {
             name.push('.');
             name.push_str(&String::from_utf8_lossy(word(at + 2)?).to_ascii_lowercase());
         }
-        is_valid_name(&name).then_some(name)
+        Some(name)
+    }
+}
+
+/// What setting the parameter `name` (lower-cased; `None` if it could not be read) does.
+fn note_set(name: Option<String>, unfollowable: Option<PinReason>, effects: &mut SessionEffects) {
+    match name {
+        // Reported by the server: the relay sees the new value.
+        Some(name) if FOLLOWED.iter().any(|f| is(name.as_bytes(), f)) => {}
+        // Scoped to the transaction, like SET TRANSACTION.
+        Some(name) if name.starts_with("transaction_") => {}
+        // Who the session is: not something to re-apply elsewhere.
+        Some(name) if name == "role" || name == "session_authorization" => effects.pin = effects.pin.or(unfollowable),
+        Some(name) if is_valid_name(&name) => effects.sets.push(name),
+        // A quoted or odd name: not a statement this lexer follows.
+        _ => effects.pin = effects.pin.or(unfollowable),
     }
 }
 
@@ -452,8 +468,11 @@ impl<'a> Iterator for Lexer<'a> {
                     }
                 }
                 b'\'' => {
+                    let start = self.pos;
                     self.skip_quoted(b'\'', false);
-                    return Some(Token::Other);
+                    let text = self.sql.get(start + 1..self.pos.saturating_sub(1)).unwrap_or_default();
+                    let closed = self.pos > start + 1 && self.sql[self.pos - 1] == b'\'';
+                    return Some(if closed { Token::Str(text) } else { Token::Other });
                 }
                 b'"' => {
                     self.skip_quoted(b'"', false);
@@ -548,7 +567,8 @@ mod tests {
             ("RESET ROLE", PinReason::Set),
             ("SET session_authorization = 'bob'", PinReason::Set),
             ("reset Session_Authorization", PinReason::Set),
-            ("SELECT set_config('statement_timeout', '1', false)", PinReason::Set),
+            ("SELECT set_config(current_user || '.x', '1', false)", PinReason::Set),
+            ("SELECT set_config('role', 'bob', false)", PinReason::Set),
             ("SELECT set_config('a', 'b', is_local)", PinReason::Set),
             ("PREPARE q(int) AS SELECT $1", PinReason::Prepare),
             ("CREATE TEMP TABLE t (x int)", PinReason::TempObject),
@@ -584,6 +604,8 @@ mod tests {
             ("SET application_name = 'x'; SET TIME ZONE 'UTC'", &[]),
             ("SET LOCAL work_mem = '1GB'", &[]),
             ("SET transaction_isolation = 'serializable'", &[]),
+            ("SELECT pg_catalog.set_config('App.Tenant', $1, false)", &["app.tenant"]),
+            ("select set_config('statement_timeout', '1s', FALSE), set_config('a.b', 'c', true)", &["statement_timeout"]),
         ] {
             let effects = session_effects(sql.as_bytes(), true);
             assert_eq!(effects.pin, None, "{sql}");
@@ -597,7 +619,7 @@ mod tests {
     fn pin_reason_excluding_variable_sets_keeps_the_rest() {
         assert_eq!(pin_reason(b"SET ROLE reader", false), None);
         assert_eq!(session_effects(b"SET statement_timeout = 1", false).sets, ["statement_timeout"]);
-        assert_eq!(pin_reason(b"SELECT set_config('a', 'b', false)", false), None);
+        assert_eq!(pin_reason(b"SELECT set_config(f(), 'b', false)", false), None);
         assert_eq!(pin_reason(b"SET ROLE x; LISTEN y", false), Some(PinReason::Listen));
     }
 
