@@ -111,11 +111,6 @@ pub fn session_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
     effects
 }
 
-/// Why `sql` would pin its session, if it would (`session_effects` without the names).
-pub fn pin_reason(sql: &[u8], sets_pin: bool) -> Option<PinReason> {
-    session_effects(sql, sets_pin).pin
-}
-
 /// A cheap first look, for the statements of every transaction: whether `sql` has a word that
 /// can pin where it can pin (a statement's first word for SET, PREPARE and the like; anywhere
 /// for TEMP, HOLD and the functions). It may say yes to a word in a comment or a string, which
@@ -505,6 +500,10 @@ impl<'a> Iterator for Lexer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pin_reason(sql: &[u8], sets_pin: bool) -> Option<PinReason> {
+        session_effects(sql, sets_pin).pin
+    }
 
     fn reason(sql: &str) -> Option<PinReason> {
         pin_reason(sql.as_bytes(), true)
