@@ -622,6 +622,26 @@ mod tests {
         assert_eq!(pin_reason(b"SET ROLE x; LISTEN y", false), Some(PinReason::Listen));
     }
 
+    /// Whatever bytes a client sends, reading them neither panics nor loops.
+    #[test]
+    fn session_effects_survive_random_bytes() {
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let alphabet = b"SETsetLISTENtemp_config('\"$;-/*\n\\ (),.\x00\xff0123";
+        for len in 0..200 {
+            for _ in 0..50 {
+                let bytes: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        alphabet[(x % alphabet.len() as u64) as usize]
+                    })
+                    .collect();
+                let _ = session_effects(&bytes, true);
+            }
+        }
+    }
+
     /// The first look never clears what the lexer pins.
     #[test]
     fn may_pin_never_clears_a_pinning_statement() {
