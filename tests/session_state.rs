@@ -68,6 +68,16 @@ async fn set_inside_a_transaction_follows_only_if_committed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_settings_pin_instead_of_following() {
+    let h = Harness::start().await;
+    let client = h.client().await;
+    let sets: String = (0..70).map(|i| format!("SET many.p{i} = '{i}';")).collect();
+    client.batch_execute(&sets).await.unwrap();
+    assert_eq!(pins(&h, "set"), 1.0);
+    assert_eq!(values(&client, "SELECT current_setting('many.p69')").await, ["69"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_role_pins_and_is_reset_when_its_session_ends() {
     let h = Harness::start_with(|c| c.pool.max_backend_connections = 2).await;
     let user = h.env.user.clone();

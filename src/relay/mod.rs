@@ -225,7 +225,8 @@ impl Tracker {
         let effects = session_state::session_effects(sql, self.pin_variable_sets);
         self.pins_session = effects.pin;
         for name in effects.sets {
-            if !self.sets.contains(&name) {
+            // (Past the cap the session pins anyway: one name more says so.)
+            if self.sets.len() <= session_state::MAX_FOLLOWED_SETTINGS && !self.sets.contains(&name) {
                 self.sets.push(name);
             }
         }

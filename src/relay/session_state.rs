@@ -65,6 +65,11 @@ impl PinReason {
     ];
 }
 
+/// Settings a client may carry from backend to backend (startup ones and SETs); a client that
+/// sets more keeps its backend instead (pinned), so that no client makes every hand-over long.
+/// Readers stop naming parameters past it.
+pub const MAX_FOLLOWED_SETTINGS: usize = 64;
+
 /// Parameters every supported server reports with ParameterStatus when they change: the relay
 /// sees their new values itself. (search_path is reported only from PostgreSQL 18.)
 const FOLLOWED: &[&[u8]] =
@@ -358,7 +363,12 @@ fn note_set(name: Option<String>, unfollowable: Option<PinReason>, effects: &mut
         Some(name) if name.starts_with("transaction_") => {}
         // Who the session is: not something to re-apply elsewhere.
         Some(name) if name == "role" || name == "session_authorization" => effects.pin = effects.pin.or(unfollowable),
-        Some(name) if is_valid_name(&name) => effects.sets.push(name),
+        // (Past the cap the session pins anyway: one name more says so.)
+        Some(name) if is_valid_name(&name) => {
+            if effects.sets.len() <= MAX_FOLLOWED_SETTINGS && !effects.sets.contains(&name) {
+                effects.sets.push(name);
+            }
+        }
         // A quoted or odd name: not a statement this lexer follows.
         _ => effects.pin = effects.pin.or(unfollowable),
     }

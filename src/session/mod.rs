@@ -22,7 +22,7 @@ use crate::listener::Shared;
 use crate::metrics::GaugeGuard;
 use crate::pool::{Lease, PoolEntry, PoolError, Presented};
 use crate::protocol::{MessageScanner, TxStatus, messages};
-use crate::relay::session_state::PinReason;
+use crate::relay::session_state::{MAX_FOLLOWED_SETTINGS, PinReason};
 use crate::relay::{self, ClientSide, Outcome};
 pub use error::SessionError;
 
@@ -274,8 +274,8 @@ async fn transaction(
 enum Readback {
     /// Recorded as the client's settings and this backend's.
     Followed,
-    /// The database could not say (an error, an unknown name): the backend is clean but keeps
-    /// the values; the caller pins.
+    /// The database could not say (an error, an unknown name), or the client has more settings
+    /// than are carried: the backend is clean but keeps the values; the caller pins.
     Unreadable,
     /// The backend failed or stopped answering: it must go.
     Broken,
@@ -285,6 +285,10 @@ enum Readback {
 /// client's settings and this backend's: the client's next backend gets the same values, and
 /// this backend's next client gets its own.
 async fn follow_sets(conn: &mut crate::backend::BackendConn, desired: &mut Settings, names: &[String]) -> Readback {
+    let new = names.iter().filter(|n| desired.get(n).is_none()).count();
+    if desired.len() + new > MAX_FOLLOWED_SETTINGS {
+        return Readback::Unreadable;
+    }
     let sql = Settings::read_back_sql(names);
     let values = match tokio::time::timeout(ROLLBACK_TIMEOUT, conn.query_row(&sql)).await {
         Ok(Ok((TxStatus::Idle, Some(values)))) if values.len() == names.len() => values,
