@@ -184,48 +184,53 @@ impl BackendConn {
     /// Runs a simple query to completion, discarding its rows. Returns the transaction status
     /// and the first error the backend reported, if any.
     pub async fn simple_query(&mut self, sql: &str) -> Result<(TxStatus, Option<(String, String)>), BackendError> {
-        let mut out = BytesMut::new();
-        messages::query(&mut out, sql);
-        send(&mut self.stream, &out).await?;
         let mut first_error = None;
-        loop {
-            let (tag, body) = read_message(&mut self.stream, &mut self.buf, MAX_CONTROL_MESSAGE).await?;
-            match tag {
-                b'E' if first_error.is_none() => {
-                    let (code, message) = messages::parse_error_fields(&body);
+        let status = self
+            .exchange(sql, |tag, body| {
+                if tag == b'E' && first_error.is_none() {
+                    let (code, message) = messages::parse_error_fields(body);
                     first_error = Some((code.unwrap_or_default(), message.unwrap_or_default()));
                 }
-                b'Z' => {
-                    let status = body.first().copied().and_then(TxStatus::from_byte).ok_or(
-                        ProtocolError::Malformed("ReadyForQuery without a valid status"),
-                    )?;
-                    return Ok((status, first_error));
-                }
-                _ => {}
-            }
-        }
+                Ok(())
+            })
+            .await?;
+        Ok((status, first_error))
     }
 
     /// Runs a query that returns one row of text values (`SELECT a, b`) and returns that row,
     /// or `None` if the database answered with an error (or no row).
     pub async fn query_row(&mut self, sql: &str) -> Result<(TxStatus, Option<Vec<Option<String>>>), BackendError> {
+        let (mut row, mut failed) = (None, false);
+        let status = self
+            .exchange(sql, |tag, body| {
+                match tag {
+                    b'E' => failed = true,
+                    b'D' if row.is_none() => row = Some(data_row(body).ok_or(ProtocolError::Malformed("DataRow"))?),
+                    _ => {}
+                }
+                Ok(())
+            })
+            .await?;
+        Ok((status, if failed { None } else { row }))
+    }
+
+    /// Sends one simple Query and reads the answer up to its ReadyForQuery, handing every message
+    /// before it to `each`; returns the ReadyForQuery's transaction status.
+    async fn exchange(
+        &mut self,
+        sql: &str,
+        mut each: impl FnMut(u8, &[u8]) -> Result<(), ProtocolError>,
+    ) -> Result<TxStatus, BackendError> {
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
         send(&mut self.stream, &out).await?;
-        let (mut row, mut failed) = (None, false);
         loop {
             let (tag, body) = read_message(&mut self.stream, &mut self.buf, MAX_CONTROL_MESSAGE).await?;
-            match tag {
-                b'E' => failed = true,
-                b'D' if row.is_none() => row = Some(data_row(&body).ok_or(ProtocolError::Malformed("DataRow"))?),
-                b'Z' => {
-                    let status = body.first().copied().and_then(TxStatus::from_byte).ok_or(
-                        ProtocolError::Malformed("ReadyForQuery without a valid status"),
-                    )?;
-                    return Ok((status, if failed { None } else { row }));
-                }
-                _ => {}
+            if tag == b'Z' {
+                let status = body.first().copied().and_then(TxStatus::from_byte);
+                return Ok(status.ok_or(ProtocolError::Malformed("ReadyForQuery without a valid status"))?);
             }
+            each(tag, &body)?;
         }
     }
 

@@ -54,6 +54,13 @@ impl Settings {
         }
     }
 
+    /// SQL whose one row holds the current values of `names` (NULL for an unknown one).
+    pub fn read_back_sql(names: &[String]) -> String {
+        let columns: Vec<String> =
+            names.iter().map(|n| format!("pg_catalog.current_setting({}, true)", literal(n))).collect();
+        format!("SELECT {}", columns.join(", "))
+    }
+
     /// SQL that turns a backend's `applied` settings into `desired`, or `None` if they match.
     pub fn sync_sql(applied: &Settings, desired: &Settings) -> Option<String> {
         // The common case, checked with plain comparisons: the backend was last synced to a
@@ -84,15 +91,6 @@ impl Settings {
         }
         sql.push_str(&resets);
         Some(sql)
-    }
-}
-
-impl Settings {
-    /// SQL whose one row holds the current values of `names` (NULL for an unknown one).
-    pub fn read_back_sql(names: &[String]) -> String {
-        let columns: Vec<String> =
-            names.iter().map(|n| format!("pg_catalog.current_setting({}, true)", literal(n))).collect();
-        format!("SELECT {}", columns.join(", "))
     }
 }
 

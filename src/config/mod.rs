@@ -120,8 +120,9 @@ pub struct PoolConfig {
     pub max_client_connections: usize,
     /// Cap on any one message's body, either direction.
     pub max_message_bytes: usize,
-    /// A `SET` of a parameter the proxy does not follow pins the session (RDS Proxy's default;
-    /// false with its `EXCLUDE_VARIABLE_SETS` filter).
+    /// A parameter change the proxy cannot carry to the next backend (`SET ROLE`, `RESET ALL`,
+    /// `set_config` of a computed name) pins the session (RDS Proxy's default; false with its
+    /// `EXCLUDE_VARIABLE_SETS` filter).
     pub pin_variable_sets: bool,
 }
 

@@ -277,18 +277,22 @@ impl<'a> Statement<'a> {
         };
     }
 
+    /// The statement's `i`th token, if it is a word.
+    fn word(&self, i: usize) -> Option<&'a [u8]> {
+        match self.head.get(i).copied().flatten() {
+            Some(Token::Word(w)) => Some(w),
+            _ => None,
+        }
+    }
+
     fn first_word_is(&self, keyword: &[u8]) -> bool {
-        matches!(self.head[0], Some(Token::Word(w)) if is(w, keyword))
+        self.word(0).is_some_and(|w| is(w, keyword))
     }
 
     /// What the statement's first words say (`SET ...`, `PREPARE ...`, ...), added to `effects`.
     fn judge_head(&self, sets_pin: bool, effects: &mut SessionEffects) {
-        let word = |i: usize| match self.head.get(i).copied().flatten() {
-            Some(Token::Word(w)) => Some(w),
-            _ => None,
-        };
-        let Some(first) = word(0) else { return };
-        let is_at = |i: usize, keyword: &[u8]| word(i).is_some_and(|w| is(w, keyword));
+        let Some(first) = self.word(0) else { return };
+        let is_at = |i: usize, keyword: &[u8]| self.word(i).is_some_and(|w| is(w, keyword));
         let unfollowable = sets_pin.then_some(PinReason::Set);
         let (named_at, special) = if is(first, b"set") {
             if is_at(1, b"local") || is_at(1, b"transaction") || is_at(1, b"constraints") {
@@ -340,15 +344,11 @@ impl<'a> Statement<'a> {
     /// The parameter named from `head[at]`: `name` or `prefix.name`, lower-cased; `None` if it
     /// is not a plain GUC name.
     fn parameter_name(&self, at: usize) -> Option<String> {
-        let word = |i: usize| match self.head.get(i).copied().flatten() {
-            Some(Token::Word(w)) => Some(w),
-            _ => None,
-        };
-        let first = word(at)?;
+        let first = self.word(at)?;
         let mut name = String::from_utf8_lossy(first).to_ascii_lowercase();
         if self.head.get(at + 1).copied().flatten() == Some(Token::Punct(b'.')) {
             name.push('.');
-            name.push_str(&String::from_utf8_lossy(word(at + 2)?).to_ascii_lowercase());
+            name.push_str(&String::from_utf8_lossy(self.word(at + 2)?).to_ascii_lowercase());
         }
         Some(name)
     }
