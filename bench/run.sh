@@ -15,7 +15,9 @@
 #                      pgwarden max_backend_connections)
 #   IDLE_CLIENTS=5000  idle connections opened for the memory measurement
 #   SYSTEMS="direct pgbouncer pgwarden"   subset to run (idle skips "direct")
-#   WORKLOADS="select32 select300 tpcb32 extended32 connect32 burst32"  subset
+#   WORKLOADS="select32 select300 tpcb32 extended32 connect32 burst32"  subset (default);
+#                      also prepared32 (-M prepared: named statements, which PgBouncer
+#                      carries in transaction mode only from 1.21, with max_prepared_statements)
 #   SKIP_BUILD=1       do not run cargo build (use existing binary)
 #   PGW_WORKERS=N      pgwarden worker_threads (default: pgwarden's own default)
 #   KEEP_TMP=1         keep the temp dir (logs, configs) after exit
@@ -279,6 +281,12 @@ client_tls_sslmode = allow
 client_tls_cert_file = $TMP/tls.crt
 client_tls_key_file = $TMP/tls.key
 EOF
+  # PgBouncer carries named prepared statements in transaction mode from 1.21 (as pgwarden does
+  # with its default max_prepared_statements = 200); older ones refuse the key.
+  PGB_VERSION=$("$PGBOUNCER_BIN" --version | head -1 | awk '{print $2}')
+  if [[ $(printf '%s\n1.21\n' "$PGB_VERSION" | sort -V | head -1) == 1.21 ]]; then
+    echo "max_prepared_statements = 200" >>"$TMP/pgbouncer.ini"
+  fi
   if [[ $(id -u) -eq 0 ]]; then
     chown postgres: "$TMP/userlist.txt" "$TMP/pgbouncer.ini"
   fi
@@ -409,6 +417,7 @@ declare -A W_LABEL=(
   [select300]="select-only, 300 clients (-S -c 300)"
   [tpcb32]="tpcb-like, 32 clients (-c 32)"
   [extended32]="select-only, extended protocol, 32 clients (-S -M extended -c 32)"
+  [prepared32]="select-only, named prepared statements, 32 clients (-S -M prepared -c 32)"
   [connect32]="select-only, new connection per tx, 32 clients (-S -C -c 32)"
   [burst32]="Lambda burst: new TLS connection per tx, 32 clients (-S -C -c 32, sslmode=require; pgwarden: IAM token, others: SCRAM)"
 )
@@ -417,6 +426,7 @@ declare -A W_ARGS=(
   [select300]="-S -c 300"
   [tpcb32]="-c 32"
   [extended32]="-S -M extended -c 32"
+  [prepared32]="-S -M prepared -c 32"
   [connect32]="-S -C -c 32"
   [burst32]="-S -C -c 32"
 )

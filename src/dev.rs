@@ -103,6 +103,7 @@ impl DevEnv {
                     max_client_connections: 10_000,
                     max_message_bytes: 64 * 1024 * 1024,
                     pin_variable_sets: true,
+                    max_prepared_statements: 200,
                 },
                 metrics_listen: opts.metrics_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
                 tls: Some(TlsConfig { cert, key, require: false, reload_interval: Duration::from_secs(10) }),

@@ -142,7 +142,7 @@ async fn waiting_clients_are_served_in_arrival_order() {
         let c = h.client().await;
         let order = std::sync::Arc::clone(&order);
         tasks.push(tokio::spawn(async move {
-            let got: i32 = c.query_one(&format!("SELECT {i}"), &[]).await.unwrap().get(0);
+            let got: i32 = c.query_typed_one(&format!("SELECT {i}"), &[]).await.unwrap().get(0);
             order.lock().unwrap().push(got);
         }));
         until_waiting(&pool, i as usize + 1).await;
@@ -479,7 +479,12 @@ async fn client_cap_refuses_with_rds_proxy_text() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_prepared_statement_pins_session_and_keeps_working() {
-    let h = Harness::start_with(|c| c.pool.max_backend_connections = 2).await;
+    // With statement tracking off, RDS Proxy's way: the named statement pins.
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 2;
+        c.pool.max_prepared_statements = 0;
+    })
+    .await;
     let pinned = h.client().await;
     let other = h.client().await;
     // tokio-postgres prepares named statements ("s0", ...): they live on one backend only.
@@ -506,7 +511,11 @@ async fn named_prepared_statement_pins_session_and_keeps_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_backend_is_reset_before_the_next_client_gets_it() {
     // One backend: the next client gets exactly the backend the pinned session used.
-    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.max_prepared_statements = 0;
+    })
+    .await;
     let with_path = format!("{} options='-c search_path=pinned_path'", h.conn_str());
     let pinned = common::connect(&with_path).await.unwrap();
     let stmt = pinned.prepare("SELECT count(*) FROM pg_prepared_statements").await.unwrap();
@@ -571,7 +580,11 @@ async fn shutdown_stops_waiting_for_a_client_at_shutdown_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_reaches_a_pinned_session_between_transactions() {
     // A long timeout: the drain must end because the pinned client was closed, not by giving up.
-    let mut h = Harness::start_with(|c| c.shutdown_timeout = Duration::from_secs(600)).await;
+    let mut h = Harness::start_with(|c| {
+        c.shutdown_timeout = Duration::from_secs(600);
+        c.pool.max_prepared_statements = 0;
+    })
+    .await;
     let pinned = h.client().await;
     let stmt = pinned.prepare("SELECT 1").await.unwrap();
     pinned.query_one(&stmt, &[]).await.unwrap();
@@ -588,6 +601,7 @@ async fn idle_pinned_client_times_out_and_frees_its_backend() {
     let h = Harness::start_with(|c| {
         c.pool.max_backend_connections = 1;
         c.pool.idle_client_timeout = Some(Duration::from_millis(300));
+        c.pool.max_prepared_statements = 0;
     })
     .await;
     let mut raw = common::RawClient::connect(h.addr).await;

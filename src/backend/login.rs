@@ -111,6 +111,7 @@ async fn login(
         open_guard: None,
         tls_guard: None,
         live_guard: None,
+        statements: Default::default(),
     };
     let mut out = BytesMut::new();
     let params = [("user", credential.username.as_str()), ("database", dbname), ("application_name", "pgwarden")];

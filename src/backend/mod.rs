@@ -132,6 +132,8 @@ pub struct BackendConn {
     pub tls_guard: Option<crate::metrics::GaugeGuard>,
     /// Keeps its pool's count of logged-in connections counting this one while it lives.
     pub live_guard: Option<LiveGuard>,
+    /// Clients' named prepared statements this connection holds (see `relay::prepared`).
+    pub statements: crate::relay::prepared::BackendStatements,
 }
 
 /// Counts a connection in a shared count for as long as it lives (wherever it is: idle, lent,

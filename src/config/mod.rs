@@ -124,6 +124,9 @@ pub struct PoolConfig {
     /// `set_config` of a computed name) pins the session (RDS Proxy's default; false with its
     /// `EXCLUDE_VARIABLE_SETS` filter).
     pub pin_variable_sets: bool,
+    /// Named prepared statements each backend keeps for clients (PgBouncer's
+    /// `max_prepared_statements`); 0: a named statement pins its session, as on RDS Proxy.
+    pub max_prepared_statements: usize,
 }
 
 #[derive(Clone, Debug)]

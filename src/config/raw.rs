@@ -146,6 +146,7 @@ struct RawPool {
     max_client_connections: usize,
     max_message_bytes: usize,
     session_pinning_filters: Vec<String>,
+    max_prepared_statements: usize,
 }
 
 impl Default for RawPool {
@@ -162,6 +163,7 @@ impl Default for RawPool {
             max_client_connections: 10_000,
             max_message_bytes: 64 * 1024 * 1024,
             session_pinning_filters: Vec::new(),
+            max_prepared_statements: 200,
         }
     }
 }
@@ -324,6 +326,9 @@ impl RawConfig {
         if p.max_message_bytes < 1024 || p.max_message_bytes > (1 << 30) {
             return Err(invalid("pool.max_message_bytes", "must be between 1024 and 1073741824"));
         }
+        if p.max_prepared_statements > 100_000 {
+            return Err(invalid("pool.max_prepared_statements", "must be at most 100000"));
+        }
         let pool = PoolConfig {
             max_backend_connections: p.max_backend_connections,
             min_idle_backend_connections: p.min_idle_backend_connections,
@@ -339,6 +344,7 @@ impl RawConfig {
             max_client_connections: p.max_client_connections,
             max_message_bytes: p.max_message_bytes,
             pin_variable_sets: !pinning_filters(&p.session_pinning_filters)?,
+            max_prepared_statements: p.max_prepared_statements,
         };
         let metrics_listen = self.metrics.map(|m| parse_addr("metrics.listen", &m.listen)).transpose()?;
         let tls = match self.tls {

@@ -43,6 +43,15 @@ fn session_pinning_filters_take_rds_proxys_one_filter() {
 }
 
 #[test]
+fn max_prepared_statements_defaults_to_pgbouncers_and_is_capped() {
+    assert_eq!(parse("[database]\nhost = \"db\"\n").unwrap().pool.max_prepared_statements, 200);
+    let c = parse("[database]\nhost = \"db\"\n[pool]\nmax_prepared_statements = 0\n").unwrap();
+    assert_eq!(c.pool.max_prepared_statements, 0, "0: named statements pin, as on RDS Proxy");
+    let err = parse("[database]\nhost = \"db\"\n[pool]\nmax_prepared_statements = 100001\n").unwrap_err().to_string();
+    assert!(err.starts_with("pool.max_prepared_statements: must be at most 100000"), "{err}");
+}
+
+#[test]
 fn shutdown_timeout_and_client_cap_are_checked() {
     let err = parse("shutdown_timeout = \"soon\"\n[database]\nhost = \"db\"\n").unwrap_err().to_string();
     assert!(err.starts_with("shutdown_timeout: invalid duration"), "{err}");

@@ -58,6 +58,11 @@ pub struct Metrics {
     pub credential_stale_sources: Gauge,
     /// Sessions pinned, by reason (in `PinReason::ALL` order).
     session_pins: [Counter; PinReason::ALL.len()],
+    /// Named Parses clients sent, Parses pgwarden added on a backend that lacked the
+    /// statement, statements a backend closed over `max_prepared_statements`.
+    pub prepared_client_parses: Counter,
+    pub prepared_backend_parses: Counter,
+    pub prepared_evictions: Counter,
 }
 
 impl Metrics {
@@ -93,6 +98,10 @@ impl Metrics {
                 "Backend connections pinned to one client session (state that outlives a transaction)."
             );
             describe_counter!("pgwarden_session_pins", "Client sessions pinned to their backend, by what pinned them.");
+            describe_counter!(
+                "pgwarden_prepared_statements",
+                "Named prepared statements: Parses from clients (client_parse), Parses added on a backend without the statement (backend_parse), statements closed over the limit (evicted)."
+            );
             describe_gauge!("MaxDatabaseConnectionsAllowed", "Configured backend connections, all pools.");
             describe_counter!("pgwarden_borrow_timeouts", "Clients that gave up waiting for a backend.");
             describe_counter!("pgwarden_credential_refresh_failures", "Credential refreshes that failed (last good credential kept).");
@@ -141,6 +150,9 @@ impl Metrics {
                 keyring_reload_failures: counter!("pgwarden_keyring_reload_failures"),
                 credential_stale_sources: gauge!("pgwarden_credential_stale"),
                 session_pins: PinReason::ALL.map(|r| counter!("pgwarden_session_pins", "reason" => r.label())),
+                prepared_client_parses: counter!("pgwarden_prepared_statements", "event" => "client_parse"),
+                prepared_backend_parses: counter!("pgwarden_prepared_statements", "event" => "backend_parse"),
+                prepared_evictions: counter!("pgwarden_prepared_statements", "event" => "evicted"),
             }
         })
     }

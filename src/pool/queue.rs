@@ -80,8 +80,12 @@ fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> Presend {
     // Boundaries and length checks as the relay finds them; this scanner only measures (the
     // relay scans the same bytes again with the session's own).
     let mut terminated = false;
-    let _ = MessageScanner::new(max_body).feed(buf, |_, _| false, |f| {
+    let mut named = false;
+    let is_parse = |tag, _| tag == frontend_tag::PARSE;
+    let _ = MessageScanner::new(max_body).feed(buf, is_parse, |f| {
         terminated |= f.tag == frontend_tag::TERMINATE;
+        // A named statement's Parse is the relay's to rewrite (or to pin for): nothing is sent.
+        named |= f.tag == frontend_tag::PARSE && f.body.first() != Some(&0);
         if !terminated {
             p.len = f.end;
             p.awaits_answer =
@@ -89,6 +93,9 @@ fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> Presend {
         }
     });
     p.awaits_answer &= p.len == buf.len();
+    if named {
+        return Presend { len: 0, awaits_answer: false };
+    }
     p
 }
 
@@ -260,5 +267,11 @@ mod tests {
         let mut synced = parse_only.clone();
         synced.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         assert_eq!(presendable(&synced, true, 1024), p(synced.len(), true));
+        let body = b"s1\0SELECT 1\0\0\0";
+        let mut named = BytesMut::from(&[b'P'][..]);
+        named.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        named.extend_from_slice(body);
+        named.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        assert_eq!(presendable(&named, true, 1024), p(0, false), "a named statement is the relay's");
     }
 }

@@ -17,6 +17,8 @@ impl SqlState {
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
+    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
 
     pub fn code(&self) -> &'static str {
         self.0
@@ -34,12 +36,18 @@ pub enum ProtocolError {
     UnsupportedVersion { major: u16, minor: u16 },
     #[error("unexpected message type {tag:?} ({context})")]
     UnexpectedTag { tag: char, context: &'static str },
+    #[error("prepared statement name is already in use")]
+    DuplicateStatement,
+    #[error("more than {max} named prepared statements in one session")]
+    TooManyStatements { max: usize },
 }
 
 impl ProtocolError {
     pub fn sqlstate(&self) -> SqlState {
         match self {
             ProtocolError::UnsupportedVersion { .. } => SqlState::FEATURE_NOT_SUPPORTED,
+            ProtocolError::DuplicateStatement => SqlState::DUPLICATE_PREPARED_STATEMENT,
+            ProtocolError::TooManyStatements { .. } => SqlState::PROGRAM_LIMIT_EXCEEDED,
             _ => SqlState::PROTOCOL_VIOLATION,
         }
     }

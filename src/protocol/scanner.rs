@@ -50,9 +50,34 @@ impl MessageScanner {
         }
     }
 
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
     /// True when no message is partly seen: the stream can be handed to another peer here.
     pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && !self.in_body
+    }
+
+    /// The message the last [`feed`](Self::feed) left incomplete, if it started in that chunk:
+    /// its offset there and its tag.
+    pub fn partial(&self) -> Option<(usize, u8)> {
+        if self.at_boundary() {
+            return None;
+        }
+        let tag = if self.in_body { self.tag } else { self.header[0] };
+        self.start.map(|start| (start, tag))
+    }
+
+    /// Forgets the incomplete message, as if its bytes had not been fed: the caller keeps them
+    /// and feeds them again once the rest has arrived.
+    pub fn forget_partial(&mut self) {
+        self.header_len = 0;
+        self.in_body = false;
+        self.remaining = 0;
+        self.capture = false;
+        self.split_body.clear();
+        self.start = None;
     }
 
     /// Scans `data`, calling `on_frame` for each message completed in it. `wants_body(tag,
@@ -65,6 +90,8 @@ impl MessageScanner {
         mut on_frame: impl FnMut(Frame<'_>),
     ) -> Result<(), ProtocolError> {
         let mut pos = 0;
+        // A message carried over from an earlier chunk did not start in this one.
+        self.start = None;
         while pos < data.len() {
             // Fast path: a whole header at a boundary is read in place (most messages).
             if !self.in_body && self.header_len == 0 && data.len() - pos >= 5 {
@@ -202,6 +229,26 @@ mod tests {
                 assert!(s.at_boundary());
             }
         }
+    }
+
+    #[test]
+    fn partial_message_can_be_forgotten_and_fed_again_whole() {
+        let mut data = msg(b'Z', b"I");
+        let parse = msg(b'P', b"s1\0SELECT 1\0\0\0");
+        data.extend_from_slice(&parse[..9]);
+        let mut s = MessageScanner::new(1024);
+        assert_eq!(collect(&mut s, &data).len(), 1);
+        assert_eq!(s.partial(), Some((6, b'P')));
+        s.forget_partial();
+        assert!(s.at_boundary() && s.partial().is_none());
+        let got = collect(&mut s, &parse);
+        assert_eq!((got[0].0, got[0].2, got[0].3), (b'P', Some(0), parse.len()));
+        // Started in an earlier chunk: no offset in this one, so nothing to forget.
+        let mut s = MessageScanner::new(1024);
+        collect(&mut s, &parse[..3]);
+        collect(&mut s, &parse[3..6]);
+        assert_eq!(s.partial(), None);
+        assert_eq!(collect(&mut s, &parse[6..])[0].2, None);
     }
 
     #[test]

@@ -16,7 +16,10 @@
 //! writer, and memory stays bounded by one chunk per direction. Must not: decide what a client
 //! is told on failure (the session does), or touch the pool.
 
+pub mod prepared;
 pub mod session_state;
+mod tracked;
+mod tracker;
 
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -31,6 +34,8 @@ use crate::pool::Presented;
 use crate::protocol::{MessageScanner, ProtocolError, TxStatus, backend_tag, frontend_tag, read_cstr};
 use crate::stream::Stream;
 use session_state::PinReason;
+pub use tracked::TrackedClient;
+use tracker::Tracker;
 
 /// The longest Query or Parse text the relay reads for session state; a longer one pins its
 /// session ([`PinReason::Unread`]). (RDS Proxy pins past 16 KB.)
@@ -41,6 +46,9 @@ pub struct ClientSide {
     pub stream: Stream,
     pub buf: BytesMut,
     pub scanner: MessageScanner,
+    /// The client's named prepared statements and what goes with them, once it has one (see
+    /// [`prepared`]).
+    pub tracked: Option<Box<TrackedClient>>,
 }
 
 impl ClientSide {
@@ -119,35 +127,6 @@ impl Forward {
     }
 }
 
-/// What the relay has seen of the transaction so far.
-#[derive(Debug)]
-struct Tracker {
-    /// ReadyForQuery messages the backend still owes.
-    pending: u32,
-    /// Extended-protocol messages sent since the last Sync.
-    unsynced: bool,
-    status: TxStatus,
-    /// Partial bytes of a message were forwarded that the backend will never see the end of.
-    poisoned: bool,
-    request_at: Option<Instant>,
-    /// Requests seen, added to the QueryRequests counters once, when the relay ends.
-    requests: u64,
-    /// The client created state that lives on this backend only (the first reason seen).
-    pins_session: Option<PinReason>,
-    /// Whether a SET the proxy does not follow pins (`PoolConfig::pin_variable_sets`).
-    pin_variable_sets: bool,
-    /// Parameters set so far (see `RelayEnd::sets`).
-    sets: Vec<String>,
-    /// The client's stream is inside a message (what was forwarded ends mid-message).
-    client_mid_message: bool,
-    /// What was forwarded ends with a whole request the backend answers (Query, Sync,
-    /// FunctionCall): the client now waits, and so may the relay, on the backend alone.
-    awaits_reply: bool,
-    /// The backend started a COPY from the client and waits for its data (it ignores a Sync
-    /// meanwhile): the relay never waits on the backend alone then.
-    copy_in: bool,
-}
-
 struct Relay<'a> {
     client: &'a mut ClientSide,
     backend: &'a mut BackendConn,
@@ -161,7 +140,17 @@ struct Relay<'a> {
     /// The read that started the relay left the client's socket empty (plain TCP, short read).
     client_drained: bool,
     t: Tracker,
+    /// `pool.max_prepared_statements` (0: named statements pin the session instead).
+    max_statements: usize,
+    /// The client's statement names are rewritten ([`prepared`]), so messages are passed on
+    /// whole where a name may change (`client.tracked` is set).
+    tracked: bool,
+    /// This relay's tick on the backend's statements, when tracked.
+    now: u64,
+    /// Bytes after `to_client`'s chunk held back (the start of a message the relay may drop).
+    backend_held: usize,
 }
+
 
 /// Relays one transaction (or more, if the client pipelines) between `client` and `backend`.
 /// `desired` follows the client's own SET of reported parameters. The first `presented.len`
@@ -188,6 +177,10 @@ pub async fn relay(
         to_client: Forward::default(),
         terminate: false,
         client_drained,
+        max_statements: limits.max_prepared_statements,
+        tracked: false,
+        now: 0,
+        backend_held: 0,
         t: Tracker {
             pending: 0,
             unsynced: false,
@@ -204,10 +197,18 @@ pub async fn relay(
             copy_in: false,
         },
     };
+    if r.client.tracked.is_some() {
+        r.start_tracking();
+    }
+    if presented.len > 0 {
+        // Sent as it is: never to be rewritten (the pool does not send a named Parse).
+        r.max_statements = 0;
+    }
     if let Err(e) = r.take_client_chunk() {
         return r.end(Outcome::ClientProtocol(e), client_tls);
     }
     if presented.len > 0 {
+        r.max_statements = limits.max_prepared_statements;
         r.to_backend.sent = presented.len.min(r.to_backend.end);
         if !r.to_backend.busy() {
             // All of it is out: as if the relay had written it.
@@ -219,17 +220,14 @@ pub async fn relay(
     r.end(outcome, client_tls)
 }
 
-impl Tracker {
-    /// Notes what a statement text leaves on the backend beyond the transaction.
-    fn read_sql(&mut self, sql: &[u8]) {
-        let effects = session_state::session_effects(sql, self.pin_variable_sets);
-        self.pins_session = effects.pin;
-        for name in effects.sets {
-            // (Past the cap the session pins anyway: one name more says so.)
-            if self.sets.len() <= session_state::MAX_FOLLOWED_SETTINGS && !self.sets.contains(&name) {
-                self.sets.push(name);
-            }
-        }
+/// Removes the first `n` bytes of `buf` (all of it, usually: no copy then).
+fn drop_front(buf: &mut BytesMut, n: usize) {
+    if n >= buf.len() {
+        buf.clear();
+    } else {
+        let len = buf.len();
+        buf.copy_within(n..len, 0);
+        buf.truncate(len - n);
     }
 }
 
@@ -262,7 +260,7 @@ impl Relay<'_> {
                 match self.to_client.poll_out(cx, &mut self.client.stream, &self.backend.buf) {
                     Poll::Ready(Ok(())) => {
                         progressed = true;
-                        self.backend.buf.clear();
+                        drop_front(&mut self.backend.buf, self.to_client.end);
                         self.to_client = Forward::default();
                         if self.settled() && self.t.status == TxStatus::Idle {
                             return Poll::Ready(Outcome::TransactionDone);
@@ -309,7 +307,7 @@ impl Relay<'_> {
                 match self.to_backend.poll_out(cx, &mut self.backend.stream, &self.client.buf) {
                     Poll::Ready(Ok(())) => {
                         progressed = true;
-                        self.client.buf.clear();
+                        drop_front(&mut self.client.buf, self.to_backend.end);
                         self.to_backend = Forward::default();
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(Outcome::BackendGone),
@@ -328,86 +326,73 @@ impl Relay<'_> {
 
     /// Scans what the client sent (the whole buffer) and queues it for the backend.
     fn take_client_chunk(&mut self) -> Result<(), ProtocolError> {
+        if self.tracked {
+            return self.take_client_chunk_tracked();
+        }
         let buf = &self.client.buf;
         if buf.is_empty() {
             return Ok(());
         }
         let t = &mut self.t;
+        // A client's first named statement starts tracking (see `prepared`) if nothing is in
+        // flight that tracking would not know of.
+        let may_track = self.max_statements > 0 && t.pending == 0 && !t.unsynced && !t.client_mid_message;
+        let before = (t.pending, t.unsynced, t.pins_session, t.sets.len());
+        let mut track = false;
         let mut forward_to = buf.len();
         let mut terminate = false;
         let mut requests = 0u64;
         let mut last_tag = 0u8;
         let reads_sql = |tag, len| (tag == frontend_tag::QUERY || tag == frontend_tag::PARSE) && len <= SQL_READ_LIMIT;
         self.client.scanner.feed(buf, reads_sql, |f| {
-            if terminate {
+            if terminate || track {
                 return;
             }
             last_tag = f.tag;
-            match f.tag {
-                frontend_tag::QUERY => {
-                    t.pending += 1;
-                    requests += 1;
-                    if t.pins_session.is_none() {
-                        match f.body.split_last() {
-                            // The SQL runs to the NUL that ends the body.
-                            Some((0, sql)) => t.read_sql(sql),
-                            // Malformed: the database refuses it.
-                            Some(_) => {}
-                            // Not copied: longer than SQL_READ_LIMIT.
-                            None => t.pins_session = Some(PinReason::Unread),
-                        }
+            if f.tag == frontend_tag::TERMINATE {
+                terminate = true;
+                match f.start {
+                    Some(start) => forward_to = start,
+                    None => {
+                        forward_to = 0;
+                        t.poisoned = true;
                     }
                 }
-                frontend_tag::FUNCTION_CALL => {
-                    t.pending += 1;
-                    requests += 1;
-                }
-                frontend_tag::SYNC => {
-                    t.pending += 1;
-                    t.unsynced = false;
-                    requests += 1;
-                }
-                frontend_tag::PARSE => {
-                    t.unsynced = true;
-                    if t.pins_session.is_none() {
-                        // A Parse body starts with the statement name (empty: unnamed), then the SQL.
-                        match f.body.split_first() {
-                            Some((0, rest)) => t.read_sql(rest.split(|&b| b == 0).next().unwrap_or_default()),
-                            Some(_) => t.pins_session = Some(PinReason::NamedStatement),
-                            // Not copied: longer than SQL_READ_LIMIT.
-                            None => t.pins_session = Some(PinReason::Unread),
-                        }
-                    }
-                }
-                frontend_tag::BIND
-                | frontend_tag::DESCRIBE
-                | frontend_tag::EXECUTE
-                | frontend_tag::CLOSE
-                | frontend_tag::FLUSH => t.unsynced = true,
-                frontend_tag::TERMINATE => {
-                    terminate = true;
-                    match f.start {
-                        Some(start) => forward_to = start,
-                        None => {
-                            forward_to = 0;
-                            t.poisoned = true;
-                        }
-                    }
-                }
-                _ => {}
+                return;
             }
+            if f.tag == frontend_tag::PARSE && may_track && f.body.first().is_some_and(|&b| b != 0) {
+                track = true;
+                return;
+            }
+            requests += u64::from(t.client_message(f.tag, f.body, false));
         })?;
+        if track {
+            // Read again from the chunk's start, tracked.
+            (t.pending, t.unsynced, t.pins_session) = (before.0, before.1, before.2);
+            t.sets.truncate(before.3);
+            self.client.scanner = MessageScanner::new(self.client.scanner.max_body());
+            self.client.tracked = Some(Box::default());
+            self.start_tracking();
+            return self.take_client_chunk_tracked();
+        }
+        self.after_client_chunk(requests, last_tag, terminate, false);
+        self.to_backend = Forward { sent: 0, end: forward_to, flushing: false };
+        Ok(())
+    }
+
+    /// Books what a client chunk asked for once it is scanned.
+    fn after_client_chunk(&mut self, requests: u64, last_tag: u8, terminate: bool, held: bool) {
+        let t = &mut self.t;
         t.requests += requests;
         if requests > 0 && t.request_at.is_none() {
             t.request_at = Some(Instant::now());
         }
         t.client_mid_message = !terminate && !self.client.scanner.at_boundary();
         t.awaits_reply = !terminate
+            && !held
             && !t.client_mid_message
             && matches!(last_tag, frontend_tag::QUERY | frontend_tag::SYNC | frontend_tag::FUNCTION_CALL);
         self.terminate = terminate;
-        self.to_backend = Forward { sent: 0, end: forward_to, flushing: false };
-        Ok(())
     }
 
     /// Scans what the backend sent and queues it for the client.
@@ -420,37 +405,67 @@ impl Relay<'_> {
         self.backend.last_active = now;
         let desired = &mut *self.desired;
         let applied = &mut self.backend.applied;
+        let mut rewriter = match (self.tracked, self.client.tracked.as_deref_mut()) {
+            (true, Some(client)) => Some(client.rewriter(&mut self.backend.statements, self.max_statements, self.now, None)),
+            _ => None,
+        };
+        // Answers to messages the relay added, taken out of the stream (byte ranges).
+        let mut drops: Vec<(usize, usize)> = Vec::new();
+        let mut error = None;
         let mut bad_status = false;
         self.backend_scanner.feed(
             &self.backend.buf,
             |tag, _| tag == backend_tag::READY_FOR_QUERY || tag == backend_tag::PARAMETER_STATUS,
-            |f| match f.tag {
-                backend_tag::READY_FOR_QUERY => {
-                    t.copy_in = false;
-                    t.pending = t.pending.saturating_sub(1);
-                    match f.body.first().copied().and_then(TxStatus::from_byte) {
-                        Some(s) => t.status = s,
-                        None => bad_status = true,
+            |f| {
+                if let Some(rw) = rewriter.as_mut() {
+                    match (rw.answer(f.tag), f.start) {
+                        (Ok(prepared::Answer::Pass), _) => {}
+                        (Ok(prepared::Answer::Drop), Some(start)) => drops.push((start, f.end)),
+                        (Ok(prepared::Answer::Drop), None) => error = Some(ProtocolError::Malformed("an answer to drop split")),
+                        (Err(e), _) => error = Some(e),
                     }
                 }
-                backend_tag::COPY_IN_RESPONSE | backend_tag::COPY_BOTH_RESPONSE => t.copy_in = true,
-                backend_tag::COMMAND_COMPLETE | backend_tag::ERROR_RESPONSE => t.copy_in = false,
-                backend_tag::PARAMETER_STATUS => {
-                    if let Ok((name, rest)) = read_cstr(f.body) {
-                        if let Ok((value, _)) = read_cstr(rest) {
-                            if desired.track_reported(name, value) {
-                                applied.track_reported(name, value);
+                match f.tag {
+                    backend_tag::READY_FOR_QUERY => {
+                        t.copy_in = false;
+                        t.pending = t.pending.saturating_sub(1);
+                        match f.body.first().copied().and_then(TxStatus::from_byte) {
+                            Some(s) => t.status = s,
+                            None => bad_status = true,
+                        }
+                    }
+                    backend_tag::COPY_IN_RESPONSE => {
+                        t.copy_in = true;
+                        // (Untracked, the Syncs the backend ignores stay counted: the relay then
+                        // never ends and the backend stays with its client, the safe side.)
+                        if let Some(rw) = rewriter.as_mut() {
+                            t.pending = t.pending.saturating_sub(rw.copy_started());
+                        }
+                    }
+                    backend_tag::COPY_BOTH_RESPONSE => t.copy_in = true,
+                    backend_tag::COMMAND_COMPLETE | backend_tag::ERROR_RESPONSE => t.copy_in = false,
+                    backend_tag::PARAMETER_STATUS => {
+                        if let Ok((name, rest)) = read_cstr(f.body) {
+                            if let Ok((value, _)) = read_cstr(rest) {
+                                if desired.track_reported(name, value) {
+                                    applied.track_reported(name, value);
+                                }
                             }
                         }
                     }
+                    _ => {}
                 }
-                _ => {}
             },
         )?;
         if bad_status {
             return Err(ProtocolError::Malformed("ReadyForQuery without a valid status"));
         }
-        self.to_client = Forward { sent: 0, end: self.backend.buf.len(), flushing: false };
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let end = if self.tracked { tracked::cut(&mut self.backend_scanner, &mut self.backend.buf, &drops) } else { self.backend.buf.len() };
+        self.backend_held = self.backend.buf.len() - end;
+        self.to_client = Forward { sent: 0, end, flushing: false };
         Ok(())
     }
 
@@ -460,6 +475,7 @@ impl Relay<'_> {
         t.pending == 0
             && !t.unsynced
             && !t.poisoned
+            && self.backend_held == 0
             && !self.to_backend.busy()
             && !t.client_mid_message
             && self.backend_scanner.at_boundary()
@@ -467,6 +483,12 @@ impl Relay<'_> {
 
     fn end(self, outcome: Outcome, client_tls: bool) -> RelayEnd {
         let metrics = self.metrics;
+        if let Some(tracked) = self.client.tracked.as_deref_mut() {
+            let counts = tracked.relay_ended();
+            metrics.prepared_client_parses.increment(counts.client_parses);
+            metrics.prepared_backend_parses.increment(counts.backend_parses);
+            metrics.prepared_evictions.increment(counts.evictions);
+        }
         metrics.query_requests.increment(self.t.requests);
         if client_tls {
             metrics.query_requests_tls.increment(self.t.requests);

@@ -45,6 +45,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: S
         stream: Stream::Plain(stream),
         buf: BytesMut::new(),
         scanner: MessageScanner::new(shared.config.pool.max_message_bytes),
+        tracked: None,
     };
     let login = Box::pin(tokio::time::timeout(
         shared.config.pool.login_timeout,
@@ -355,7 +356,8 @@ async fn checkout_with_settings<'p>(
 ) -> Result<(Lease<'p>, Presented), SessionError> {
     // A backend that fails the settings query was broken; try a fresh one a couple of times.
     for _ in 0..3 {
-        let at_boundary = client.scanner.at_boundary();
+        // (A tracked client's request is rewritten by its relay: the pool cannot send it as is.)
+        let at_boundary = client.scanner.at_boundary() && client.tracked.is_none();
         let request = crate::pool::Request { bytes: &mut client.buf, at_boundary, max_message, settings: desired, cancel };
         let (mut lease, presented) = entry.checkout_for(Some(request)).await.map_err(SessionError::Pool)?;
         if presented.len > 0 {
@@ -412,6 +414,7 @@ async fn finish_abandoned(mut lease: Lease<'_>, clean: bool, rollbackable: bool,
     if pinned {
         // Back to the login defaults: the next client's settings are re-sent as needed.
         lease.conn().applied = Settings::default();
+        lease.conn().statements.clear();
     }
     lease.release();
 }

@@ -1,0 +1,201 @@
+//! The relay's path for a client with named prepared statements ([`super::prepared`]): the
+//! client's Parse, Bind, Describe and Close are passed on whole, rewritten, with any Parse or
+//! Close the backend needs first; a message of those kinds not yet whole is held back until it
+//! is. Backend answers to the added messages are cut out of the stream, and so is held back the
+//! start of one not yet whole. Everything else streams through as on the untracked path.
+
+use bytes::BytesMut;
+
+use super::prepared::{self, BackendStatements, ClientStatements, Pipeline, Rewriter};
+use super::{Forward, Relay, SQL_READ_LIMIT};
+use crate::backend::settings::Settings;
+use crate::protocol::{MessageScanner, ProtocolError, frontend_tag};
+
+/// A tracked client's statements, and what its relays need for them.
+#[derive(Debug, Default)]
+pub struct TrackedClient {
+    statements: ClientStatements,
+    /// What the backend owes the current relay (empty between relays).
+    pipeline: Pipeline,
+    /// Where rewritten messages are written: a pooled read buffer, given back after each relay.
+    scratch: BytesMut,
+}
+
+impl TrackedClient {
+    pub(super) fn rewriter<'a>(
+        &'a mut self,
+        backend: &'a mut BackendStatements,
+        max: usize,
+        now: u64,
+        settings: Option<&'a Settings>,
+    ) -> Rewriter<'a> {
+        Rewriter { client: &mut self.statements, backend, pipeline: &mut self.pipeline, settings, max, now }
+    }
+
+    /// A relay ended: an idle client keeps no buffer, and a relay left unfinished (the session
+    /// ends then) nothing owed.
+    /// Returns what the relay did with statements.
+    pub(super) fn relay_ended(&mut self) -> prepared::Counts {
+        let counts = std::mem::take(&mut self.pipeline).counts;
+        if self.scratch.capacity() > 0 {
+            crate::bufpool::give(std::mem::take(&mut self.scratch));
+        }
+        counts
+    }
+}
+
+/// Cuts the `drops` ranges out of `buf` and holds back a trailing, incomplete ParseComplete or
+/// CloseComplete (it may be one to drop): the backend's chunk becomes `buf[..returned]`, and
+/// the held bytes follow it.
+pub(super) fn cut(scanner: &mut MessageScanner, buf: &mut BytesMut, drops: &[(usize, usize)]) -> usize {
+    let mut hold_from = buf.len();
+    if let Some((start, b'1' | b'3')) = scanner.partial() {
+        scanner.forget_partial();
+        hold_from = start;
+    }
+    if drops.is_empty() {
+        return hold_from;
+    }
+    let mut write = drops[0].0;
+    for (i, &(_, end)) in drops.iter().enumerate() {
+        let next = drops.get(i + 1).map_or(hold_from, |d| d.0);
+        buf.copy_within(end..next, write);
+        write += next - end;
+    }
+    let len = buf.len();
+    buf.copy_within(hold_from..len, write);
+    buf.truncate(write + (len - hold_from));
+    write
+}
+
+impl Relay<'_> {
+    /// Starts rewriting the client's statement names on this backend.
+    pub(super) fn start_tracking(&mut self) {
+        self.tracked = true;
+        self.now = self.backend.statements.start_relay();
+    }
+
+    /// [`Relay::take_client_chunk`] for a tracked client.
+    pub(super) fn take_client_chunk_tracked(&mut self) -> Result<(), ProtocolError> {
+        if self.client.buf.is_empty() {
+            return Ok(());
+        }
+        let Some(client) = self.client.tracked.as_deref_mut() else {
+            return Ok(());
+        };
+        let out = &mut client.scratch;
+        if out.capacity() == 0 {
+            *out = crate::bufpool::take();
+        }
+        out.clear();
+        let mut rw = Rewriter {
+            client: &mut client.statements,
+            backend: &mut self.backend.statements,
+            pipeline: &mut client.pipeline,
+            settings: Some(&*self.desired),
+            max: self.max_statements,
+            now: self.now,
+        };
+        let buf = &self.client.buf;
+        let t = &mut self.t;
+        // `buf[..copied]` is in `out` (as it was, or rewritten).
+        let mut copied = 0;
+        let mut rewrote = false;
+        let mut forward_to = buf.len();
+        let (mut terminate, mut requests, mut last_tag) = (false, 0u64, 0u8);
+        let mut failed = None;
+        let mut forgets = prepared::Forgets::default();
+        let wants_body = |tag, len| match tag {
+            frontend_tag::PARSE | frontend_tag::BIND | frontend_tag::DESCRIBE | frontend_tag::CLOSE => true,
+            frontend_tag::QUERY => len <= SQL_READ_LIMIT,
+            _ => false,
+        };
+        self.client.scanner.feed(buf, wants_body, |f| {
+            if terminate || failed.is_some() {
+                return;
+            }
+            last_tag = f.tag;
+            let rewritten = match f.tag {
+                frontend_tag::TERMINATE => {
+                    terminate = true;
+                    match f.start {
+                        Some(start) => forward_to = start,
+                        None => {
+                            forward_to = 0;
+                            t.poisoned = true;
+                        }
+                    }
+                    return;
+                }
+                frontend_tag::PARSE | frontend_tag::BIND | frontend_tag::DESCRIBE | frontend_tag::CLOSE => {
+                    // Held back until whole (below), so it starts in this chunk.
+                    let Some(start) = f.start else {
+                        failed = Some(ProtocolError::Malformed("statement message split"));
+                        return;
+                    };
+                    out.extend_from_slice(&buf[copied..start]);
+                    copied = f.end;
+                    rewrote = true;
+                    match f.tag {
+                        frontend_tag::PARSE => rw.parse(f.body, out),
+                        frontend_tag::BIND => rw.bind(f.body, out),
+                        tag => rw.describe_or_close(tag, f.body, out),
+                    }
+                }
+                frontend_tag::QUERY => {
+                    forgets.note(f.body);
+                    rw.ready(false);
+                    Ok(())
+                }
+                frontend_tag::FUNCTION_CALL => {
+                    rw.ready(false);
+                    Ok(())
+                }
+                frontend_tag::SYNC => {
+                    rw.ready(true);
+                    Ok(())
+                }
+                frontend_tag::COPY_DONE | frontend_tag::COPY_FAIL => {
+                    rw.copy_end();
+                    Ok(())
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = rewritten {
+                failed = Some(e);
+                return;
+            }
+            requests += u64::from(t.client_message(f.tag, f.body, true));
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        forgets.apply(rw.client, rw.backend);
+        // A statement message not yet whole waits for the rest.
+        let mut held = None;
+        if !terminate
+            && let Some((start, frontend_tag::PARSE | frontend_tag::BIND | frontend_tag::DESCRIBE | frontend_tag::CLOSE)) =
+                self.client.scanner.partial()
+        {
+            self.client.scanner.forget_partial();
+            forward_to = start;
+            held = Some(start);
+        }
+        self.after_client_chunk(requests, last_tag, terminate, held.is_some());
+        let end = if rewrote {
+            let Some(client) = self.client.tracked.as_deref_mut() else { return Ok(()) };
+            let out = &mut client.scratch;
+            out.extend_from_slice(&self.client.buf[copied..forward_to]);
+            let end = out.len();
+            if let Some(start) = held {
+                out.extend_from_slice(&self.client.buf[start..]);
+            }
+            std::mem::swap(out, &mut self.client.buf);
+            end
+        } else {
+            forward_to
+        };
+        self.to_backend = Forward { sent: 0, end, flushing: false };
+        Ok(())
+    }
+}

@@ -1,0 +1,108 @@
+//! What the relay knows of the transaction it carries: the requests the backend still owes
+//! an answer, extended-protocol messages not yet synced, the status of the last ReadyForQuery,
+//! and what the client's SQL leaves on the backend beyond the transaction
+//! ([`super::session_state`]). Fed message by message by both of the relay's paths.
+
+use std::time::Instant;
+
+use super::SQL_READ_LIMIT;
+use super::session_state::{self, PinReason};
+use crate::protocol::{TxStatus, frontend_tag};
+
+/// What the relay has seen of the transaction so far.
+#[derive(Debug)]
+pub(super) struct Tracker {
+    /// ReadyForQuery messages the backend still owes.
+    pub(super) pending: u32,
+    /// Extended-protocol messages sent since the last Sync.
+    pub(super) unsynced: bool,
+    pub(super) status: TxStatus,
+    /// Partial bytes of a message were forwarded that the backend will never see the end of.
+    pub(super) poisoned: bool,
+    pub(super) request_at: Option<Instant>,
+    /// Requests seen, added to the QueryRequests counters once, when the relay ends.
+    pub(super) requests: u64,
+    /// The client created state that lives on this backend only (the first reason seen).
+    pub(super) pins_session: Option<PinReason>,
+    /// Whether a SET the proxy does not follow pins (`PoolConfig::pin_variable_sets`).
+    pub(super) pin_variable_sets: bool,
+    /// Parameters set so far (see `RelayEnd::sets`).
+    pub(super) sets: Vec<String>,
+    /// The client's stream is inside a message (what was forwarded ends mid-message).
+    pub(super) client_mid_message: bool,
+    /// What was forwarded ends with a whole request the backend answers (Query, Sync,
+    /// FunctionCall): the client now waits, and so may the relay, on the backend alone.
+    pub(super) awaits_reply: bool,
+    /// The backend started a COPY from the client and waits for its data (it ignores a Sync
+    /// meanwhile): the relay never waits on the backend alone then.
+    pub(super) copy_in: bool,
+}
+
+impl Tracker {
+    /// Books a client message (`body`: as far as the scanner copied it): what the backend will
+    /// owe for it, and what its SQL leaves behind. `tracked`: a named Parse is rewritten, not
+    /// pinned. Returns whether it is a request (answered by ReadyForQuery).
+    pub(super) fn client_message(&mut self, tag: u8, body: &[u8], tracked: bool) -> bool {
+        match tag {
+            frontend_tag::QUERY => {
+                self.pending += 1;
+                if self.pins_session.is_none() {
+                    match body.split_last() {
+                        // The SQL runs to the NUL that ends the body.
+                        Some((0, sql)) => self.read_sql(sql),
+                        // Malformed: the database refuses it.
+                        Some(_) => {}
+                        // Not copied: longer than SQL_READ_LIMIT.
+                        None => self.pins_session = Some(PinReason::Unread),
+                    }
+                }
+                true
+            }
+            frontend_tag::FUNCTION_CALL => {
+                self.pending += 1;
+                true
+            }
+            frontend_tag::SYNC => {
+                self.pending += 1;
+                self.unsynced = false;
+                true
+            }
+            frontend_tag::PARSE => {
+                self.unsynced = true;
+                if self.pins_session.is_none() {
+                    // A Parse body starts with the statement name (empty: unnamed), then the SQL.
+                    let after_name = body.iter().position(|&b| b == 0).map(|nul| (nul, &body[nul + 1..]));
+                    match after_name {
+                        Some((0, rest)) => self.read_sql(rest.split(|&b| b == 0).next().unwrap_or_default()),
+                        Some((_, rest)) if tracked => match rest.split(|&b| b == 0).next() {
+                            Some(sql) if sql.len() <= SQL_READ_LIMIT => self.read_sql(sql),
+                            _ => self.pins_session = Some(PinReason::Unread),
+                        },
+                        Some(_) => self.pins_session = Some(PinReason::NamedStatement),
+                        // Not copied (longer than SQL_READ_LIMIT), or malformed.
+                        None => self.pins_session = Some(PinReason::Unread),
+                    }
+                }
+                false
+            }
+            frontend_tag::BIND | frontend_tag::DESCRIBE | frontend_tag::EXECUTE | frontend_tag::CLOSE | frontend_tag::FLUSH => {
+                self.unsynced = true;
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Notes what a statement text leaves on the backend beyond the transaction.
+    pub(super) fn read_sql(&mut self, sql: &[u8]) {
+        let effects = session_state::session_effects(sql, self.pin_variable_sets);
+        self.pins_session = effects.pin;
+        for name in effects.sets {
+            // (Past the cap the session pins anyway: one name more says so.)
+            if self.sets.len() <= session_state::MAX_FOLLOWED_SETTINGS && !self.sets.contains(&name) {
+                self.sets.push(name);
+            }
+        }
+    }
+}
+

@@ -1,0 +1,264 @@
+//! Named prepared statements under transaction pooling (`pool.max_prepared_statements`, as in
+//! PgBouncer): clients that prepare statements (tokio-postgres, pgbench -M prepared, JDBC, pgx,
+//! asyncpg) share few backends instead of pinning one each; each statement follows its client
+//! to whichever backend serves it, and means there what it meant to its client.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use common::{Harness, RawClient, sqlstate};
+
+/// (pid, value) from a statement returning both.
+async fn pid_and(c: &tokio_postgres::Client, stmt: &tokio_postgres::Statement, arg: i32) -> (i32, i32) {
+    let row = c.query_one(stmt, &[&arg]).await.expect("the statement runs wherever the client is served");
+    (row.get(0), row.get(1))
+}
+
+/// Server statements on the backend that runs this (an unnamed statement: it adds none).
+async fn statements_on_backend(c: &tokio_postgres::Client) -> i64 {
+    c.query_typed_one("SELECT count(*) FROM pg_prepared_statements", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_named_statements_share_one_backend_without_pinning() {
+    // One backend, and a short borrow timeout: a pinned client would starve the other.
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.borrow_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let a = h.client().await;
+    let b = h.client().await;
+    let sql = "SELECT pg_backend_pid(), $1::int4 * 2";
+    let sa = a.prepare(sql).await.unwrap();
+    let sb = b.prepare(sql).await.unwrap();
+    let own = b.prepare("SELECT pg_backend_pid(), $1::int4 + 1000").await.unwrap();
+    for i in 0..10 {
+        let (pid_a, va) = pid_and(&a, &sa, i).await;
+        let (pid_b, vb) = pid_and(&b, &sb, i).await;
+        assert_eq!((va, vb), (i * 2, i * 2));
+        assert_eq!(pid_a, pid_b, "one backend serves both");
+        assert_eq!(pid_and(&b, &own, i).await.1, i + 1000);
+    }
+    assert_eq!(h.metric("DatabaseConnectionsCurrentlySessionPinned"), 0.0);
+    // The same statement from both clients is one statement on the backend.
+    assert_eq!(statements_on_backend(&a).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_follows_its_client_to_a_backend_that_never_saw_it() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 2).await;
+    let client = h.client().await;
+    let stmt = client.prepare("SELECT pg_backend_pid(), $1::int4 - 1").await.unwrap();
+    let (first, v) = pid_and(&client, &stmt, 10).await;
+    assert_eq!(v, 9);
+    // Another client holds the backend the statement was prepared on (the most recently used
+    // one, which the pool hands out first), inside a transaction.
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let held: i32 = holder.query_typed_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_eq!(held, first);
+    let (second, v) = pid_and(&client, &stmt, 20).await;
+    assert_ne!(second, first, "served by the other backend");
+    assert_eq!(v, 19, "parsed there first, on the fly");
+    assert_eq!(h.metric("pgwarden_prepared_statements{event=\"backend_parse\"}"), 1.0);
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_text_under_another_search_path_is_another_statement() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    h.client()
+        .await
+        .batch_execute("CREATE SCHEMA sa; CREATE SCHEMA sb; CREATE TABLE sa.t (x int); CREATE TABLE sb.t (x int); INSERT INTO sa.t VALUES (1); INSERT INTO sb.t VALUES (2)")
+        .await
+        .unwrap();
+    let a = common::connect(&format!("{} options='-c search_path=sa'", h.conn_str())).await.unwrap();
+    let b = common::connect(&format!("{} options='-c search_path=sb'", h.conn_str())).await.unwrap();
+    let sa = a.prepare("SELECT x FROM t").await.unwrap();
+    let sb = b.prepare("SELECT x FROM t").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(a.query_one(&sa, &[]).await.unwrap().get::<_, i32>(0), 1);
+        assert_eq!(b.query_one(&sb, &[]).await.unwrap().get::<_, i32>(0), 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_other_settings_never_share_a_statement() {
+    // A date literal is read when the statement is parsed, in the DateStyle of the moment:
+    // one client's copy would give the other client the wrong date.
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let dmy = common::connect(&format!("{} options='-c datestyle=ISO,DMY'", h.conn_str())).await.unwrap();
+    let mdy = common::connect(&format!("{} options='-c datestyle=ISO,MDY'", h.conn_str())).await.unwrap();
+    let sql = "SELECT '01/02/2024'::date::text";
+    let a = dmy.prepare(sql).await.unwrap();
+    let b = mdy.prepare(sql).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(dmy.query_one(&a, &[]).await.unwrap().get::<_, String>(0), "2024-02-01");
+        assert_eq!(mdy.query_one(&b, &[]).await.unwrap().get::<_, String>(0), "2024-01-02");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_limit_the_backend_closes_its_least_recently_used_statements() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.max_prepared_statements = 2;
+    })
+    .await;
+    let c = h.client().await;
+    let mut stmts = Vec::new();
+    for n in 0..5 {
+        stmts.push(c.prepare(&format!("SELECT $1::int4 + {n}")).await.unwrap());
+    }
+    for round in 0..3 {
+        for (n, s) in stmts.iter().enumerate() {
+            assert_eq!(c.query_one(s, &[&round]).await.unwrap().get::<_, i32>(0), round + n as i32);
+        }
+    }
+    assert!(statements_on_backend(&c).await <= 2, "the backend keeps at most the limit");
+    assert!(h.metric("pgwarden_prepared_statements{event=\"evicted\"}") >= 13.0, "each round closes what the next needs");
+    assert_eq!(h.metric("pgwarden_prepared_statements{event=\"client_parse\"}"), 5.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_mode_runs_many_clients_on_few_backends_with_zero_failures() {
+    // 16 clients, 5 backends: pinned, 11 of them would wait out the borrow timeout.
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 5;
+        c.pool.borrow_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let hh = &h;
+    tokio::task::block_in_place(|| {
+        let pgbench = |args: &[&str]| {
+            let out = std::process::Command::new(hh.env.cluster.client_tool("pgbench"))
+                .args(args)
+                .arg(hh.libpq_conn())
+                .env("PGPASSWORD", hh.env.password())
+                .output()
+                .expect("pgbench runs");
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+            text
+        };
+        pgbench(&["-i", "-s", "1", "-q"]);
+        // (pgbench prepares each statement with a blocking PQprepare the first time a client
+        // runs it: in a script with BEGIN, a thread of several clients would wait there for a
+        // backend its own other clients hold, behind any transaction pooler. One thread per
+        // client for the tpcb-like script.)
+        for script in [&["-S", "-j", "2"][..], &["-j", "16"][..]] {
+            let mut args = vec!["-M", "prepared", "-c", "16", "-t", "100"];
+            args.extend_from_slice(script);
+            let report = pgbench(&args);
+            assert!(report.contains("number of transactions actually processed: 1600/1600"), "{report}");
+            assert!(report.contains("number of failed transactions: 0 "), "{report}");
+        }
+    });
+    assert!(h.backend_count() <= 5, "pool of 5 never exceeded");
+    assert_eq!(h.metric("pgwarden_session_pins{reason=\"named_statement\"}"), 0.0);
+}
+
+fn message(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = BytesMut::new();
+    out.put_u8(tag);
+    out.put_i32(4 + len as i32);
+    for p in parts {
+        out.put_slice(p);
+    }
+    out.to_vec()
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    message(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"])
+}
+
+/// Bind the unnamed portal to statement `name` (no parameters, text results), run it, Sync.
+fn bind_execute_sync(name: &str) -> Vec<u8> {
+    let mut v = message(b'B', &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"]);
+    v.extend(message(b'E', &[b"\0\0\0\0\0"]));
+    v.extend(message(b'S', &[]));
+    v
+}
+
+/// Tags of the messages up to ReadyForQuery, and the first error's SQLSTATE.
+async fn until_ready(raw: &mut RawClient) -> (String, Option<String>) {
+    let (mut tags, mut error) = (String::new(), None);
+    loop {
+        let m = raw.recv().await.expect("an answer up to ReadyForQuery");
+        tags.push(m.tag as char);
+        if m.tag == b'E' && error.is_none() {
+            error = Some(m.error_fields().0);
+        }
+        if m.tag == b'Z' {
+            return (tags, error);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_skipped_parses_leave_no_statement_and_a_reused_name_ends_the_session() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let mut raw = RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    // A Parse that fails, and one after it that the backend skips up to the Sync.
+    let mut pipeline = parse("s", "SELEC 1");
+    pipeline.extend(parse("skipped", "SELECT 2"));
+    pipeline.extend(message(b'S', &[]));
+    raw.send(&pipeline).await;
+    assert_eq!(until_ready(&mut raw).await, ("EZ".into(), Some("42601".into())));
+    raw.send(&bind_execute_sync("skipped")).await;
+    assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"), "never prepared, as on PostgreSQL");
+    // Both names are free: a Parse of each works, and so do they.
+    let mut pipeline = parse("s", "SELECT 7");
+    pipeline.extend(parse("skipped", "SELECT 8"));
+    pipeline.extend(bind_execute_sync("s"));
+    raw.send(&pipeline).await;
+    assert_eq!(until_ready(&mut raw).await, ("112DCZ".into(), None));
+    // Close frees a name; the client's next Parse of it gets its own definition.
+    let mut pipeline = message(b'C', &[b"Ss\0"]);
+    pipeline.extend(parse("s", "SELECT 9"));
+    pipeline.extend(bind_execute_sync("s"));
+    raw.send(&pipeline).await;
+    let answer = raw.recv().await.unwrap();
+    assert_eq!(answer.tag, b'3', "CloseComplete first");
+    assert_eq!(until_ready(&mut raw).await, ("12DCZ".into(), None));
+    // A Parse of a name in use: PgBouncer's answer, a FATAL error and the end of the session.
+    raw.send(&parse("skipped", "SELECT 10")).await;
+    raw.send(&message(b'S', &[])).await;
+    raw.expect_fatal_then_close("42P05").await;
+    // The backend was not handed on dirty: others carry on.
+    let c = h.client().await;
+    let s = c.prepare("SELECT 11").await.unwrap();
+    assert_eq!(c.query_one(&s, &[]).await.unwrap().get::<_, i32>(0), 11);
+    // The backend knows statements by pgwarden's names only, never by a client's.
+    let names = common::first_column(&c, "SELECT coalesce(string_agg(name, ','), '') FROM pg_prepared_statements").await;
+    assert!(!names[0].is_empty() && names[0].split(',').all(|n| n.starts_with("pgwarden_")), "{names:?}");
+    let err = c.batch_execute("EXECUTE skipped").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("26000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_stdin_with_a_named_statement_gives_the_backend_back() {
+    // tokio-postgres prepares the COPY and sends a Sync with it that the backend ignores: the
+    // relay must not wait for its answer, or the one backend stays with the copying client.
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.borrow_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let copier = h.client().await;
+    let other = h.client().await;
+    copier.batch_execute("CREATE TABLE copied (n int)").await.unwrap();
+    for round in 0..3i64 {
+        let sink = copier.copy_in("COPY copied FROM STDIN").await.unwrap();
+        futures_util::pin_mut!(sink);
+        futures_util::SinkExt::send(&mut sink, bytes::Bytes::from("1\n2\n3\n")).await.unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 3);
+        let count: i64 = other.query_typed_one("SELECT count(*) FROM copied", &[]).await.expect("the backend is free").get(0);
+        assert_eq!(count, 3 * (round + 1));
+    }
+}
