@@ -262,3 +262,35 @@ async fn copy_from_stdin_with_a_named_statement_gives_the_backend_back() {
         assert_eq!(count, 3 * (round + 1));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_parsed_under_set_local_is_never_shared() {
+    // transform_null_equals is read when a statement is parsed (`1 = NULL` becomes `1 IS NULL`)
+    // and, unlike DateStyle, the server does not report it: a SET LOCAL of it is invisible in
+    // the client's settings, which key shared statements.
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let sql = "SELECT ((1 = NULL) IS NULL)::text";
+    let b = h.client().await;
+    let sb = b.prepare(sql).await.unwrap();
+    assert_eq!(b.query_one(&sb, &[]).await.unwrap().get::<_, String>(0), "true");
+    let mut a = h.client().await;
+    let tx = a.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL transform_null_equals = on").await.unwrap();
+    let sa = tx.prepare(sql).await.unwrap();
+    assert_eq!(tx.query_one(&sa, &[]).await.unwrap().get::<_, String>(0), "false");
+    tx.commit().await.unwrap();
+    assert_eq!(b.query_one(&sb, &[]).await.unwrap().get::<_, String>(0), "true", "b's statement untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clients_deallocate_all_does_not_break_statements() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let a = h.client().await;
+    let s = a.prepare("SELECT $1::int4 * 3").await.unwrap();
+    assert_eq!(a.query_one(&s, &[&2]).await.unwrap().get::<_, i32>(0), 6);
+    // A client without statements of its own drops every statement on the shared backend.
+    let b = h.client().await;
+    b.batch_execute("DEALLOCATE ALL").await.unwrap();
+    drop(b);
+    assert_eq!(a.query_one(&s, &[&3]).await.expect("parsed again where it was dropped").get::<_, i32>(0), 9);
+}

@@ -38,8 +38,8 @@ pub enum ProtocolError {
     UnexpectedTag { tag: char, context: &'static str },
     #[error("prepared statement name is already in use")]
     DuplicateStatement,
-    #[error("more than {max} named prepared statements in one session")]
-    TooManyStatements { max: usize },
+    #[error("more than 10000 named prepared statements, or 32 MiB of them, in one session")]
+    TooManyStatements,
 }
 
 impl ProtocolError {
@@ -47,7 +47,7 @@ impl ProtocolError {
         match self {
             ProtocolError::UnsupportedVersion { .. } => SqlState::FEATURE_NOT_SUPPORTED,
             ProtocolError::DuplicateStatement => SqlState::DUPLICATE_PREPARED_STATEMENT,
-            ProtocolError::TooManyStatements { .. } => SqlState::PROGRAM_LIMIT_EXCEEDED,
+            ProtocolError::TooManyStatements => SqlState::PROGRAM_LIMIT_EXCEEDED,
             _ => SqlState::PROTOCOL_VIOLATION,
         }
     }

@@ -60,13 +60,13 @@ impl MessageScanner {
     }
 
     /// The message the last [`feed`](Self::feed) left incomplete, if it started in that chunk:
-    /// its offset there and its tag.
-    pub fn partial(&self) -> Option<(usize, u8)> {
+    /// its offset there, its tag, and how many more bytes at least it needs.
+    pub fn partial(&self) -> Option<(usize, u8, usize)> {
         if self.at_boundary() {
             return None;
         }
-        let tag = if self.in_body { self.tag } else { self.header[0] };
-        self.start.map(|start| (start, tag))
+        let (tag, missing) = if self.in_body { (self.tag, self.remaining) } else { (self.header[0], 5 - self.header_len) };
+        self.start.map(|start| (start, tag, missing))
     }
 
     /// Forgets the incomplete message, as if its bytes had not been fed: the caller keeps them
@@ -77,6 +77,9 @@ impl MessageScanner {
         self.remaining = 0;
         self.capture = false;
         self.split_body.clear();
+        if self.split_body.capacity() > KEEP_SPLIT_CAPACITY {
+            self.split_body = Vec::new();
+        }
         self.start = None;
     }
 
@@ -238,7 +241,7 @@ mod tests {
         data.extend_from_slice(&parse[..9]);
         let mut s = MessageScanner::new(1024);
         assert_eq!(collect(&mut s, &data).len(), 1);
-        assert_eq!(s.partial(), Some((6, b'P')));
+        assert_eq!(s.partial(), Some((6, b'P', parse.len() - 9)));
         s.forget_partial();
         assert!(s.at_boundary() && s.partial().is_none());
         let got = collect(&mut s, &parse);

@@ -149,6 +149,8 @@ struct Relay<'a> {
     now: u64,
     /// Bytes after `to_client`'s chunk held back (the start of a message the relay may drop).
     backend_held: usize,
+    /// Tracked: the client's buffer holds back a message this long, not to be read before.
+    client_need: usize,
 }
 
 
@@ -181,6 +183,7 @@ pub async fn relay(
         tracked: false,
         now: 0,
         backend_held: 0,
+        client_need: 0,
         t: Tracker {
             pending: 0,
             unsynced: false,
@@ -371,7 +374,10 @@ impl Relay<'_> {
             (t.pending, t.unsynced, t.pins_session) = (before.0, before.1, before.2);
             t.sets.truncate(before.3);
             self.client.scanner = MessageScanner::new(self.client.scanner.max_body());
-            self.client.tracked = Some(Box::default());
+            let mut tracked = Box::<TrackedClient>::default();
+            // What this relay passed on before was not read for settings (`SET LOCAL`, ...).
+            tracked.settings_unsure_if(self.t.requests > 0);
+            self.client.tracked = Some(tracked);
             self.start_tracking();
             return self.take_client_chunk_tracked();
         }

@@ -2,12 +2,14 @@
 //! RDS Proxy pins the session instead, as pgwarden does when the setting is 0). A client's
 //! named statements are remembered per session, by the client's name, as the Parse it sent;
 //! each backend holds its own copies under names of its own (`pgwarden_<n>`), keyed by that
-//! Parse and the client's session settings (`search_path` changes what a statement means), so
-//! clients preparing the same statement share one copy. The relay rewrites the statement name in
-//! every Parse, Bind, Describe and Close; a Bind or Describe of a statement the backend does not
-//! have yet is preceded by a Parse of it; a backend over its limit closes its least recently
-//! used statement. The answers to those added messages (ParseComplete, CloseComplete) are taken
-//! out of the stream the client sees, in order ([`Expect`]).
+//! Parse and the client's session settings (a literal is read in the settings of the moment:
+//! `'01/02/2024'::date` under another `DateStyle` is another statement), so clients preparing
+//! the same statement with the same settings share one copy; one parsed in a transaction that
+//! may have changed settings (`SET LOCAL`, ...) is nobody else's. The relay rewrites the
+//! statement name in every Parse, Bind, Describe and Close; a Bind or Describe of a statement
+//! the backend does not have yet is preceded by a Parse of it; a backend over its limit closes
+//! its least recently used statements. The answers to those added messages (ParseComplete,
+//! CloseComplete) are taken out of the stream the client sees, in order ([`Expect`]).
 //!
 //! A client Close of a named statement only forgets the client's name (the backend's copy may
 //! serve others) and still reaches the backend, under a name no statement has, for its
@@ -17,6 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, BytesMut};
@@ -29,8 +32,9 @@ const SERVER_PREFIX: &[u8] = b"pgwarden_";
 /// The name a client's Close of a named statement reaches the backend with: never prepared,
 /// so the backend answers CloseComplete and closes nothing.
 const NO_STATEMENT: &[u8] = b"pgwarden_";
-/// Most named statements one client may hold at once.
+/// Most named statements one client may hold at once, and their most bytes.
 pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
+pub const MAX_CLIENT_STATEMENT_BYTES: usize = 32 * 1024 * 1024;
 
 const PARSE_COMPLETE: u8 = b'1';
 const CLOSE_COMPLETE: u8 = b'3';
@@ -45,7 +49,7 @@ fn hasher() -> &'static std::collections::hash_map::RandomState {
 pub struct Statement {
     /// The Parse body after the name: the SQL, its NUL, the parameter types.
     definition: Box<[u8]>,
-    /// The client's session settings when it was parsed.
+    /// The client's session settings when it was parsed (or a number no other has).
     settings: u64,
     hash: u64,
 }
@@ -92,24 +96,46 @@ fn settings_fingerprint(settings: &Settings) -> u64 {
         .fold(0, u64::wrapping_add)
 }
 
+/// A settings "fingerprint" no fingerprint equals (well, one in 2^63): for a statement parsed
+/// where the settings in force are not known, never to be shared.
+fn unshared_settings() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    (1 << 63) | NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// One client's named statements, by the client's names.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     by_name: HashMap<Box<[u8]>, StatementRef>,
+    /// Bytes of the definitions held.
+    bytes: usize,
 }
 
 impl ClientStatements {
-    /// Forgets every statement (the client ran `DISCARD ALL` or `DEALLOCATE ALL`).
-    pub fn clear(&mut self) {
-        self.by_name.clear();
-    }
-
     pub fn len(&self) -> usize {
         self.by_name.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
+    }
+
+    fn insert(&mut self, name: &[u8], stmt: StatementRef) {
+        self.bytes += stmt.0.definition.len();
+        if let Some(old) = self.by_name.insert(name.into(), stmt) {
+            self.bytes -= old.0.definition.len();
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<StatementRef> {
+        let old = self.by_name.remove(name)?;
+        self.bytes -= old.0.definition.len();
+        Some(old)
+    }
+
+    fn clear(&mut self) {
+        self.by_name.clear();
+        self.bytes = 0;
     }
 }
 
@@ -120,6 +146,10 @@ pub struct BackendStatements {
     next_id: u64,
     /// Counts relays, to know which statements the current one uses.
     clock: u64,
+    /// Statements that may exist on the backend unknown to `slots` (a Parse or Close of them was
+    /// skipped after an error): closed with the next rewritten message (closing a statement that
+    /// does not exist is no error).
+    to_close: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -133,6 +163,7 @@ impl BackendStatements {
     /// are never reused, so one that survived cannot be confused with a new one.
     pub fn clear(&mut self) {
         self.slots.clear();
+        self.to_close.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -162,20 +193,23 @@ impl BackendStatements {
         id
     }
 
-    /// If over `max`, removes the least recently used statement the current relay (`now`) has
-    /// not used, and returns its id (to be closed on the backend). Statements the relay uses
-    /// stay: closing one would close the portals bound from it.
-    fn evict(&mut self, max: usize, now: u64) -> Option<u64> {
-        if self.slots.len() <= max {
-            return None;
+    /// While over `max`, removes the least recently used statement the current relay (`now`)
+    /// has not used (closing one would close the portals bound from it), or past twice `max`
+    /// any: the ids to close on the backend.
+    fn evict(&mut self, max: usize, now: u64) -> Vec<u64> {
+        let mut ids = Vec::new();
+        while self.slots.len() > max {
+            let hard = self.slots.len() > max.saturating_mul(2);
+            let victim = self.slots.iter().filter(|(_, s)| hard || s.used < now).min_by_key(|(_, s)| s.used);
+            let Some((victim, slot)) = victim else { break };
+            let (victim, id) = (victim.clone(), slot.id);
+            self.slots.remove(&victim);
+            ids.push(id);
         }
-        let (victim, slot) = self.slots.iter().filter(|(_, s)| s.used < now).min_by_key(|(_, s)| s.used)?;
-        let (victim, id) = (victim.clone(), slot.id);
-        self.slots.remove(&victim);
-        Some(id)
+        ids
     }
 
-    /// Forgets `stmt` if the backend holds it as `id` (its Parse failed).
+    /// Forgets `stmt` if the backend holds it as `id`.
     fn forget(&mut self, stmt: &StatementRef, id: u64) {
         if self.slots.get(stmt).is_some_and(|s| s.id == id) {
             self.slots.remove(stmt);
@@ -191,6 +225,9 @@ pub struct Pipeline {
     client_copy_ends: u32,
     /// CopyInResponses the backend sent.
     copies_started: u32,
+    /// The relay passed on SQL that may change settings: statements parsed from then on are
+    /// not shared.
+    settings_unsure: bool,
     pub counts: Counts,
 }
 
@@ -206,58 +243,25 @@ impl Pipeline {
     pub fn is_empty(&self) -> bool {
         self.expect.is_empty()
     }
+
+    pub fn settings_unsure(&mut self, unsure: bool) {
+        self.settings_unsure |= unsure;
+    }
 }
 
 /// An answer the backend owes for a message the relay passed on or added, in order.
 #[derive(Debug)]
 pub enum Expect {
     /// ParseComplete. `added`: a Parse the relay sent (its answer is dropped). `defines`: what
-    /// to forget should the Parse fail.
+    /// to undo should the Parse be skipped or fail.
     Parse { added: bool, defines: Option<Defines> },
-    /// CloseComplete; `added`: the relay's own Close (its answer is dropped).
-    Close { added: bool },
-    /// ReadyForQuery (Sync, Query, FunctionCall): after an error the backend skips the
-    /// extended-protocol messages up to here. A Sync's holds how many COPYs the client had
-    /// ended when it sent it: one sent during COPY FROM STDIN is ignored by the backend.
-    Ready { sync_copy_ends: Option<u32> },
-}
-
-/// `DEALLOCATE` and `DISCARD ALL` a client runs as SQL: whatever they name, the backend's
-/// statements may be gone; with `ALL`, the client's too. (`DEALLOCATE name` of a statement the
-/// client prepared with Parse reaches the backend as it is, which knows no such name: 26000.)
-#[derive(Debug, Default)]
-pub struct Forgets {
-    backend: bool,
-    client: bool,
-}
-
-impl Forgets {
-    /// Reads a Query's text.
-    pub fn note(&mut self, sql: &[u8]) {
-        let mut words = sql.split(|b| !(b.is_ascii_alphanumeric() || *b == b'_')).filter(|w| !w.is_empty());
-        while let Some(word) = words.next() {
-            let deallocate = word.eq_ignore_ascii_case(b"deallocate");
-            if !deallocate && !word.eq_ignore_ascii_case(b"discard") {
-                continue;
-            }
-            let mut next = words.next();
-            if deallocate && next.is_some_and(|w| w.eq_ignore_ascii_case(b"prepare")) {
-                next = words.next();
-            }
-            let all = next.is_some_and(|w| w.eq_ignore_ascii_case(b"all"));
-            self.backend |= deallocate || all;
-            self.client |= all;
-        }
-    }
-
-    pub fn apply(self, client: &mut ClientStatements, backend: &mut BackendStatements) {
-        if self.backend {
-            backend.clear();
-        }
-        if self.client {
-            client.clear();
-        }
-    }
+    /// CloseComplete. `added`: the relay's own Close of statement `id` (its answer is dropped).
+    /// `forgot`: the client's name a client Close removed, to restore should it be skipped.
+    Close { added: Option<u64>, forgot: Option<(Box<[u8]>, StatementRef)> },
+    /// ReadyForQuery: a Sync's (`sync_copy_ends`: how many COPYs the client had ended when it
+    /// sent it: one sent during COPY FROM STDIN is ignored by the backend), or a Query's or
+    /// FunctionCall's (`in_batch`: sent after extended-protocol messages not yet synced).
+    Ready { sync_copy_ends: Option<u32>, in_batch: bool },
 }
 
 /// The statement a named Parse defines on the backend (as `id`), and the client's name for it
@@ -289,6 +293,13 @@ pub struct Rewriter<'a> {
 }
 
 impl Rewriter<'_> {
+    /// Before the client's next message: closes what an error left behind.
+    pub fn begin(&mut self, out: &mut BytesMut) {
+        for id in std::mem::take(&mut self.backend.to_close) {
+            self.add_close(id, out);
+        }
+    }
+
     /// A whole Parse (`body` after the 5-byte header): passed on under the backend's name.
     pub fn parse(&mut self, body: &[u8], out: &mut BytesMut) -> Result<(), ProtocolError> {
         let (name, definition) = split_cstr(body)?;
@@ -300,12 +311,17 @@ impl Rewriter<'_> {
         if self.client.by_name.contains_key(name) {
             return Err(ProtocolError::DuplicateStatement);
         }
-        if self.client.by_name.len() >= MAX_CLIENT_STATEMENTS {
-            return Err(ProtocolError::TooManyStatements { max: MAX_CLIENT_STATEMENTS });
+        if self.client.by_name.len() >= MAX_CLIENT_STATEMENTS || self.client.bytes + definition.len() > MAX_CLIENT_STATEMENT_BYTES {
+            return Err(ProtocolError::TooManyStatements);
         }
         self.pipeline.counts.client_parses += 1;
-        let stmt = StatementRef::new(definition, self.settings.map_or(0, settings_fingerprint));
-        self.client.by_name.insert(name.into(), stmt.clone());
+        let settings = match self.settings {
+            Some(_) if self.pipeline.settings_unsure => unshared_settings(),
+            Some(settings) => settings_fingerprint(settings),
+            None => 0,
+        };
+        let stmt = StatementRef::new(definition, settings);
+        self.client.insert(name, stmt.clone());
         let id = match self.backend.touch(&stmt, self.now) {
             // Already there: closed and parsed again, so the client gets its ParseComplete
             // from the backend, in order.
@@ -336,37 +352,54 @@ impl Rewriter<'_> {
     /// A whole Describe or Close (`tag`): of a statement ('S'), the name becomes the backend's.
     pub fn describe_or_close(&mut self, tag: u8, body: &[u8], out: &mut BytesMut) -> Result<(), ProtocolError> {
         let close = tag == b'C';
-        if close {
-            self.pipeline.expect.push_back(Expect::Close { added: false });
-        }
         let (kind, name) = match body.split_first() {
             Some((b'S', rest)) => (b'S', split_cstr(rest)?.0),
             // A portal (or nonsense, which the backend refuses): as it is.
             _ => {
+                if close {
+                    self.pipeline.expect.push_back(Expect::Close { added: None, forgot: None });
+                }
                 put_message(out, tag, &[body]);
                 return Ok(());
             }
         };
-        if name.is_empty() {
-            put_message(out, tag, &[body]);
-        } else if close {
+        if close {
             // The client's name goes; the backend's copy stays for other clients.
-            self.client.by_name.remove(name);
-            put_message(out, tag, &[&[kind], NO_STATEMENT, b"\0"]);
-        } else {
-            match self.backend_name_for(name, out) {
-                Some(id) => put_named(out, tag, &[kind], id, &[]),
-                None if name.starts_with(SERVER_PREFIX) => put_message(out, tag, &[&[kind], NO_STATEMENT, b"\0"]),
-                None => put_message(out, tag, &[body]),
+            let forgot = if name.is_empty() { None } else { self.client.remove(name).map(|stmt| (name.into(), stmt)) };
+            self.pipeline.expect.push_back(Expect::Close { added: None, forgot });
+            if name.is_empty() {
+                put_message(out, tag, &[body]);
+            } else {
+                put_message(out, tag, &[&[kind], NO_STATEMENT, b"\0"]);
             }
+            return Ok(());
+        }
+        match self.backend_name_for(name, out) {
+            Some(id) => put_named(out, tag, &[kind], id, &[]),
+            None if name.starts_with(SERVER_PREFIX) => put_message(out, tag, &[&[kind], NO_STATEMENT, b"\0"]),
+            None => put_message(out, tag, &[body]),
         }
         Ok(())
     }
 
-    /// A message that ends in ReadyForQuery (Query, Sync, FunctionCall) was passed on.
-    pub fn ready(&mut self, sync: bool) {
+    /// SQL the client sent (a Query's, or a Parse's) was read: `may_set` if it may change
+    /// settings; `drops` if it deallocates statements (all of them: `Some(true)`).
+    pub fn sql(&mut self, may_set: bool, drops: Option<bool>) {
+        self.pipeline.settings_unsure |= may_set;
+        // The backend's statements may be gone, the client's too if all are.
+        if let Some(all) = drops {
+            self.backend.clear();
+            if all {
+                self.client.clear();
+            }
+        }
+    }
+
+    /// A message that ends in ReadyForQuery was passed on: a Sync (`sync`), or a Query or
+    /// FunctionCall, `in_batch` if extended-protocol messages before it are not yet synced.
+    pub fn ready(&mut self, sync: bool, in_batch: bool) {
         let sync_copy_ends = sync.then_some(self.pipeline.client_copy_ends);
-        self.pipeline.expect.push_back(Expect::Ready { sync_copy_ends });
+        self.pipeline.expect.push_back(Expect::Ready { sync_copy_ends, in_batch: in_batch && !sync });
     }
 
     /// The client ended a COPY FROM STDIN (CopyDone or CopyFail).
@@ -382,11 +415,11 @@ impl Rewriter<'_> {
         let before_this_end = self.pipeline.copies_started;
         self.pipeline.copies_started += 1;
         let waiting = self.pipeline.expect.len();
-        self.pipeline.expect.retain(|e| !matches!(e, Expect::Ready { sync_copy_ends: Some(n) } if *n <= before_this_end));
+        self.pipeline.expect.retain(|e| !matches!(e, Expect::Ready { sync_copy_ends: Some(n), .. } if *n <= before_this_end));
         (waiting - self.pipeline.expect.len()) as u32
     }
 
-    /// The backend's name for the client's statement `name`, parsing it there first (into
+    /// The backend name for the client's statement `name`, parsing it there first (into
     /// `out`) if the backend lacks it. `None`: the client has no such statement.
     fn backend_name_for(&mut self, name: &[u8], out: &mut BytesMut) -> Option<u64> {
         let stmt = self.client.by_name.get(name)?.clone();
@@ -400,11 +433,11 @@ impl Rewriter<'_> {
         Some(id)
     }
 
-    /// Gives `stmt` a backend name, first closing the backend's least recently used statement
+    /// Gives `stmt` a backend name, first closing the backend's least recently used statements
     /// if that puts it over the limit.
     fn backend_insert(&mut self, stmt: StatementRef, out: &mut BytesMut) -> u64 {
         let id = self.backend.insert(stmt, self.now);
-        if let Some(old) = self.backend.evict(self.max, self.now) {
+        for old in self.backend.evict(self.max, self.now) {
             self.pipeline.counts.evictions += 1;
             self.add_close(old, out);
         }
@@ -413,7 +446,7 @@ impl Rewriter<'_> {
 
     fn add_close(&mut self, id: u64, out: &mut BytesMut) {
         put_named(out, b'C', b"S", id, &[]);
-        self.pipeline.expect.push_back(Expect::Close { added: true });
+        self.pipeline.expect.push_back(Expect::Close { added: Some(id), forgot: None });
     }
 
     /// Books a backend message (`tag`) against what is expected; says whether the client sees it.
@@ -425,19 +458,28 @@ impl Rewriter<'_> {
                 _ => Err(ProtocolError::Malformed("ParseComplete for no Parse")),
             },
             CLOSE_COMPLETE => match self.pop_past_ready() {
-                Some(Expect::Close { added }) => Ok(if added { Answer::Drop } else { Answer::Pass }),
+                Some(Expect::Close { added, .. }) => Ok(if added.is_some() { Answer::Drop } else { Answer::Pass }),
                 _ => Err(ProtocolError::Malformed("CloseComplete for no Close")),
             },
             backend_tag::ERROR_RESPONSE => {
                 // The failed message and the rest up to the next Sync got or get no answer.
-                while matches!(self.pipeline.expect.front(), Some(Expect::Parse { .. } | Expect::Close { .. })) {
-                    if let Some(Expect::Parse { defines: Some(Defines { stmt, id, client_name }), .. }) = self.pipeline.expect.pop_front() {
-                        self.backend.forget(&stmt, id);
-                        if let Some(name) = client_name
-                            && self.client.by_name.get(&name).is_some_and(|s| *s == stmt)
-                        {
-                            self.client.by_name.remove(&name);
+                loop {
+                    match self.pipeline.expect.front() {
+                        Some(Expect::Parse { .. } | Expect::Close { .. }) => {}
+                        // Skipped, or the one that failed? PostgreSQL skips a Query up to the
+                        // Sync after an extended-protocol error, but answers one that failed.
+                        Some(Expect::Ready { in_batch: true, .. }) => {
+                            return Err(ProtocolError::Malformed("an error in a batch mixing extended-protocol messages and a Query"));
                         }
+                        _ => break,
+                    }
+                    match self.pipeline.expect.pop_front() {
+                        Some(Expect::Parse { defines: Some(d), .. }) => self.undo_parse(d),
+                        Some(Expect::Close { added: Some(id), .. }) => self.backend.to_close.push(id),
+                        Some(Expect::Close { forgot: Some((name, stmt)), .. }) if !self.client.by_name.contains_key(&name) => {
+                            self.client.insert(&name, stmt);
+                        }
+                        _ => {}
                     }
                 }
                 Ok(Answer::Pass)
@@ -453,9 +495,19 @@ impl Rewriter<'_> {
             _ => Ok(Answer::Pass),
         }
     }
-}
 
-impl Rewriter<'_> {
+    /// A Parse that failed or was skipped: no such statement, for the client or the backend
+    /// (which closes the name, in case an earlier copy was left: a skipped Close).
+    fn undo_parse(&mut self, d: Defines) {
+        self.backend.forget(&d.stmt, d.id);
+        self.backend.to_close.push(d.id);
+        if let Some(name) = d.client_name
+            && self.client.by_name.get(&name).is_some_and(|s| *s == d.stmt)
+        {
+            self.client.remove(&name);
+        }
+    }
+
     fn pop_past_ready(&mut self) -> Option<Expect> {
         while matches!(self.pipeline.expect.front(), Some(Expect::Ready { .. })) {
             self.pipeline.expect.pop_front();
@@ -537,7 +589,7 @@ mod tests {
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut second, &mut expect, 10);
         r.bind(b"\0s1\0\0\0\0\x01\0\0\0\x0142\0\0", &mut out).unwrap();
-        r.ready(true);
+        r.ready(true, false);
         assert_eq!(
             messages(&out),
             vec![
@@ -594,9 +646,9 @@ mod tests {
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
         r.parse(b"bad\0SELEC 1\0\0\0", &mut out).unwrap();
         r.parse(b"good\0SELECT 1\0\0\0", &mut out).unwrap();
-        r.ready(true);
+        r.ready(true, false);
         r.parse(b"later\0SELECT 2\0\0\0", &mut out).unwrap();
-        r.ready(true);
+        r.ready(true, false);
         // The first Parse fails; the second is skipped up to the Sync.
         assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass);
         assert_eq!(r.answer(backend_tag::READY_FOR_QUERY).unwrap(), Answer::Pass);
@@ -670,11 +722,11 @@ mod tests {
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
         // Bind, Execute (COPY ... FROM STDIN), Sync; CopyData, CopyDone, Sync; Close, Sync.
-        r.ready(true);
+        r.ready(true, false);
         r.copy_end();
-        r.ready(true);
+        r.ready(true, false);
         r.describe_or_close(b'C', b"Ss\0", &mut out).unwrap();
-        r.ready(true);
+        r.ready(true, false);
         assert_eq!(r.copy_started(), 1, "the Sync sent with the COPY is ignored");
         assert_eq!(r.answer(backend_tag::READY_FOR_QUERY).unwrap(), Answer::Pass);
         assert_eq!(r.answer(CLOSE_COMPLETE).unwrap(), Answer::Pass);
@@ -683,18 +735,80 @@ mod tests {
     }
 
     #[test]
-    fn deallocate_and_discard_all_forget_what_they_drop() {
-        let forgets = |sql: &str| {
-            let mut f = Forgets::default();
-            f.note(sql.as_bytes());
-            (f.backend, f.client)
-        };
-        assert_eq!(forgets("DEALLOCATE ALL"), (true, true));
-        assert_eq!(forgets("select 1; deallocate prepare all"), (true, true));
-        assert_eq!(forgets("DISCARD ALL"), (true, true));
-        assert_eq!(forgets("DEALLOCATE s1"), (true, false));
-        assert_eq!(forgets("DISCARD PLANS"), (false, false));
-        assert_eq!(forgets("SELECT discarded FROM t"), (false, false));
+    fn deallocate_all_forgets_every_statement_at_once_in_order() {
+        let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
+        let mut out = BytesMut::new();
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
+        r.parse(b"s\0SELECT 1\0\0\0", &mut out).unwrap();
+        r.sql(false, Some(true));
+        // The same name again, after DEALLOCATE ALL in the same pipeline: a new statement.
+        r.parse(b"s\0SELECT 2\0\0\0", &mut out).unwrap();
+        r.sql(false, Some(false));
+        assert_eq!((client.len(), backend.len()), (1, 0), "DEALLOCATE name: the backend's copies may be gone");
+    }
+
+    #[test]
+    fn a_statement_parsed_after_sql_that_may_set_is_nobody_elses() {
+        let (mut a, mut b, mut backend, mut expect) =
+            (ClientStatements::default(), ClientStatements::default(), BackendStatements::default(), Pipeline::default());
+        let settings = Settings::default();
+        let mut out = BytesMut::new();
+        let mut r = rewriter(&mut a, &mut backend, &mut expect, 10);
+        r.settings = Some(&settings);
+        r.sql(true, None); // SET LOCAL datestyle = ...
+        r.parse(b"x\0SELECT '01/02/2024'::date\0\0\0", &mut out).unwrap();
+        let mut expect = Pipeline::default();
+        let mut r = rewriter(&mut b, &mut backend, &mut expect, 10);
+        r.settings = Some(&settings);
+        let mut out = BytesMut::new();
+        r.parse(b"y\0SELECT '01/02/2024'::date\0\0\0", &mut out).unwrap();
+        assert_eq!(messages(&out).len(), 1, "a Parse of its own, no Close of a's");
+        assert_eq!(backend.len(), 2);
+    }
+
+    #[test]
+    fn an_error_restores_skipped_closes_and_closes_skipped_parses_later() {
+        let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
+        let mut out = BytesMut::new();
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 1);
+        r.parse(b"a\0SELECT 1\0\0\0", &mut out).unwrap();
+        assert_eq!(r.answer(PARSE_COMPLETE).unwrap(), Answer::Pass);
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 1);
+        // Bind (fails), Close a, Parse b (evicts a: an added Close), Sync.
+        r.describe_or_close(b'C', b"Sa\0", &mut out).unwrap();
+        r.parse(b"b\0SELECT 2\0\0\0", &mut out).unwrap();
+        r.ready(true, false);
+        assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass);
+        assert_eq!(r.answer(backend_tag::READY_FOR_QUERY).unwrap(), Answer::Pass);
+        assert_eq!(client.len(), 1, "the skipped Close did not close a; b was never parsed");
+        // What the error skipped is closed before the next message: a (evicted) and b (skipped).
+        let mut out = BytesMut::new();
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 1);
+        r.begin(&mut out);
+        assert_eq!(messages(&out), vec![(b'C', b"Spgwarden_1\0".to_vec()), (b'C', b"Spgwarden_2\0".to_vec())]);
+        assert_eq!(r.answer(CLOSE_COMPLETE).unwrap(), Answer::Drop);
+    }
+
+    #[test]
+    fn an_error_with_a_query_inside_an_unsynced_batch_is_refused() {
+        let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
+        let mut out = BytesMut::new();
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
+        r.parse(b"bad\0SELEC\0\0\0", &mut out).unwrap();
+        r.ready(false, true);
+        r.ready(true, true);
+        assert!(r.answer(backend_tag::ERROR_RESPONSE).is_err(), "skipped or failed: cannot tell");
+    }
+
+    #[test]
+    fn past_twice_the_limit_even_statements_in_use_are_closed() {
+        let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
+        let mut out = BytesMut::new();
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 2);
+        for i in 0..10 {
+            r.parse(format!("s{i}\0SELECT {i}\0\0\0").as_bytes(), &mut out).unwrap();
+        }
+        assert_eq!(backend.len(), 4, "one relay: up to twice the limit");
     }
 
     #[test]

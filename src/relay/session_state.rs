@@ -116,11 +116,42 @@ pub fn session_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
     effects
 }
 
+/// Whether `sql` drops prepared statements: `Some(true)` if a statement drops them all
+/// (`DEALLOCATE [PREPARE] ALL`, `DISCARD ALL`), `Some(false)` if one drops some (`DEALLOCATE
+/// name`), `None` if none does. Read with the lexer, so comments and strings do not count.
+pub fn drops_statements(sql: &[u8]) -> Option<bool> {
+    if !may_pin(sql) {
+        return None;
+    }
+    let mut drops = None;
+    let mut ignored = SessionEffects::default();
+    let mut statement = Statement::default();
+    let judge = |statement: &Statement<'_>, drops: &mut Option<bool>| {
+        let is_at = |i: usize, keyword: &[u8]| statement.word(i).is_some_and(|w| is(w, keyword));
+        if is_at(0, b"deallocate") {
+            let all = if is_at(1, b"prepare") { is_at(2, b"all") } else { is_at(1, b"all") };
+            *drops = Some(all || drops.unwrap_or(false));
+        } else if is_at(0, b"discard") && is_at(1, b"all") {
+            *drops = Some(true);
+        }
+    };
+    for token in (Lexer { sql, pos: 0 }) {
+        if token == Token::Punct(b';') {
+            judge(&statement, &mut drops);
+            statement = Statement::default();
+            continue;
+        }
+        statement.push(token, false, &mut ignored);
+    }
+    judge(&statement, &mut drops);
+    drops
+}
+
 /// A cheap first look, for the statements of every transaction: whether `sql` has a word that
 /// can pin where it can pin (a statement's first word for SET, PREPARE and the like; anywhere
 /// for TEMP, HOLD and the functions). It may say yes to a word in a comment or a string, which
 /// the lexer then reads past; it never says no where the lexer would pin.
-fn may_pin(sql: &[u8]) -> bool {
+pub(super) fn may_pin(sql: &[u8]) -> bool {
     // (`$` ends a word here: it joins words only in the lexer's view, never into a pinning one.)
     const WORDY: [bool; 256] = {
         let mut table = [false; 256];
@@ -149,7 +180,7 @@ fn may_pin(sql: &[u8]) -> bool {
             6 => is(word, b"listen") && may_start_statement(&sql[..start]),
             7 => (is(word, b"prepare") || is(word, b"discard")) && may_start_statement(&sql[..start]),
             9 => is(word, b"temporary"),
-            10 => is(word, b"set_config"),
+            10 => is(word, b"set_config") || (is(word, b"deallocate") && may_start_statement(&sql[..start])),
             16..=27 => ADVISORY_LOCKS.iter().any(|f| is(word, f)),
             _ => false,
         };
@@ -324,6 +355,7 @@ impl<'a> Statement<'a> {
             let pins = [
                 (&b"prepare"[..], PinReason::Prepare),
                 (b"discard", PinReason::Discard),
+                (b"deallocate", PinReason::Discard),
                 (b"listen", PinReason::Listen),
                 (b"load", PinReason::Load),
             ];
@@ -673,6 +705,19 @@ mod tests {
         }
         assert!(!may_pin(b"SELECT abalance FROM pgbench_accounts WHERE aid = 42;"));
         assert!(!may_pin(b"UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = 7;"));
+    }
+
+    #[test]
+    fn drops_statements_reads_deallocate_and_discard_all_only_as_statements() {
+        assert_eq!(drops_statements(b"DEALLOCATE ALL"), Some(true));
+        assert_eq!(drops_statements(b"select 1; deallocate prepare all"), Some(true));
+        assert_eq!(drops_statements(b"DISCARD ALL"), Some(true));
+        assert_eq!(drops_statements(b"DEALLOCATE s1"), Some(false));
+        assert_eq!(drops_statements(b"DEALLOCATE s1; DISCARD ALL"), Some(true));
+        assert_eq!(drops_statements(b"DISCARD PLANS"), None);
+        assert_eq!(drops_statements(b"SELECT 'x; DISCARD ALL' /* ; deallocate all */"), None);
+        assert_eq!(drops_statements(b"SELECT discarded FROM t"), None);
+        assert_eq!(reason("DEALLOCATE s1"), Some(PinReason::Discard), "the statements of others go too: pinned");
     }
 
     /// Unterminated quotes, comments and dollar bodies end the text; nothing panics.

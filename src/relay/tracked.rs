@@ -7,7 +7,7 @@
 use bytes::BytesMut;
 
 use super::prepared::{self, BackendStatements, ClientStatements, Pipeline, Rewriter};
-use super::{Forward, Relay, SQL_READ_LIMIT};
+use super::{Forward, Relay, SQL_READ_LIMIT, session_state};
 use crate::backend::settings::Settings;
 use crate::protocol::{MessageScanner, ProtocolError, frontend_tag};
 
@@ -34,6 +34,11 @@ impl TrackedClient {
 
     /// A relay ended: an idle client keeps no buffer, and a relay left unfinished (the session
     /// ends then) nothing owed.
+    /// Statements parsed in the rest of this relay are not to be shared (`unsure`).
+    pub(super) fn settings_unsure_if(&mut self, unsure: bool) {
+        self.pipeline.settings_unsure(unsure);
+    }
+
     /// Returns what the relay did with statements.
     pub(super) fn relay_ended(&mut self) -> prepared::Counts {
         let counts = std::mem::take(&mut self.pipeline).counts;
@@ -49,7 +54,7 @@ impl TrackedClient {
 /// the held bytes follow it.
 pub(super) fn cut(scanner: &mut MessageScanner, buf: &mut BytesMut, drops: &[(usize, usize)]) -> usize {
     let mut hold_from = buf.len();
-    if let Some((start, b'1' | b'3')) = scanner.partial() {
+    if let Some((start, b'1' | b'3', _)) = scanner.partial() {
         scanner.forget_partial();
         hold_from = start;
     }
@@ -77,9 +82,10 @@ impl Relay<'_> {
 
     /// [`Relay::take_client_chunk`] for a tracked client.
     pub(super) fn take_client_chunk_tracked(&mut self) -> Result<(), ProtocolError> {
-        if self.client.buf.is_empty() {
+        if self.client.buf.is_empty() || self.client.buf.len() < self.client_need {
             return Ok(());
         }
+        self.client_need = 0;
         let Some(client) = self.client.tracked.as_deref_mut() else {
             return Ok(());
         };
@@ -96,15 +102,16 @@ impl Relay<'_> {
             max: self.max_statements,
             now: self.now,
         };
+        // Closes an earlier error left owed go first.
+        rw.begin(out);
         let buf = &self.client.buf;
         let t = &mut self.t;
         // `buf[..copied]` is in `out` (as it was, or rewritten).
         let mut copied = 0;
-        let mut rewrote = false;
+        let mut rewrote = !out.is_empty();
         let mut forward_to = buf.len();
         let (mut terminate, mut requests, mut last_tag) = (false, 0u64, 0u8);
         let mut failed = None;
-        let mut forgets = prepared::Forgets::default();
         let wants_body = |tag, len| match tag {
             frontend_tag::PARSE | frontend_tag::BIND | frontend_tag::DESCRIBE | frontend_tag::CLOSE => true,
             frontend_tag::QUERY => len <= SQL_READ_LIMIT,
@@ -137,22 +144,29 @@ impl Relay<'_> {
                     copied = f.end;
                     rewrote = true;
                     match f.tag {
-                        frontend_tag::PARSE => rw.parse(f.body, out),
+                        frontend_tag::PARSE => {
+                            if let Some(sql) = f.body.split(|&b| b == 0).nth(1) {
+                                rw.sql(session_state::may_pin(sql), session_state::drops_statements(sql));
+                            }
+                            rw.parse(f.body, out)
+                        }
                         frontend_tag::BIND => rw.bind(f.body, out),
                         tag => rw.describe_or_close(tag, f.body, out),
                     }
                 }
                 frontend_tag::QUERY => {
-                    forgets.note(f.body);
-                    rw.ready(false);
+                    // (Not read past SQL_READ_LIMIT: settings unsure; the session pins, see `Tracker`.)
+                    let sql = f.body.strip_suffix(b"\0").unwrap_or(f.body);
+                    rw.sql(f.body.is_empty() || session_state::may_pin(sql), session_state::drops_statements(sql));
+                    rw.ready(false, t.unsynced);
                     Ok(())
                 }
                 frontend_tag::FUNCTION_CALL => {
-                    rw.ready(false);
+                    rw.ready(false, t.unsynced);
                     Ok(())
                 }
                 frontend_tag::SYNC => {
-                    rw.ready(true);
+                    rw.ready(true, false);
                     Ok(())
                 }
                 frontend_tag::COPY_DONE | frontend_tag::COPY_FAIL => {
@@ -170,16 +184,17 @@ impl Relay<'_> {
         if let Some(e) = failed {
             return Err(e);
         }
-        forgets.apply(rw.client, rw.backend);
         // A statement message not yet whole waits for the rest.
         let mut held = None;
         if !terminate
-            && let Some((start, frontend_tag::PARSE | frontend_tag::BIND | frontend_tag::DESCRIBE | frontend_tag::CLOSE)) =
+            && let Some((start, frontend_tag::PARSE | frontend_tag::BIND | frontend_tag::DESCRIBE | frontend_tag::CLOSE, missing)) =
                 self.client.scanner.partial()
         {
             self.client.scanner.forget_partial();
             forward_to = start;
             held = Some(start);
+            // Not scanned again before it can be whole (a large message arrives in many reads).
+            self.client_need = self.client.buf.len() - start + missing;
         }
         self.after_client_chunk(requests, last_tag, terminate, held.is_some());
         let end = if rewrote {
