@@ -811,6 +811,40 @@ mod tests {
         assert_eq!(backend.len(), 4, "one relay: up to twice the limit");
     }
 
+    /// Random message bodies and answers in any order: errors, never a panic.
+    #[test]
+    fn random_messages_and_answers_never_panic() {
+        let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let settings = Settings::default();
+        for _ in 0..20_000 {
+            let mut out = BytesMut::new();
+            let mut r = rewriter(&mut client, &mut backend, &mut expect, 3);
+            r.settings = Some(&settings);
+            let len = (next() % 12) as usize;
+            // Bytes from a small alphabet, so names repeat and NULs are common.
+            let body: Vec<u8> = (0..len).map(|_| b"\0\0Sab1P"[(next() % 7) as usize]).collect();
+            match next() % 9 {
+                0 => drop(r.parse(&body, &mut out)),
+                1 => drop(r.bind(&body, &mut out)),
+                2 => drop(r.describe_or_close(b'D', &body, &mut out)),
+                3 => drop(r.describe_or_close(b'C', &body, &mut out)),
+                4 => r.ready(next() % 2 == 0, next() % 2 == 0),
+                5 => r.sql(next() % 2 == 0, [None, Some(false), Some(true)][(next() % 3) as usize]),
+                6 => r.copy_end(),
+                7 => drop(r.copy_started()),
+                _ => drop(r.answer(b"123EZ"[(next() % 5) as usize])),
+            }
+            r.begin(&mut out);
+        }
+    }
+
     #[test]
     fn malformed_messages_are_refused_not_passed_on_half_read() {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
