@@ -294,3 +294,16 @@ async fn another_clients_deallocate_all_does_not_break_statements() {
     drop(b);
     assert_eq!(a.query_one(&s, &[&3]).await.expect("parsed again where it was dropped").get::<_, i32>(0), 9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_run_from_a_statement_prepared_earlier_follows_its_client_only() {
+    // The SET runs in a later transaction than its Parse (pgx and pgjdbc cache statements so):
+    // pgwarden must see it there, or the backend's next client inherits it.
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let a = h.client().await;
+    let set = a.prepare("SET statement_timeout = '40s'").await.unwrap();
+    a.execute(&set, &[]).await.unwrap();
+    let b = h.client().await;
+    assert_eq!(common::first_column(&b, "SHOW statement_timeout").await, ["0"], "not the other client's");
+    assert_eq!(common::first_column(&a, "SHOW statement_timeout").await, ["40s"], "its own, wherever it runs");
+}

@@ -101,8 +101,10 @@ impl Rig {
     }
 
     /// Closes every backend pgwarden has open, so the next transactions need fresh logins.
+    /// Terminates pgwarden's backends and waits until they are gone (their FATAL written, so
+    /// the pool sees each one dead before it would lend it).
     fn kill_backends(&self) {
-        self.h.admin("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
+        self.h.admin("SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
     }
 }
 
@@ -403,7 +405,7 @@ async fn refused_credential_fails_waiting_clients_fast_with_one_login_attempt() 
         clients.push(Arc::new(h.client().await));
     }
     h.admin("ALTER ROLE dev PASSWORD 'changed-behind-our-back'");
-    h.admin("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
+    h.admin("SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
     let log = h.env.cluster.dir().join("postgres.log");
     let refusals = || std::fs::read_to_string(&log).unwrap().matches("password authentication failed").count();
     let before = refusals();

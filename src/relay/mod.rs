@@ -430,6 +430,8 @@ impl Relay<'_> {
                         (Ok(prepared::Answer::Drop), None) => error = Some(ProtocolError::Malformed("an answer to drop split")),
                         (Err(e), _) => error = Some(e),
                     }
+                    // Queries the backend skipped after an extended-protocol error owe nothing.
+                    t.pending = t.pending.saturating_sub(rw.pipeline.take_skipped_requests());
                 }
                 match f.tag {
                     backend_tag::READY_FOR_QUERY => {

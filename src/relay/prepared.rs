@@ -24,6 +24,7 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, BytesMut};
 
+use super::session_state::SessionEffects;
 use crate::backend::settings::Settings;
 use crate::protocol::{ProtocolError, backend_tag};
 
@@ -52,6 +53,9 @@ pub struct Statement {
     /// The client's session settings when it was parsed (or a number no other has).
     settings: u64,
     hash: u64,
+    /// What running it does to the session (a `SET` pgwarden follows, state that pins), for
+    /// each Bind of it: the Parse that was read for this may have been in another transaction.
+    effects: Option<Box<SessionEffects>>,
 }
 
 /// A shared [`Statement`]; equal when the definitions and settings are.
@@ -59,11 +63,17 @@ pub struct Statement {
 pub struct StatementRef(Arc<Statement>);
 
 impl StatementRef {
-    fn new(definition: &[u8], settings: u64) -> StatementRef {
+    fn new(definition: &[u8], settings: u64, effects: SessionEffects) -> StatementRef {
         let mut h = hasher().build_hasher();
         h.write(definition);
         h.write_u64(settings);
-        StatementRef(Arc::new(Statement { definition: definition.into(), settings, hash: h.finish() }))
+        let effects = (effects != SessionEffects::default()).then(|| Box::new(effects));
+        StatementRef(Arc::new(Statement { definition: definition.into(), settings, hash: h.finish(), effects }))
+    }
+
+    /// What running the statement does to the session, if anything.
+    pub fn effects(&self) -> Option<&SessionEffects> {
+        self.0.effects.as_deref()
     }
 }
 
@@ -195,12 +205,12 @@ impl BackendStatements {
 
     /// While over `max`, removes the least recently used statement the current relay (`now`)
     /// has not used (closing one would close the portals bound from it), or past twice `max`
-    /// any: the ids to close on the backend.
-    fn evict(&mut self, max: usize, now: u64) -> Vec<u64> {
+    /// any but `keep`: the ids to close on the backend.
+    fn evict(&mut self, max: usize, now: u64, keep: u64) -> Vec<u64> {
         let mut ids = Vec::new();
         while self.slots.len() > max {
             let hard = self.slots.len() > max.saturating_mul(2);
-            let victim = self.slots.iter().filter(|(_, s)| hard || s.used < now).min_by_key(|(_, s)| s.used);
+            let victim = self.slots.iter().filter(|(_, s)| s.id != keep && (hard || s.used < now)).min_by_key(|(_, s)| s.used);
             let Some((victim, slot)) = victim else { break };
             let (victim, id) = (victim.clone(), slot.id);
             self.slots.remove(&victim);
@@ -228,6 +238,12 @@ pub struct Pipeline {
     /// The relay passed on SQL that may change settings: statements parsed from then on are
     /// not shared.
     settings_unsure: bool,
+    /// Bind, Describe, Execute or Flush passed on since the last Sync: their answers are not
+    /// tracked, so an error before a Query may be theirs.
+    untracked_unsynced: bool,
+    /// Queries and FunctionCalls the backend skipped (after an extended-protocol error): their
+    /// ReadyForQuery never comes.
+    skipped_requests: u32,
     pub counts: Counts,
 }
 
@@ -247,6 +263,21 @@ impl Pipeline {
     pub fn settings_unsure(&mut self, unsure: bool) {
         self.settings_unsure |= unsure;
     }
+
+    /// Requests the backend skipped since last asked (see [`Rewriter::answer`]).
+    pub fn take_skipped_requests(&mut self) -> u32 {
+        std::mem::take(&mut self.skipped_requests)
+    }
+
+    /// A Bind, Describe, Execute or Flush was passed on (`sync` false); or a Sync. (Not Parse
+    /// or Close: their answers are tracked, so an error after them is known not to be theirs.)
+    pub fn note_extended(&mut self, sync: bool) {
+        self.untracked_unsynced = !sync;
+    }
+
+    pub fn untracked_unsynced(&self) -> bool {
+        self.untracked_unsynced
+    }
 }
 
 /// An answer the backend owes for a message the relay passed on or added, in order.
@@ -260,7 +291,7 @@ pub enum Expect {
     Close { added: Option<u64>, forgot: Option<(Box<[u8]>, StatementRef)> },
     /// ReadyForQuery: a Sync's (`sync_copy_ends`: how many COPYs the client had ended when it
     /// sent it: one sent during COPY FROM STDIN is ignored by the backend), or a Query's or
-    /// FunctionCall's (`in_batch`: sent after extended-protocol messages not yet synced).
+    /// FunctionCall's (`in_batch`: sent after a Bind, Describe, Execute or Flush not yet synced).
     Ready { sync_copy_ends: Option<u32>, in_batch: bool },
 }
 
@@ -293,7 +324,8 @@ pub struct Rewriter<'a> {
 }
 
 impl Rewriter<'_> {
-    /// Before the client's next message: closes what an error left behind.
+    /// Before a Parse, Bind, Describe or Close (at a message boundary, in a batch the relay does
+    /// not end before its Sync): closes what an error left behind.
     pub fn begin(&mut self, out: &mut BytesMut) {
         for id in std::mem::take(&mut self.backend.to_close) {
             self.add_close(id, out);
@@ -301,7 +333,8 @@ impl Rewriter<'_> {
     }
 
     /// A whole Parse (`body` after the 5-byte header): passed on under the backend's name.
-    pub fn parse(&mut self, body: &[u8], out: &mut BytesMut) -> Result<(), ProtocolError> {
+    /// `effects`: what running its SQL does to the session.
+    pub fn parse(&mut self, body: &[u8], effects: SessionEffects, out: &mut BytesMut) -> Result<(), ProtocolError> {
         let (name, definition) = split_cstr(body)?;
         if name.is_empty() {
             put_message(out, b'P', &[body]);
@@ -320,7 +353,7 @@ impl Rewriter<'_> {
             Some(settings) => settings_fingerprint(settings),
             None => 0,
         };
-        let stmt = StatementRef::new(definition, settings);
+        let stmt = StatementRef::new(definition, settings, effects);
         self.client.insert(name, stmt.clone());
         let id = match self.backend.touch(&stmt, self.now) {
             // Already there: closed and parsed again, so the client gets its ParseComplete
@@ -337,7 +370,8 @@ impl Rewriter<'_> {
     }
 
     /// A whole Bind: the statement name (the body's second string) becomes the backend's.
-    pub fn bind(&mut self, body: &[u8], out: &mut BytesMut) -> Result<(), ProtocolError> {
+    /// Returns the client's statement it binds, if it is one.
+    pub fn bind(&mut self, body: &[u8], out: &mut BytesMut) -> Result<Option<StatementRef>, ProtocolError> {
         let (portal, rest) = split_cstr(body)?;
         let (name, params) = split_cstr(rest)?;
         let portal_and_nul = &body[..portal.len() + 1];
@@ -346,7 +380,7 @@ impl Rewriter<'_> {
             None if name.starts_with(SERVER_PREFIX) => put_message(out, b'B', &[portal_and_nul, NO_STATEMENT, b"\0", params]),
             None => put_message(out, b'B', &[body]),
         }
-        Ok(())
+        Ok(self.client.by_name.get(name).cloned())
     }
 
     /// A whole Describe or Close (`tag`): of a statement ('S'), the name becomes the backend's.
@@ -437,7 +471,7 @@ impl Rewriter<'_> {
     /// if that puts it over the limit.
     fn backend_insert(&mut self, stmt: StatementRef, out: &mut BytesMut) -> u64 {
         let id = self.backend.insert(stmt, self.now);
-        for old in self.backend.evict(self.max, self.now) {
+        for old in self.backend.evict(self.max, self.now, id) {
             self.pipeline.counts.evictions += 1;
             self.add_close(old, out);
         }
@@ -462,33 +496,51 @@ impl Rewriter<'_> {
                 _ => Err(ProtocolError::Malformed("CloseComplete for no Close")),
             },
             backend_tag::ERROR_RESPONSE => {
-                // The failed message and the rest up to the next Sync got or get no answer.
-                loop {
-                    match self.pipeline.expect.front() {
-                        Some(Expect::Parse { .. } | Expect::Close { .. }) => {}
-                        // Skipped, or the one that failed? PostgreSQL skips a Query up to the
-                        // Sync after an extended-protocol error, but answers one that failed.
-                        Some(Expect::Ready { in_batch: true, .. }) => {
-                            return Err(ProtocolError::Malformed("an error in a batch mixing extended-protocol messages and a Query"));
+                // The failed message and the rest up to the next Sync got or get no answer
+                // (undone at its ReadyForQuery). A Query or FunctionCall in there was skipped
+                // if an extended-protocol message before it failed, answered if it failed.
+                let mut extended = false;
+                let mut skipped = 0;
+                for e in &self.pipeline.expect {
+                    match e {
+                        Expect::Parse { .. } | Expect::Close { .. } => extended = true,
+                        Expect::Ready { sync_copy_ends: Some(_), .. } => break,
+                        Expect::Ready { in_batch, .. } => {
+                            if !extended && !in_batch {
+                                break; // Its own error: its ReadyForQuery comes.
+                            }
+                            if !extended {
+                                return Err(ProtocolError::Malformed(
+                                    "an error in a batch mixing extended-protocol messages and a Query",
+                                ));
+                            }
+                            skipped += 1;
                         }
-                        _ => break,
                     }
-                    match self.pipeline.expect.pop_front() {
-                        Some(Expect::Parse { defines: Some(d), .. }) => self.undo_parse(d),
-                        Some(Expect::Close { added: Some(id), .. }) => self.backend.to_close.push(id),
-                        Some(Expect::Close { forgot: Some((name, stmt)), .. }) if !self.client.by_name.contains_key(&name) => {
-                            self.client.insert(&name, stmt);
-                        }
-                        _ => {}
-                    }
+                }
+                if skipped > 0 {
+                    // Their ReadyForQuery never comes: the entries go now (the first ones).
+                    let mut left = skipped;
+                    self.pipeline.expect.retain(|e| {
+                        let skip = left > 0 && matches!(e, Expect::Ready { sync_copy_ends: None, .. });
+                        left -= u32::from(skip);
+                        !skip
+                    });
+                    self.pipeline.skipped_requests += skipped;
                 }
                 Ok(Answer::Pass)
             }
             backend_tag::READY_FOR_QUERY => {
+                // What is still expected before it was skipped: undone, last first.
+                let mut skipped = Vec::new();
                 while let Some(e) = self.pipeline.expect.pop_front() {
                     if matches!(e, Expect::Ready { .. }) {
                         break;
                     }
+                    skipped.push(e);
+                }
+                for e in skipped.into_iter().rev() {
+                    self.undo(e);
                 }
                 Ok(Answer::Pass)
             }
@@ -496,15 +548,26 @@ impl Rewriter<'_> {
         }
     }
 
-    /// A Parse that failed or was skipped: no such statement, for the client or the backend
-    /// (which closes the name, in case an earlier copy was left: a skipped Close).
-    fn undo_parse(&mut self, d: Defines) {
-        self.backend.forget(&d.stmt, d.id);
-        self.backend.to_close.push(d.id);
-        if let Some(name) = d.client_name
-            && self.client.by_name.get(&name).is_some_and(|s| *s == d.stmt)
-        {
-            self.client.remove(&name);
+    /// Undoes what the relay assumed of a message the backend skipped or failed: a Parse
+    /// defined no statement (the backend closes the name, in case an earlier copy was left by a
+    /// skipped Close); an added Close closed nothing (it is sent again); a client's Close left
+    /// the client's statement in place.
+    fn undo(&mut self, e: Expect) {
+        match e {
+            Expect::Parse { defines: Some(d), .. } => {
+                self.backend.forget(&d.stmt, d.id);
+                self.backend.to_close.push(d.id);
+                if let Some(name) = d.client_name
+                    && self.client.by_name.get(&name).is_some_and(|s| *s == d.stmt)
+                {
+                    self.client.remove(&name);
+                }
+            }
+            Expect::Close { added: Some(id), .. } => self.backend.to_close.push(id),
+            Expect::Close { forgot: Some((name, stmt)), .. } if !self.client.by_name.contains_key(&name) => {
+                self.client.insert(&name, stmt);
+            }
+            _ => {}
         }
     }
 
@@ -580,7 +643,7 @@ mod tests {
         let (mut client, mut first, mut second, mut expect) =
             (ClientStatements::default(), BackendStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
-        rewriter(&mut client, &mut first, &mut expect, 10).parse(b"s1\0SELECT $1\0\0\x01\0\0\0\x17", &mut out).unwrap();
+        rewriter(&mut client, &mut first, &mut expect, 10).parse(b"s1\0SELECT $1\0\0\x01\0\0\0\x17", Default::default(), &mut out).unwrap();
         assert_eq!(messages(&out), vec![(b'P', b"pgwarden_1\0SELECT $1\0\0\x01\0\0\0\x17".to_vec())]);
         let mut r = rewriter(&mut client, &mut first, &mut expect, 10);
         assert_eq!(r.answer(PARSE_COMPLETE).unwrap(), Answer::Pass);
@@ -612,12 +675,12 @@ mod tests {
         let (mut a, mut b, mut backend, mut expect) =
             (ClientStatements::default(), ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
-        rewriter(&mut a, &mut backend, &mut expect, 10).parse(b"x\0SELECT 1\0\0\0", &mut out).unwrap();
+        rewriter(&mut a, &mut backend, &mut expect, 10).parse(b"x\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
         let mut out = BytesMut::new();
         rewriter(&mut b, &mut backend, &mut expect, 10).bind(b"\0x\0\0\0\0\0\0\0", &mut out).unwrap();
         assert_eq!(messages(&out), vec![(b'B', b"\0x\0\0\0\0\0\0\0".to_vec())], "b has no statement x: as it is");
         let mut out = BytesMut::new();
-        rewriter(&mut b, &mut backend, &mut expect, 10).parse(b"y\0SELECT 1\0\0\0", &mut out).unwrap();
+        rewriter(&mut b, &mut backend, &mut expect, 10).parse(b"y\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
         // The backend has it: closed and parsed again under the same name, for b's ParseComplete.
         assert_eq!(
             messages(&out),
@@ -630,12 +693,12 @@ mod tests {
     fn a_different_search_path_is_a_different_statement() {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
-        rewriter(&mut client, &mut backend, &mut expect, 10).parse(b"a\0SELECT * FROM t\0\0\0", &mut out).unwrap();
+        rewriter(&mut client, &mut backend, &mut expect, 10).parse(b"a\0SELECT * FROM t\0\0\0", Default::default(), &mut out).unwrap();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
         let mut other = Settings::default();
         other.set("search_path", "elsewhere");
         r.settings = Some(&other);
-        r.parse(b"b\0SELECT * FROM t\0\0\0", &mut out).unwrap();
+        r.parse(b"b\0SELECT * FROM t\0\0\0", Default::default(), &mut out).unwrap();
         assert_eq!(backend.len(), 2);
     }
 
@@ -644,10 +707,10 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        r.parse(b"bad\0SELEC 1\0\0\0", &mut out).unwrap();
-        r.parse(b"good\0SELECT 1\0\0\0", &mut out).unwrap();
+        r.parse(b"bad\0SELEC 1\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"good\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
         r.ready(true, false);
-        r.parse(b"later\0SELECT 2\0\0\0", &mut out).unwrap();
+        r.parse(b"later\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
         r.ready(true, false);
         // The first Parse fails; the second is skipped up to the Sync.
         assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass);
@@ -659,7 +722,7 @@ mod tests {
         assert_eq!(backend.len(), 1);
         // A name whose Parse failed may be used again.
         let mut out = BytesMut::new();
-        rewriter(&mut client, &mut backend, &mut expect, 10).parse(b"bad\0SELECT 3\0\0\0", &mut out).unwrap();
+        rewriter(&mut client, &mut backend, &mut expect, 10).parse(b"bad\0SELECT 3\0\0\0", Default::default(), &mut out).unwrap();
     }
 
     #[test]
@@ -667,12 +730,12 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        r.parse(b"s\0SELECT 1\0\0\0", &mut out).unwrap();
-        assert_eq!(r.parse(b"s\0SELECT 2\0\0\0", &mut out), Err(ProtocolError::DuplicateStatement));
+        r.parse(b"s\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
+        assert_eq!(r.parse(b"s\0SELECT 2\0\0\0", Default::default(), &mut out), Err(ProtocolError::DuplicateStatement));
         let mut out = BytesMut::new();
         r.describe_or_close(b'C', b"Ss\0", &mut out).unwrap();
         assert_eq!(messages(&out), vec![(b'C', b"Spgwarden_\0".to_vec())], "the backend's copy stays");
-        r.parse(b"s\0SELECT 2\0\0\0", &mut out).unwrap();
+        r.parse(b"s\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
         assert_eq!(backend.len(), 2);
     }
 
@@ -682,7 +745,7 @@ mod tests {
         for (i, sql) in [b"a\0SELECT 1\0\0\0", b"b\0SELECT 2\0\0\0"].iter().enumerate() {
             let mut out = BytesMut::new();
             let mut r = rewriter(&mut client, &mut backend, &mut expect, 2);
-            r.parse(&sql[..], &mut out).unwrap();
+            r.parse(&sql[..], Default::default(), &mut out).unwrap();
             assert_eq!(r.answer(PARSE_COMPLETE).unwrap(), Answer::Pass);
             assert_eq!(messages(&out).len(), 1, "statement {i} fits");
         }
@@ -690,13 +753,13 @@ mod tests {
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 2);
         r.describe_or_close(b'D', b"Sa\0", &mut out).unwrap();
-        r.parse(b"c\0SELECT 3\0\0\0", &mut out).unwrap();
+        r.parse(b"c\0SELECT 3\0\0\0", Default::default(), &mut out).unwrap();
         let m = messages(&out);
         assert_eq!(m[1], (b'C', b"Spgwarden_2\0".to_vec()));
         assert_eq!(m[2].0, b'P');
         assert_eq!(r.answer(CLOSE_COMPLETE).unwrap(), Answer::Drop);
         // Within one relay everything is in use: nothing is closed, the limit waits.
-        r.parse(b"d\0SELECT 4\0\0\0", &mut out).unwrap();
+        r.parse(b"d\0SELECT 4\0\0\0", Default::default(), &mut out).unwrap();
         assert_eq!(backend.len(), 3);
         assert_eq!(expect.counts, Counts { client_parses: 4, backend_parses: 0, evictions: 1 });
     }
@@ -706,7 +769,7 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        r.parse(b"mine\0SELECT 1\0\0\0", &mut out).unwrap();
+        r.parse(b"mine\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
         let mut out = BytesMut::new();
         r.bind(b"\0pgwarden_1\0\0\0\0\0\0\0", &mut out).unwrap();
         r.describe_or_close(b'D', b"Spgwarden_1\0", &mut out).unwrap();
@@ -739,10 +802,10 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        r.parse(b"s\0SELECT 1\0\0\0", &mut out).unwrap();
+        r.parse(b"s\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
         r.sql(false, Some(true));
         // The same name again, after DEALLOCATE ALL in the same pipeline: a new statement.
-        r.parse(b"s\0SELECT 2\0\0\0", &mut out).unwrap();
+        r.parse(b"s\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
         r.sql(false, Some(false));
         assert_eq!((client.len(), backend.len()), (1, 0), "DEALLOCATE name: the backend's copies may be gone");
     }
@@ -756,12 +819,12 @@ mod tests {
         let mut r = rewriter(&mut a, &mut backend, &mut expect, 10);
         r.settings = Some(&settings);
         r.sql(true, None); // SET LOCAL datestyle = ...
-        r.parse(b"x\0SELECT '01/02/2024'::date\0\0\0", &mut out).unwrap();
+        r.parse(b"x\0SELECT '01/02/2024'::date\0\0\0", Default::default(), &mut out).unwrap();
         let mut expect = Pipeline::default();
         let mut r = rewriter(&mut b, &mut backend, &mut expect, 10);
         r.settings = Some(&settings);
         let mut out = BytesMut::new();
-        r.parse(b"y\0SELECT '01/02/2024'::date\0\0\0", &mut out).unwrap();
+        r.parse(b"y\0SELECT '01/02/2024'::date\0\0\0", Default::default(), &mut out).unwrap();
         assert_eq!(messages(&out).len(), 1, "a Parse of its own, no Close of a's");
         assert_eq!(backend.len(), 2);
     }
@@ -771,12 +834,12 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 1);
-        r.parse(b"a\0SELECT 1\0\0\0", &mut out).unwrap();
+        r.parse(b"a\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
         assert_eq!(r.answer(PARSE_COMPLETE).unwrap(), Answer::Pass);
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 1);
         // Bind (fails), Close a, Parse b (evicts a: an added Close), Sync.
         r.describe_or_close(b'C', b"Sa\0", &mut out).unwrap();
-        r.parse(b"b\0SELECT 2\0\0\0", &mut out).unwrap();
+        r.parse(b"b\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
         r.ready(true, false);
         assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass);
         assert_eq!(r.answer(backend_tag::READY_FOR_QUERY).unwrap(), Answer::Pass);
@@ -785,19 +848,49 @@ mod tests {
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 1);
         r.begin(&mut out);
-        assert_eq!(messages(&out), vec![(b'C', b"Spgwarden_1\0".to_vec()), (b'C', b"Spgwarden_2\0".to_vec())]);
+        assert_eq!(messages(&out), vec![(b'C', b"Spgwarden_2\0".to_vec()), (b'C', b"Spgwarden_1\0".to_vec())]);
         assert_eq!(r.answer(CLOSE_COMPLETE).unwrap(), Answer::Drop);
     }
 
     #[test]
-    fn an_error_with_a_query_inside_an_unsynced_batch_is_refused() {
+    fn a_query_after_a_failed_parse_is_skipped_up_to_the_sync() {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        r.parse(b"bad\0SELEC\0\0\0", &mut out).unwrap();
-        r.ready(false, true);
-        r.ready(true, true);
+        // Parse (fails), Query, Parse, Sync: PostgreSQL skips the Query and the second Parse.
+        r.parse(b"bad\0SELEC\0\0\0", Default::default(), &mut out).unwrap();
+        r.ready(false, false);
+        r.parse(b"s2\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
+        r.ready(true, false);
+        assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass);
+        assert_eq!(r.pipeline.take_skipped_requests(), 1, "the Query's ReadyForQuery never comes");
+        assert_eq!(r.answer(backend_tag::READY_FOR_QUERY).unwrap(), Answer::Pass);
+        assert!(expect.is_empty());
+        assert!(client.is_empty(), "neither statement exists");
+        // The Query's own error: its ReadyForQuery comes.
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
+        r.ready(false, false);
+        assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass);
+        assert_eq!(r.pipeline.take_skipped_requests(), 0);
+    }
+
+    #[test]
+    fn an_error_with_a_query_after_an_unsynced_bind_is_refused() {
+        let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
+        // Bind, Execute, Query, Sync: did the Execute fail (the Query skipped) or the Query?
+        r.pipeline.note_extended(false);
+        r.ready(false, r.pipeline.untracked_unsynced());
+        r.ready(true, false);
         assert!(r.answer(backend_tag::ERROR_RESPONSE).is_err(), "skipped or failed: cannot tell");
+        // After a Close (answered first), a Query's error is its own.
+        let mut expect = Pipeline::default();
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
+        let mut out = BytesMut::new();
+        r.describe_or_close(b'C', b"Sold\0", &mut out).unwrap();
+        r.ready(false, r.pipeline.untracked_unsynced());
+        assert_eq!(r.answer(CLOSE_COMPLETE).unwrap(), Answer::Pass);
+        assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass, "pgjdbc's dead-statement Closes, then a Query");
     }
 
     #[test]
@@ -806,7 +899,7 @@ mod tests {
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 2);
         for i in 0..10 {
-            r.parse(format!("s{i}\0SELECT {i}\0\0\0").as_bytes(), &mut out).unwrap();
+            r.parse(format!("s{i}\0SELECT {i}\0\0\0").as_bytes(), Default::default(), &mut out).unwrap();
         }
         assert_eq!(backend.len(), 4, "one relay: up to twice the limit");
     }
@@ -831,7 +924,7 @@ mod tests {
             // Bytes from a small alphabet, so names repeat and NULs are common.
             let body: Vec<u8> = (0..len).map(|_| b"\0\0Sab1P"[(next() % 7) as usize]).collect();
             match next() % 9 {
-                0 => drop(r.parse(&body, &mut out)),
+                0 => drop(r.parse(&body, Default::default(), &mut out)),
                 1 => drop(r.bind(&body, &mut out)),
                 2 => drop(r.describe_or_close(b'D', &body, &mut out)),
                 3 => drop(r.describe_or_close(b'C', &body, &mut out)),
@@ -850,7 +943,7 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        assert!(r.parse(b"no terminator", &mut out).is_err());
+        assert!(r.parse(b"no terminator", Default::default(), &mut out).is_err());
         assert!(r.bind(b"\0s", &mut out).is_err());
         assert!(r.describe_or_close(b'D', b"Sx", &mut out).is_err());
         assert!(r.answer(PARSE_COMPLETE).is_err(), "an answer for nothing");

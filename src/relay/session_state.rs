@@ -79,7 +79,7 @@ const ADVISORY_LOCKS: &[&[u8]] =
     &[b"pg_advisory_lock", b"pg_advisory_lock_shared", b"pg_try_advisory_lock", b"pg_try_advisory_lock_shared"];
 
 /// What a statement text leaves on its backend beyond the transaction.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionEffects {
     /// State that keeps the session on this backend (the first found).
     pub pin: Option<PinReason>,

@@ -102,13 +102,11 @@ impl Relay<'_> {
             max: self.max_statements,
             now: self.now,
         };
-        // Closes an earlier error left owed go first.
-        rw.begin(out);
         let buf = &self.client.buf;
         let t = &mut self.t;
         // `buf[..copied]` is in `out` (as it was, or rewritten).
         let mut copied = 0;
-        let mut rewrote = !out.is_empty();
+        let mut rewrote = false;
         let mut forward_to = buf.len();
         let (mut terminate, mut requests, mut last_tag) = (false, 0u64, 0u8);
         let mut failed = None;
@@ -143,14 +141,26 @@ impl Relay<'_> {
                     out.extend_from_slice(&buf[copied..start]);
                     copied = f.end;
                     rewrote = true;
+                    // Closes an earlier error left owed go first.
+                    rw.begin(out);
+                    if matches!(f.tag, frontend_tag::BIND | frontend_tag::DESCRIBE) {
+                        rw.pipeline.note_extended(false);
+                    }
                     match f.tag {
                         frontend_tag::PARSE => {
-                            if let Some(sql) = f.body.split(|&b| b == 0).nth(1) {
-                                rw.sql(session_state::may_pin(sql), session_state::drops_statements(sql));
-                            }
-                            rw.parse(f.body, out)
+                            let sql = f.body.split(|&b| b == 0).nth(1).unwrap_or_default();
+                            rw.sql(session_state::may_pin(sql), session_state::drops_statements(sql));
+                            let named = f.body.first().is_some_and(|&b| b != 0);
+                            let effects = if named { session_state::session_effects(sql, t.pin_variable_sets) } else { Default::default() };
+                            rw.parse(f.body, effects, out)
                         }
-                        frontend_tag::BIND => rw.bind(f.body, out),
+                        frontend_tag::BIND => rw.bind(f.body, out).map(|stmt| {
+                            // Running a statement parsed in another transaction: what it does
+                            // to the session counts now.
+                            if let Some(effects) = stmt.as_ref().and_then(|s| s.effects()) {
+                                t.note_effects(effects);
+                            }
+                        }),
                         tag => rw.describe_or_close(tag, f.body, out),
                     }
                 }
@@ -158,15 +168,20 @@ impl Relay<'_> {
                     // (Not read past SQL_READ_LIMIT: settings unsure; the session pins, see `Tracker`.)
                     let sql = f.body.strip_suffix(b"\0").unwrap_or(f.body);
                     rw.sql(f.body.is_empty() || session_state::may_pin(sql), session_state::drops_statements(sql));
-                    rw.ready(false, t.unsynced);
+                    rw.ready(false, rw.pipeline.untracked_unsynced());
                     Ok(())
                 }
                 frontend_tag::FUNCTION_CALL => {
-                    rw.ready(false, t.unsynced);
+                    rw.ready(false, rw.pipeline.untracked_unsynced());
                     Ok(())
                 }
                 frontend_tag::SYNC => {
                     rw.ready(true, false);
+                    rw.pipeline.note_extended(true);
+                    Ok(())
+                }
+                frontend_tag::EXECUTE | frontend_tag::FLUSH => {
+                    rw.pipeline.note_extended(false);
                     Ok(())
                 }
                 frontend_tag::COPY_DONE | frontend_tag::COPY_FAIL => {

@@ -96,11 +96,16 @@ impl Tracker {
     /// Notes what a statement text leaves on the backend beyond the transaction.
     pub(super) fn read_sql(&mut self, sql: &[u8]) {
         let effects = session_state::session_effects(sql, self.pin_variable_sets);
-        self.pins_session = effects.pin;
-        for name in effects.sets {
+        self.note_effects(&effects);
+    }
+
+    /// Notes what running a statement does to the session.
+    pub(super) fn note_effects(&mut self, effects: &session_state::SessionEffects) {
+        self.pins_session = self.pins_session.or(effects.pin);
+        for name in &effects.sets {
             // (Past the cap the session pins anyway: one name more says so.)
-            if self.sets.len() <= session_state::MAX_FOLLOWED_SETTINGS && !self.sets.contains(&name) {
-                self.sets.push(name);
+            if self.sets.len() <= session_state::MAX_FOLLOWED_SETTINGS && !self.sets.contains(name) {
+                self.sets.push(name.clone());
             }
         }
     }
