@@ -133,18 +133,7 @@ async fn pgbench_prepared_mode_runs_many_clients_on_few_backends_with_zero_failu
     .await;
     let hh = &h;
     tokio::task::block_in_place(|| {
-        let pgbench = |args: &[&str]| {
-            let out = std::process::Command::new(hh.env.cluster.client_tool("pgbench"))
-                .args(args)
-                .arg(hh.libpq_conn())
-                .env("PGPASSWORD", hh.env.password())
-                .output()
-                .expect("pgbench runs");
-            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-            text
-        };
-        pgbench(&["-i", "-s", "1", "-q"]);
+        hh.pgbench(&["-i", "-s", "1", "-q"]);
         // (pgbench prepares each statement with a blocking PQprepare the first time a client
         // runs it: in a script with BEGIN, a thread of several clients would wait there for a
         // backend its own other clients hold, behind any transaction pooler. One thread per
@@ -152,7 +141,7 @@ async fn pgbench_prepared_mode_runs_many_clients_on_few_backends_with_zero_failu
         for script in [&["-S", "-j", "2"][..], &["-j", "16"][..]] {
             let mut args = vec!["-M", "prepared", "-c", "16", "-t", "100"];
             args.extend_from_slice(script);
-            let report = pgbench(&args);
+            let report = hh.pgbench(&args);
             assert!(report.contains("number of transactions actually processed: 1600/1600"), "{report}");
             assert!(report.contains("number of failed transactions: 0 "), "{report}");
         }

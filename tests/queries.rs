@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use common::{Harness, RawClient, query_message, sqlstate};
 use futures_util::SinkExt;
@@ -201,18 +201,6 @@ async fn psql_runs_queries_and_copies_both_ways() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
 }
 
-fn pgbench(h: &Harness, args: &[&str]) -> String {
-    let out = Command::new(h.env.cluster.client_tool("pgbench"))
-        .args(args)
-        .arg(h.libpq_conn())
-        .env("PGPASSWORD", h.env.password())
-        .output()
-        .expect("pgbench runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-    text
-}
-
 fn processed_and_failed(report: &str) -> (u64, u64) {
     let field = |prefix: &str| -> Option<u64> {
         report
@@ -228,14 +216,14 @@ async fn pgbench_simple_and_extended_run_with_zero_failures() {
     let h = Harness::start().await;
     let hh = &h;
     tokio::task::block_in_place(|| {
-        pgbench(hh, &["-i", "-s", "1", "-q"]);
+        hh.pgbench(&["-i", "-s", "1", "-q"]);
         for mode in ["simple", "extended"] {
-            let report = pgbench(hh, &["-c", "16", "-j", "2", "-t", "200", "-M", mode]);
+            let report = hh.pgbench(&["-c", "16", "-j", "2", "-t", "200", "-M", mode]);
             let (processed, failed) = processed_and_failed(&report);
             assert_eq!(processed, 16 * 200, "{mode}: {report}");
             assert_eq!(failed, 0, "{mode}: {report}");
         }
-        let report = pgbench(hh, &["-C", "-c", "8", "-j", "2", "-t", "50", "-S"]);
+        let report = hh.pgbench(&["-C", "-c", "8", "-j", "2", "-t", "50", "-S"]);
         assert_eq!(processed_and_failed(&report), (8 * 50, 0), "{report}");
     });
     assert!(h.backend_count() <= 5, "pool of 5 never exceeded");

@@ -354,13 +354,7 @@ impl Relay<'_> {
             last_tag = f.tag;
             if f.tag == frontend_tag::TERMINATE {
                 terminate = true;
-                match f.start {
-                    Some(start) => forward_to = start,
-                    None => {
-                        forward_to = 0;
-                        t.poisoned = true;
-                    }
-                }
+                forward_to = t.terminate_at(f.start);
                 return;
             }
             if f.tag == frontend_tag::PARSE && may_track && f.body.first().is_some_and(|&b| b != 0) {

@@ -123,13 +123,7 @@ impl Relay<'_> {
             let rewritten = match f.tag {
                 frontend_tag::TERMINATE => {
                     terminate = true;
-                    match f.start {
-                        Some(start) => forward_to = start,
-                        None => {
-                            forward_to = 0;
-                            t.poisoned = true;
-                        }
-                    }
+                    forward_to = t.terminate_at(f.start);
                     return;
                 }
                 frontend_tag::PARSE | frontend_tag::BIND | frontend_tag::DESCRIBE | frontend_tag::CLOSE => {

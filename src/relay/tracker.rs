@@ -93,6 +93,15 @@ impl Tracker {
         }
     }
 
+    /// The client's Terminate, at `start` in its chunk (`None`: it began in an earlier chunk,
+    /// part of it already forwarded): where the chunk's bytes for the backend end.
+    pub(super) fn terminate_at(&mut self, start: Option<usize>) -> usize {
+        start.unwrap_or_else(|| {
+            self.poisoned = true;
+            0
+        })
+    }
+
     /// Notes what a statement text leaves on the backend beyond the transaction.
     pub(super) fn read_sql(&mut self, sql: &[u8]) {
         let effects = session_state::session_effects(sql, self.pin_variable_sets);

@@ -101,6 +101,20 @@ impl Harness {
         self.env.cluster.psql(sql).expect("admin SQL runs")
     }
 
+    /// Runs the real pgbench through the proxy (blocking); returns its report, failing the test
+    /// if pgbench fails.
+    pub fn pgbench(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(self.env.cluster.client_tool("pgbench"))
+            .args(args)
+            .arg(self.libpq_conn())
+            .env("PGPASSWORD", self.env.password())
+            .output()
+            .expect("pgbench runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+        text
+    }
+
     /// Backend connections Postgres has open for the dev role.
     pub fn backend_count(&self) -> usize {
         self.admin("SELECT count(*) FROM pg_stat_activity WHERE usename = 'dev'").parse().unwrap()
