@@ -296,3 +296,32 @@ async fn a_set_run_from_a_statement_prepared_earlier_follows_its_client_only() {
     assert_eq!(common::first_column(&b, "SHOW statement_timeout").await, ["0"], "not the other client's");
     assert_eq!(common::first_column(&a, "SHOW statement_timeout").await, ["40s"], "its own, wherever it runs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_fails_never_hands_the_backend_on_with_answers_owed() {
+    // COPY data the database refuses ends that COPY with no CopyDone; the relay must not then
+    // count a Sync as ignored that the database answers, or it would give the backend to the
+    // next client before the last Query's answer.
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    h.client().await.batch_execute("CREATE TABLE nums (i int)").await.unwrap();
+    let mut raw = RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let mut named = parse("s", "SELECT 1");
+    named.extend(message(b'S', &[]));
+    raw.send(&named).await;
+    assert_eq!(until_ready(&mut raw).await, ("1Z".into(), None), "tracked from here");
+    let mut burst = common::query_message("COPY nums FROM STDIN");
+    burst.extend(message(b'd', &[b"not a number\n"]));
+    burst.extend(common::query_message("COPY nums FROM STDIN"));
+    burst.extend(message(b'c', &[]));
+    burst.extend(message(b'S', &[]));
+    burst.extend(common::query_message("SELECT 'mine' FROM pg_sleep(0.5)"));
+    raw.send(&burst).await;
+    let other = h.client().await;
+    let theirs = tokio::spawn(async move { common::first_column(&other, "SELECT 'theirs'").await });
+    assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("22P02"), "the first COPY's bad row");
+    assert_eq!(until_ready(&mut raw).await, ("GCZ".into(), None), "the second COPY");
+    assert_eq!(until_ready(&mut raw).await, ("Z".into(), None), "the Sync");
+    assert_eq!(until_ready(&mut raw).await, ("TDCZ".into(), None), "its own answer");
+    assert_eq!(theirs.await.unwrap(), ["theirs"]);
+}

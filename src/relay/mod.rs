@@ -445,7 +445,15 @@ impl Relay<'_> {
                         }
                     }
                     backend_tag::COPY_BOTH_RESPONSE => t.copy_in = true,
-                    backend_tag::COMMAND_COMPLETE | backend_tag::ERROR_RESPONSE => t.copy_in = false,
+                    backend_tag::ERROR_RESPONSE => {
+                        if t.copy_in
+                            && let Some(rw) = rewriter.as_mut()
+                        {
+                            rw.pipeline.copy_failed();
+                        }
+                        t.copy_in = false;
+                    }
+                    backend_tag::COMMAND_COMPLETE => t.copy_in = false,
                     backend_tag::PARAMETER_STATUS => {
                         if let Ok((name, rest)) = read_cstr(f.body) {
                             if let Ok((value, _)) = read_cstr(rest) {

@@ -56,6 +56,9 @@ pub struct Statement {
     /// What running it does to the session (a `SET` pgwarden follows, state that pins), for
     /// each Bind of it: the Parse that was read for this may have been in another transaction.
     effects: Option<Box<SessionEffects>>,
+    /// Running it may change settings (`SET LOCAL` too): statements parsed after it in the same
+    /// relay are not shared.
+    may_set: bool,
 }
 
 /// A shared [`Statement`]; equal when the definitions and settings are.
@@ -63,12 +66,12 @@ pub struct Statement {
 pub struct StatementRef(Arc<Statement>);
 
 impl StatementRef {
-    fn new(definition: &[u8], settings: u64, effects: SessionEffects) -> StatementRef {
+    fn new(definition: &[u8], settings: u64, effects: SessionEffects, may_set: bool) -> StatementRef {
         let mut h = hasher().build_hasher();
         h.write(definition);
         h.write_u64(settings);
         let effects = (effects != SessionEffects::default()).then(|| Box::new(effects));
-        StatementRef(Arc::new(Statement { definition: definition.into(), settings, hash: h.finish(), effects }))
+        StatementRef(Arc::new(Statement { definition: definition.into(), settings, hash: h.finish(), effects, may_set }))
     }
 
     /// What running the statement does to the session, if anything.
@@ -244,6 +247,10 @@ pub struct Pipeline {
     /// Queries and FunctionCalls the backend skipped (after an extended-protocol error): their
     /// ReadyForQuery never comes.
     skipped_requests: u32,
+    /// A COPY FROM STDIN ended in an error, with no CopyDone or CopyFail to count: which Syncs
+    /// the backend ignores is no longer known, so all are awaited (the relay then keeps its
+    /// backend to the end of the session, which closes it).
+    copy_count_lost: bool,
     pub counts: Counts,
 }
 
@@ -262,6 +269,11 @@ impl Pipeline {
 
     pub fn settings_unsure(&mut self, unsure: bool) {
         self.settings_unsure |= unsure;
+    }
+
+    /// The backend reported an error during a COPY FROM STDIN.
+    pub fn copy_failed(&mut self) {
+        self.copy_count_lost = true;
     }
 
     /// Requests the backend skipped since last asked (see [`Rewriter::answer`]).
@@ -333,8 +345,9 @@ impl Rewriter<'_> {
     }
 
     /// A whole Parse (`body` after the 5-byte header): passed on under the backend's name.
-    /// `effects`: what running its SQL does to the session.
-    pub fn parse(&mut self, body: &[u8], effects: SessionEffects, out: &mut BytesMut) -> Result<(), ProtocolError> {
+    /// `effects`: what running its SQL does to the session; `may_set`: whether it may change
+    /// settings.
+    pub fn parse(&mut self, body: &[u8], effects: SessionEffects, may_set: bool, out: &mut BytesMut) -> Result<(), ProtocolError> {
         let (name, definition) = split_cstr(body)?;
         if name.is_empty() {
             put_message(out, b'P', &[body]);
@@ -353,7 +366,7 @@ impl Rewriter<'_> {
             Some(settings) => settings_fingerprint(settings),
             None => 0,
         };
-        let stmt = StatementRef::new(definition, settings, effects);
+        let stmt = StatementRef::new(definition, settings, effects, may_set);
         self.client.insert(name, stmt.clone());
         let id = match self.backend.touch(&stmt, self.now) {
             // Already there: closed and parsed again, so the client gets its ParseComplete
@@ -380,7 +393,9 @@ impl Rewriter<'_> {
             None if name.starts_with(SERVER_PREFIX) => put_message(out, b'B', &[portal_and_nul, NO_STATEMENT, b"\0", params]),
             None => put_message(out, b'B', &[body]),
         }
-        Ok(self.client.by_name.get(name).cloned())
+        let stmt = self.client.by_name.get(name).cloned();
+        self.pipeline.settings_unsure |= stmt.as_ref().is_some_and(|s| s.0.may_set);
+        Ok(stmt)
     }
 
     /// A whole Describe or Close (`tag`): of a statement ('S'), the name becomes the backend's.
@@ -438,16 +453,19 @@ impl Rewriter<'_> {
 
     /// The client ended a COPY FROM STDIN (CopyDone or CopyFail).
     pub fn copy_end(&mut self) {
-        self.pipeline.client_copy_ends += 1;
+        self.pipeline.client_copy_ends = self.pipeline.client_copy_ends.wrapping_add(1);
     }
 
     /// The backend started a COPY FROM STDIN: the Syncs the client sent since the command and
     /// before its end of this COPY get no answer (tokio-postgres and libpq send one with the
     /// command). Returns how many were expected.
     pub fn copy_started(&mut self) -> u32 {
+        if self.pipeline.copy_count_lost {
+            return 0;
+        }
         // (Copies end in order: this one's end is the client's next after the earlier ones'.)
         let before_this_end = self.pipeline.copies_started;
-        self.pipeline.copies_started += 1;
+        self.pipeline.copies_started = self.pipeline.copies_started.wrapping_add(1);
         let waiting = self.pipeline.expect.len();
         self.pipeline.expect.retain(|e| !matches!(e, Expect::Ready { sync_copy_ends: Some(n), .. } if *n <= before_this_end));
         (waiting - self.pipeline.expect.len()) as u32
@@ -643,7 +661,7 @@ mod tests {
         let (mut client, mut first, mut second, mut expect) =
             (ClientStatements::default(), BackendStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
-        rewriter(&mut client, &mut first, &mut expect, 10).parse(b"s1\0SELECT $1\0\0\x01\0\0\0\x17", Default::default(), &mut out).unwrap();
+        rewriter(&mut client, &mut first, &mut expect, 10).parse(b"s1\0SELECT $1\0\0\x01\0\0\0\x17", Default::default(), false, &mut out).unwrap();
         assert_eq!(messages(&out), vec![(b'P', b"pgwarden_1\0SELECT $1\0\0\x01\0\0\0\x17".to_vec())]);
         let mut r = rewriter(&mut client, &mut first, &mut expect, 10);
         assert_eq!(r.answer(PARSE_COMPLETE).unwrap(), Answer::Pass);
@@ -675,12 +693,12 @@ mod tests {
         let (mut a, mut b, mut backend, mut expect) =
             (ClientStatements::default(), ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
-        rewriter(&mut a, &mut backend, &mut expect, 10).parse(b"x\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
+        rewriter(&mut a, &mut backend, &mut expect, 10).parse(b"x\0SELECT 1\0\0\0", Default::default(), false, &mut out).unwrap();
         let mut out = BytesMut::new();
         rewriter(&mut b, &mut backend, &mut expect, 10).bind(b"\0x\0\0\0\0\0\0\0", &mut out).unwrap();
         assert_eq!(messages(&out), vec![(b'B', b"\0x\0\0\0\0\0\0\0".to_vec())], "b has no statement x: as it is");
         let mut out = BytesMut::new();
-        rewriter(&mut b, &mut backend, &mut expect, 10).parse(b"y\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
+        rewriter(&mut b, &mut backend, &mut expect, 10).parse(b"y\0SELECT 1\0\0\0", Default::default(), false, &mut out).unwrap();
         // The backend has it: closed and parsed again under the same name, for b's ParseComplete.
         assert_eq!(
             messages(&out),
@@ -693,12 +711,12 @@ mod tests {
     fn a_different_search_path_is_a_different_statement() {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
-        rewriter(&mut client, &mut backend, &mut expect, 10).parse(b"a\0SELECT * FROM t\0\0\0", Default::default(), &mut out).unwrap();
+        rewriter(&mut client, &mut backend, &mut expect, 10).parse(b"a\0SELECT * FROM t\0\0\0", Default::default(), false, &mut out).unwrap();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
         let mut other = Settings::default();
         other.set("search_path", "elsewhere");
         r.settings = Some(&other);
-        r.parse(b"b\0SELECT * FROM t\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"b\0SELECT * FROM t\0\0\0", Default::default(), false, &mut out).unwrap();
         assert_eq!(backend.len(), 2);
     }
 
@@ -707,10 +725,10 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        r.parse(b"bad\0SELEC 1\0\0\0", Default::default(), &mut out).unwrap();
-        r.parse(b"good\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"bad\0SELEC 1\0\0\0", Default::default(), false, &mut out).unwrap();
+        r.parse(b"good\0SELECT 1\0\0\0", Default::default(), false, &mut out).unwrap();
         r.ready(true, false);
-        r.parse(b"later\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"later\0SELECT 2\0\0\0", Default::default(), false, &mut out).unwrap();
         r.ready(true, false);
         // The first Parse fails; the second is skipped up to the Sync.
         assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass);
@@ -722,7 +740,7 @@ mod tests {
         assert_eq!(backend.len(), 1);
         // A name whose Parse failed may be used again.
         let mut out = BytesMut::new();
-        rewriter(&mut client, &mut backend, &mut expect, 10).parse(b"bad\0SELECT 3\0\0\0", Default::default(), &mut out).unwrap();
+        rewriter(&mut client, &mut backend, &mut expect, 10).parse(b"bad\0SELECT 3\0\0\0", Default::default(), false, &mut out).unwrap();
     }
 
     #[test]
@@ -730,12 +748,12 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        r.parse(b"s\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
-        assert_eq!(r.parse(b"s\0SELECT 2\0\0\0", Default::default(), &mut out), Err(ProtocolError::DuplicateStatement));
+        r.parse(b"s\0SELECT 1\0\0\0", Default::default(), false, &mut out).unwrap();
+        assert_eq!(r.parse(b"s\0SELECT 2\0\0\0", Default::default(), false, &mut out), Err(ProtocolError::DuplicateStatement));
         let mut out = BytesMut::new();
         r.describe_or_close(b'C', b"Ss\0", &mut out).unwrap();
         assert_eq!(messages(&out), vec![(b'C', b"Spgwarden_\0".to_vec())], "the backend's copy stays");
-        r.parse(b"s\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"s\0SELECT 2\0\0\0", Default::default(), false, &mut out).unwrap();
         assert_eq!(backend.len(), 2);
     }
 
@@ -745,7 +763,7 @@ mod tests {
         for (i, sql) in [b"a\0SELECT 1\0\0\0", b"b\0SELECT 2\0\0\0"].iter().enumerate() {
             let mut out = BytesMut::new();
             let mut r = rewriter(&mut client, &mut backend, &mut expect, 2);
-            r.parse(&sql[..], Default::default(), &mut out).unwrap();
+            r.parse(&sql[..], Default::default(), false, &mut out).unwrap();
             assert_eq!(r.answer(PARSE_COMPLETE).unwrap(), Answer::Pass);
             assert_eq!(messages(&out).len(), 1, "statement {i} fits");
         }
@@ -753,13 +771,13 @@ mod tests {
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 2);
         r.describe_or_close(b'D', b"Sa\0", &mut out).unwrap();
-        r.parse(b"c\0SELECT 3\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"c\0SELECT 3\0\0\0", Default::default(), false, &mut out).unwrap();
         let m = messages(&out);
         assert_eq!(m[1], (b'C', b"Spgwarden_2\0".to_vec()));
         assert_eq!(m[2].0, b'P');
         assert_eq!(r.answer(CLOSE_COMPLETE).unwrap(), Answer::Drop);
         // Within one relay everything is in use: nothing is closed, the limit waits.
-        r.parse(b"d\0SELECT 4\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"d\0SELECT 4\0\0\0", Default::default(), false, &mut out).unwrap();
         assert_eq!(backend.len(), 3);
         assert_eq!(expect.counts, Counts { client_parses: 4, backend_parses: 0, evictions: 1 });
     }
@@ -769,7 +787,7 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        r.parse(b"mine\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"mine\0SELECT 1\0\0\0", Default::default(), false, &mut out).unwrap();
         let mut out = BytesMut::new();
         r.bind(b"\0pgwarden_1\0\0\0\0\0\0\0", &mut out).unwrap();
         r.describe_or_close(b'D', b"Spgwarden_1\0", &mut out).unwrap();
@@ -798,14 +816,51 @@ mod tests {
     }
 
     #[test]
+    fn after_a_copy_ends_in_an_error_no_sync_is_assumed_ignored() {
+        let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
+        let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
+        // Query COPY (bad data, no CopyDone), Query COPY, CopyDone, Sync: the first COPY's
+        // error means the client's CopyDone ends the second, so the Sync is answered.
+        r.ready(false, false);
+        r.ready(false, false);
+        r.copy_end();
+        r.ready(true, false);
+        assert_eq!(r.copy_started(), 0);
+        r.pipeline.copy_failed();
+        assert_eq!(r.copy_started(), 0, "the Sync is awaited: never too few");
+    }
+
+    #[test]
+    fn a_statement_parsed_after_binding_one_that_may_set_is_nobody_elses() {
+        let (mut a, mut b, mut backend, mut expect) =
+            (ClientStatements::default(), ClientStatements::default(), BackendStatements::default(), Pipeline::default());
+        let settings = Settings::default();
+        let mut out = BytesMut::new();
+        let mut r = rewriter(&mut a, &mut backend, &mut expect, 10);
+        r.settings = Some(&settings);
+        r.parse(b"u\0SET datestyle TO 'ISO, DMY'\0\0\0", Default::default(), true, &mut out).unwrap();
+        let mut expect = Pipeline::default();
+        let mut r = rewriter(&mut a, &mut backend, &mut expect, 10);
+        r.settings = Some(&settings);
+        r.bind(b"\0u\0\0\0\0\0\0\0", &mut out).unwrap();
+        r.parse(b"d\0SELECT '01/02/2024'::date\0\0\0", Default::default(), false, &mut out).unwrap();
+        let mut expect = Pipeline::default();
+        let mut r = rewriter(&mut b, &mut backend, &mut expect, 10);
+        r.settings = Some(&settings);
+        let mut out = BytesMut::new();
+        r.parse(b"d\0SELECT '01/02/2024'::date\0\0\0", Default::default(), false, &mut out).unwrap();
+        assert_eq!(messages(&out).len(), 1, "b's own Parse: not a's copy, parsed under DMY");
+    }
+
+    #[test]
     fn deallocate_all_forgets_every_statement_at_once_in_order() {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        r.parse(b"s\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"s\0SELECT 1\0\0\0", Default::default(), false, &mut out).unwrap();
         r.sql(false, Some(true));
         // The same name again, after DEALLOCATE ALL in the same pipeline: a new statement.
-        r.parse(b"s\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"s\0SELECT 2\0\0\0", Default::default(), false, &mut out).unwrap();
         r.sql(false, Some(false));
         assert_eq!((client.len(), backend.len()), (1, 0), "DEALLOCATE name: the backend's copies may be gone");
     }
@@ -819,12 +874,12 @@ mod tests {
         let mut r = rewriter(&mut a, &mut backend, &mut expect, 10);
         r.settings = Some(&settings);
         r.sql(true, None); // SET LOCAL datestyle = ...
-        r.parse(b"x\0SELECT '01/02/2024'::date\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"x\0SELECT '01/02/2024'::date\0\0\0", Default::default(), false, &mut out).unwrap();
         let mut expect = Pipeline::default();
         let mut r = rewriter(&mut b, &mut backend, &mut expect, 10);
         r.settings = Some(&settings);
         let mut out = BytesMut::new();
-        r.parse(b"y\0SELECT '01/02/2024'::date\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"y\0SELECT '01/02/2024'::date\0\0\0", Default::default(), false, &mut out).unwrap();
         assert_eq!(messages(&out).len(), 1, "a Parse of its own, no Close of a's");
         assert_eq!(backend.len(), 2);
     }
@@ -834,12 +889,12 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 1);
-        r.parse(b"a\0SELECT 1\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"a\0SELECT 1\0\0\0", Default::default(), false, &mut out).unwrap();
         assert_eq!(r.answer(PARSE_COMPLETE).unwrap(), Answer::Pass);
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 1);
         // Bind (fails), Close a, Parse b (evicts a: an added Close), Sync.
         r.describe_or_close(b'C', b"Sa\0", &mut out).unwrap();
-        r.parse(b"b\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"b\0SELECT 2\0\0\0", Default::default(), false, &mut out).unwrap();
         r.ready(true, false);
         assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass);
         assert_eq!(r.answer(backend_tag::READY_FOR_QUERY).unwrap(), Answer::Pass);
@@ -858,9 +913,9 @@ mod tests {
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
         // Parse (fails), Query, Parse, Sync: PostgreSQL skips the Query and the second Parse.
-        r.parse(b"bad\0SELEC\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"bad\0SELEC\0\0\0", Default::default(), false, &mut out).unwrap();
         r.ready(false, false);
-        r.parse(b"s2\0SELECT 2\0\0\0", Default::default(), &mut out).unwrap();
+        r.parse(b"s2\0SELECT 2\0\0\0", Default::default(), false, &mut out).unwrap();
         r.ready(true, false);
         assert_eq!(r.answer(backend_tag::ERROR_RESPONSE).unwrap(), Answer::Pass);
         assert_eq!(r.pipeline.take_skipped_requests(), 1, "the Query's ReadyForQuery never comes");
@@ -899,7 +954,7 @@ mod tests {
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 2);
         for i in 0..10 {
-            r.parse(format!("s{i}\0SELECT {i}\0\0\0").as_bytes(), Default::default(), &mut out).unwrap();
+            r.parse(format!("s{i}\0SELECT {i}\0\0\0").as_bytes(), Default::default(), false, &mut out).unwrap();
         }
         assert_eq!(backend.len(), 4, "one relay: up to twice the limit");
     }
@@ -924,7 +979,7 @@ mod tests {
             // Bytes from a small alphabet, so names repeat and NULs are common.
             let body: Vec<u8> = (0..len).map(|_| b"\0\0Sab1P"[(next() % 7) as usize]).collect();
             match next() % 9 {
-                0 => drop(r.parse(&body, Default::default(), &mut out)),
+                0 => drop(r.parse(&body, Default::default(), false, &mut out)),
                 1 => drop(r.bind(&body, &mut out)),
                 2 => drop(r.describe_or_close(b'D', &body, &mut out)),
                 3 => drop(r.describe_or_close(b'C', &body, &mut out)),
@@ -943,7 +998,7 @@ mod tests {
         let (mut client, mut backend, mut expect) = (ClientStatements::default(), BackendStatements::default(), Pipeline::default());
         let mut out = BytesMut::new();
         let mut r = rewriter(&mut client, &mut backend, &mut expect, 10);
-        assert!(r.parse(b"no terminator", Default::default(), &mut out).is_err());
+        assert!(r.parse(b"no terminator", Default::default(), false, &mut out).is_err());
         assert!(r.bind(b"\0s", &mut out).is_err());
         assert!(r.describe_or_close(b'D', b"Sx", &mut out).is_err());
         assert!(r.answer(PARSE_COMPLETE).is_err(), "an answer for nothing");

@@ -143,10 +143,11 @@ impl Relay<'_> {
                     match f.tag {
                         frontend_tag::PARSE => {
                             let sql = f.body.split(|&b| b == 0).nth(1).unwrap_or_default();
-                            rw.sql(session_state::may_pin(sql), session_state::drops_statements(sql));
+                            let may_set = session_state::may_pin(sql);
+                            rw.sql(may_set, session_state::drops_statements(sql));
                             let named = f.body.first().is_some_and(|&b| b != 0);
                             let effects = if named { session_state::session_effects(sql, t.pin_variable_sets) } else { Default::default() };
-                            rw.parse(f.body, effects, out)
+                            rw.parse(f.body, effects, may_set, out)
                         }
                         frontend_tag::BIND => rw.bind(f.body, out).map(|stmt| {
                             // Running a statement parsed in another transaction: what it does
