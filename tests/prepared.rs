@@ -325,3 +325,94 @@ async fn a_copy_that_fails_never_hands_the_backend_on_with_answers_owed() {
     assert_eq!(until_ready(&mut raw).await, ("TDCZ".into(), None), "its own answer");
     assert_eq!(theirs.await.unwrap(), ["theirs"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_deallocate_of_a_protocol_statement_is_answered_as_postgres_would_without_pinning() {
+    // psycopg 3 on libpq < 17 drops statements from its cache with `DEALLOCATE name`; on the
+    // backend the statement has another name, so passed on it would fail (26000), or pin.
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.borrow_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let mut raw = RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let q = |sql: &str| common::query_message(sql);
+    let mut prepare = parse("s1", "SELECT 1");
+    prepare.extend(parse("S2", "SELECT 2"));
+    prepare.extend(bind_execute_sync("s1"));
+    raw.send(&prepare).await;
+    assert_eq!(until_ready(&mut raw).await, ("112DCZ".into(), None));
+    // Outside a transaction: an unquoted name is folded, as PostgreSQL reads it.
+    raw.send(&q("DEALLOCATE S1")).await;
+    assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    raw.send(&bind_execute_sync("s1")).await;
+    assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"), "the client's name is gone");
+    // Inside a failed transaction PostgreSQL refuses it and drops nothing.
+    raw.send(&q("BEGIN")).await;
+    assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    raw.send(&q("SELECT 1/0")).await;
+    assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("22012"));
+    raw.send(&q("DEALLOCATE PREPARE \"S2\";")).await;
+    assert_eq!(until_ready(&mut raw).await, ("EZ".into(), Some("25P02".into())));
+    raw.send(&q("ROLLBACK")).await;
+    assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    raw.send(&bind_execute_sync("S2")).await;
+    assert_eq!(until_ready(&mut raw).await, ("2DCZ".into(), None), "still there");
+    // Inside a transaction that goes on.
+    raw.send(&q("BEGIN")).await;
+    assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    raw.send(&q("DEALLOCATE \"S2\"")).await;
+    let answer = raw.recv().await.unwrap();
+    assert_eq!((answer.tag, &answer.body[..]), (b'C', &b"DEALLOCATE\0"[..]));
+    let ready = raw.recv().await.unwrap();
+    assert_eq!((ready.tag, &ready.body[..]), (b'Z', &b"T"[..]), "still in the transaction");
+    raw.send(&q("COMMIT")).await;
+    assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    raw.send(&bind_execute_sync("S2")).await;
+    assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"));
+    // (Each exchange above ran its relay to the end before the next began.)
+    assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0, "nothing pinned");
+    // Not a statement of this client's: the backend answers, and the session pins, as for any
+    // DEALLOCATE the backend runs.
+    raw.send(&q("DEALLOCATE nope")).await;
+    assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"));
+    h.until_metric("pgwarden_session_pins{reason=\"discard\"}", |v| v == 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_cycling_its_statement_cache_runs_through_the_pool() {
+    // The real client: psycopg 3 prepares every query (prepare_threshold 0) and keeps two, so
+    // it drops one at every new query, by SQL DEALLOCATE on libpq < 17 (protocol Close after).
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 2;
+        c.pool.borrow_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let script = r#"
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1], prepare_threshold=0)
+conn.prepared_max = 2
+for autocommit in (False, True):
+    conn.autocommit = autocommit
+    for rnd in range(3):
+        for i in range(5):
+            got = conn.execute("SELECT %s::int + " + str(i), (rnd,)).fetchone()[0]
+            assert got == rnd + i, (got, rnd, i)
+        if not autocommit:
+            conn.commit()
+close = getattr(psycopg, "capabilities", None)
+print("close" if close and close.has_send_close_prepared() else "deallocate")
+"#;
+    let conn = h.conn_str();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::test_python()).arg("-c").arg(script).arg(conn).env("PGSSLMODE", "disable").output()
+    })
+    .await
+    .unwrap()
+    .expect("python runs");
+    assert!(out.status.success(), "psycopg failed: {}", String::from_utf8_lossy(&out.stderr));
+    let how = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0, "statements dropped by {how}");
+    assert!(h.metric("pgwarden_prepared_statements{event=\"client_parse\"}") >= 30.0);
+}

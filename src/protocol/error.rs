@@ -19,6 +19,7 @@ impl SqlState {
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
     pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
     pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
+    pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
 
     pub fn code(&self) -> &'static str {
         self.0

@@ -1,6 +1,6 @@
 //! Messages pgwarden writes itself: authentication requests, ParameterStatus, BackendKeyData,
-//! ReadyForQuery, NegotiateProtocolVersion and ErrorResponse. Each writer appends one whole
-//! message to a buffer, back-patching the length.
+//! ReadyForQuery, CommandComplete, NegotiateProtocolVersion and ErrorResponse. Each writer
+//! appends one whole message to a buffer, back-patching the length.
 
 use bytes::{BufMut, BytesMut};
 
@@ -69,7 +69,16 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
 }
 
 pub fn ready_for_query_idle(buf: &mut BytesMut) {
-    write_message(buf, b'Z', |b| b.put_u8(b'I'));
+    ready_for_query(buf, super::TxStatus::Idle);
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: super::TxStatus) {
+    write_message(buf, b'Z', |b| b.put_u8(status.byte()));
+}
+
+/// CommandComplete with its command tag (e.g. "DEALLOCATE").
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    write_message(buf, b'C', |b| put_cstr(b, tag));
 }
 
 /// Tells a client asking for protocol 3.`minor` that we speak 3.0 and which `_pq_` options we ignored.

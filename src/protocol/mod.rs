@@ -74,6 +74,14 @@ impl TxStatus {
             _ => None,
         }
     }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InTransaction => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
 }
 
 /// Reads a NUL-terminated string from `buf`, returning it and the rest.

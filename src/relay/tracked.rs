@@ -86,6 +86,9 @@ impl Relay<'_> {
             return Ok(());
         }
         self.client_need = 0;
+        if self.answer_deallocate() {
+            return Ok(());
+        }
         let Some(client) = self.client.tracked.as_deref_mut() else {
             return Ok(());
         };
@@ -222,5 +225,37 @@ impl Relay<'_> {
         };
         self.to_backend = Forward { sent: 0, end, flushing: false };
         Ok(())
+    }
+
+    /// A chunk that is one Query saying only `DEALLOCATE name` of a statement of the client's,
+    /// with nothing owed either way: answered here ([`prepared::deallocate`]), in the place of
+    /// the backend's answer, which it then is.
+    fn answer_deallocate(&mut self) -> bool {
+        let buf = &self.client.buf;
+        let t = &self.t;
+        let quiet = t.pending == 0
+            && !t.unsynced
+            && !t.copy_in
+            && !t.client_mid_message
+            && !self.to_client.busy()
+            && self.backend.buf.is_empty()
+            && self.backend_scanner.at_boundary();
+        let one_query = buf.len() > 5
+            && buf[0] == frontend_tag::QUERY
+            && self.client.scanner.at_boundary()
+            && u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize == buf.len() - 1;
+        let Some(client) = self.client.tracked.as_deref_mut() else { return false };
+        if !quiet || !one_query || !client.pipeline.is_empty() {
+            return false;
+        }
+        let Some(sql) = buf[5..].strip_suffix(b"\0") else { return false };
+        if !prepared::deallocate::answer(&mut client.statements, sql, t.status, &mut self.backend.buf) {
+            return false;
+        }
+        self.client.buf.clear();
+        self.t.requests += 1;
+        self.t.awaits_reply = false;
+        self.to_client = Forward { sent: 0, end: self.backend.buf.len(), flushing: false };
+        true
     }
 }

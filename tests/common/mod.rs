@@ -193,6 +193,13 @@ impl Harness {
         value.unwrap_or(0.0)
     }
 
+    /// The sum of `name`'s series, whatever their labels.
+    pub fn metric_total(&self, name: &str) -> f64 {
+        let page = self.shared.metrics.render();
+        let series = page.lines().filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])));
+        series.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    }
+
     /// Waits (up to 20 s) until `name`'s value satisfies `ok`.
     pub async fn until_metric(&self, name: &str, ok: impl Fn(f64) -> bool) {
         tokio::time::timeout(Duration::from_secs(20), async {
