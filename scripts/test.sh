@@ -2,7 +2,7 @@
 # Runs every pgwarden test. Installs what a fresh Debian machine lacks first: the PostgreSQL
 # server binaries the test harness starts its throwaway clusters with (and psql/pgbench, which
 # the tests drive through the proxy), and a Python venv (target/pyenv) with boto3, whose
-# generate_db_auth_token makes real IAM tokens for the tests, moto and psycopg. Safe to run
+# generate_db_auth_token makes real IAM tokens for the tests, moto, psycopg and asyncpg. Safe to run
 # again; installs nothing already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,10 +33,11 @@ if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
 fi
 
 # Python tools the tests drive: boto3 (real IAM auth tokens), moto's server (a real
-# implementation of the Secrets Manager API) and psycopg 3 (a real driver, on the system's libpq). Pinned majors; the venv is reused while the
+# implementation of the Secrets Manager API), and two real drivers: psycopg 3 (on the system's
+# libpq) and asyncpg. Pinned majors; the venv is reused while the
 # requirements are unchanged.
 PYENV=target/pyenv
-REQS="boto3>=1.34,<2 moto[server]>=5.1,<6 psycopg>=3.2,<4"
+REQS="boto3>=1.34,<2 moto[server]>=5.1,<6 psycopg>=3.2,<4 asyncpg>=0.29,<1"
 if [ ! -x "$PYENV/bin/python" ] || [ "$(cat "$PYENV/.reqs" 2>/dev/null)" != "$REQS" ]; then
   if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -176,3 +176,69 @@ async fn exclude_variable_sets_filter_leaves_sets_unpinned() {
     client.batch_execute("LISTEN still_pins").await.unwrap();
     assert_eq!(h.metric("DatabaseConnectionsCurrentlySessionPinned"), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_all_is_followed_to_the_next_backend_without_pinning() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 2;
+        c.pool.borrow_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let plain = h.client().await;
+    let defaults = values(&plain, "SHOW statement_timeout; SHOW work_mem; SHOW application_name").await;
+    let a = common::connect(&format!("{} application_name=mine", h.conn_str())).await.unwrap();
+    a.batch_execute("SET statement_timeout = '40s'; SET work_mem = '7MB'").await.unwrap();
+    assert_eq!(values(&a, "SHOW statement_timeout; SHOW work_mem; SHOW application_name").await, ["40s", "7MB", "mine"]);
+    a.batch_execute("RESET ALL").await.unwrap();
+    // Another client holds the backend `a` ran on (the pool hands out the most recently used
+    // first), so `a` goes on to the other: what it carries there is what RESET ALL left.
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let held = values(&holder, "SELECT pg_backend_pid()").await;
+    let elsewhere = values(&a, "SELECT pg_backend_pid(); SHOW statement_timeout; SHOW work_mem; SHOW application_name").await;
+    assert_ne!(elsewhere[0], held[0], "served by the other backend");
+    // The backend's defaults, as every client without settings of its own sees them (the
+    // application_name it logged in with included: PgBouncer's behaviour, not PostgreSQL's).
+    assert_eq!(elsewhere[1..], defaults[..]);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_pool_resets_connections_on_release_without_pinning_them() {
+    // asyncpg's pool runs `SELECT pg_advisory_unlock_all(); CLOSE ALL; DO $$ ... UNLISTEN * ...
+    // $$; RESET ALL;` at every release. Four pooled connections over two backends: pinned, two
+    // of them would wait out the borrow timeout.
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 2;
+        c.pool.borrow_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let script = r#"
+import asyncio, sys, asyncpg
+async def main():
+    host, port, user, password, database = sys.argv[1:6]
+    pool = await asyncpg.create_pool(host=host, port=int(port), user=user, password=password,
+        database=database, ssl=False, min_size=4, max_size=4)
+    async def worker(w):
+        for k in range(10):
+            async with pool.acquire() as c:
+                await c.execute("SET statement_timeout = '" + str(w + 1) + "s'")
+                got = await c.fetchval("SELECT current_setting('statement_timeout') || $1::text", "/" + str(k))
+                assert got == str(w + 1) + "s/" + str(k), got
+    await asyncio.gather(*(worker(w) for w in range(8)))
+    async with pool.acquire() as c:
+        print(await c.fetchval("SHOW statement_timeout"))
+    await pool.close()
+asyncio.run(main())
+"#;
+    let args = [h.addr.ip().to_string(), h.addr.port().to_string(), h.env.user.clone(), h.env.password().to_owned(), h.env.database.clone()];
+    let out = tokio::task::spawn_blocking(move || std::process::Command::new(common::test_python()).arg("-c").arg(script).args(args).output())
+        .await
+        .unwrap()
+        .expect("python runs");
+    assert!(out.status.success(), "asyncpg failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "each release reset what its user set");
+    assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
+    assert_eq!(h.metric("pgwarden_borrow_timeouts"), 0.0);
+}

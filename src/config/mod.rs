@@ -120,8 +120,8 @@ pub struct PoolConfig {
     pub max_client_connections: usize,
     /// Cap on any one message's body, either direction.
     pub max_message_bytes: usize,
-    /// A parameter change the proxy cannot carry to the next backend (`SET ROLE`, `RESET ALL`,
-    /// `set_config` of a computed name) pins the session (RDS Proxy's default; false with its
+    /// A parameter change the proxy cannot carry to the next backend (`SET ROLE`, `set_config`
+    /// of a computed name) pins the session (RDS Proxy's default; false with its
     /// `EXCLUDE_VARIABLE_SETS` filter).
     pub pin_variable_sets: bool,
     /// Named prepared statements each backend keeps for clients (PgBouncer's

@@ -88,6 +88,9 @@ pub struct RelayEnd {
     /// Parameters the client set or reset (unless pinned): their values are on this backend
     /// now, and must follow the client to the next.
     pub sets: Vec<String>,
+    /// The client ran `RESET ALL`: every parameter it carries may have its backend's default
+    /// now, to be read back as the `sets` are.
+    pub resets_all: bool,
 }
 
 /// Chunks moved in one poll before yielding to other sessions (a COPY can stream for minutes).
@@ -195,6 +198,7 @@ pub async fn relay(
             pins_session: None,
             pin_variable_sets: limits.pin_variable_sets,
             sets: Vec::new(),
+            resets_all: false,
             client_mid_message,
             awaits_reply: false,
             copy_in: false,
@@ -340,7 +344,7 @@ impl Relay<'_> {
         // A client's first named statement starts tracking (see `prepared`) if nothing is in
         // flight that tracking would not know of.
         let may_track = self.max_statements > 0 && t.pending == 0 && !t.unsynced && !t.client_mid_message;
-        let before = (t.pending, t.unsynced, t.pins_session, t.sets.len());
+        let before = (t.pending, t.unsynced, t.pins_session, t.sets.len(), t.resets_all);
         let mut track = false;
         let mut forward_to = buf.len();
         let mut terminate = false;
@@ -367,6 +371,7 @@ impl Relay<'_> {
             // Read again from the chunk's start, tracked.
             (t.pending, t.unsynced, t.pins_session) = (before.0, before.1, before.2);
             t.sets.truncate(before.3);
+            t.resets_all = before.4;
             self.client.scanner = MessageScanner::new(self.client.scanner.max_body());
             let mut tracked = Box::<TrackedClient>::default();
             // What this relay passed on before was not read for settings (`SET LOCAL`, ...).
@@ -511,6 +516,7 @@ impl Relay<'_> {
         RelayEnd {
             pins_session: self.t.pins_session,
             sets: self.t.sets,
+            resets_all: self.t.resets_all,
             backend_clean: quiet && status == TxStatus::Idle && matches!(outcome, Outcome::TransactionDone | Outcome::ClientGone),
             backend_rollbackable: quiet
                 && status != TxStatus::Idle

@@ -3,9 +3,10 @@
 //! their values back and make them follow the client from backend to backend (`backend::settings`)
 //! instead of pinning, where RDS Proxy pins (its users' top complaint: drivers' own `SET`s
 //! pin every session). The parameters every server reports back with ParameterStatus
-//! (application_name, TimeZone, ...) follow without that: the relay sees their new values. Other
-//! state pins the session to its backend until it ends, as on RDS Proxy: `SET ROLE`, `RESET ALL`,
-//! `set_config(.., false)`, `PREPARE`, temporary tables, cursors `WITH HOLD`, `LISTEN`, `LOAD`,
+//! (application_name, TimeZone, ...) follow without that: the relay sees their new values.
+//! `RESET ALL` (asyncpg's pool runs it at every release) has every parameter the client carries
+//! read back. Other state pins the session to its backend until it ends, as on RDS Proxy:
+//! `SET ROLE`, `set_config(.., false)` whose name is not a literal, `PREPARE`, temporary tables, cursors `WITH HOLD`, `LISTEN`, `LOAD`,
 //! `DISCARD`, session-level advisory locks.
 //!
 //! A lexer, not a parser: it skips comments, quoted strings and identifiers and dollar-quoted
@@ -86,11 +87,13 @@ pub struct SessionEffects {
     /// Parameters set or reset (lower-cased names) whose values the proxy must read back and
     /// carry to the client's next backend.
     pub sets: Vec<String>,
+    /// `RESET ALL`: every parameter the client carries is to be read back.
+    pub resets_all: bool,
 }
 
 /// What `sql` (one Query's text, or a Parse's, without the NUL) does to its session. With
 /// `sets_pin` false (RDS Proxy's `EXCLUDE_VARIABLE_SETS` filter) parameter changes the proxy
-/// cannot follow (`SET ROLE`, `RESET ALL`, `set_config`) do not pin either: the operator
+/// cannot follow (`SET ROLE`, `set_config`) do not pin either: the operator
 /// accepts that they stay on the backend.
 pub fn session_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
     let mut effects = SessionEffects::default();
@@ -346,7 +349,12 @@ impl<'a> Statement<'a> {
             if is_at(1, b"time") && is_at(2, b"zone") {
                 return;
             }
-            if is_at(1, b"all") || is_at(1, b"role") || is_at(1, b"session") {
+            if is_at(1, b"all") {
+                // (Not `role` or `session_authorization`: RESET ALL leaves who the session is.)
+                effects.resets_all = true;
+                return;
+            }
+            if is_at(1, b"role") || is_at(1, b"session") {
                 effects.pin = effects.pin.or(unfollowable);
                 return;
             }
@@ -604,7 +612,6 @@ mod tests {
             ("SET SESSION AUTHORIZATION bob", PinReason::Set),
             ("set session characteristics as transaction read only", PinReason::Set),
             ("SET \"statement_timeout\" = 1", PinReason::Set),
-            ("RESET ALL", PinReason::Set),
             ("RESET ROLE", PinReason::Set),
             ("SET session_authorization = 'bob'", PinReason::Set),
             ("reset Session_Authorization", PinReason::Set),
@@ -652,6 +659,16 @@ mod tests {
             assert_eq!(effects.pin, None, "{sql}");
             assert_eq!(effects.sets, want, "{sql}");
         }
+        // asyncpg's reset at every pool release: RESET ALL has everything read back, no pin.
+        let asyncpg = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nDO $$ BEGIN PERFORM * FROM pg_listening_channels() LIMIT 1; \
+            IF FOUND THEN UNLISTEN *; END IF; END; $$;\nRESET ALL;";
+        let effects = session_effects(asyncpg.as_bytes(), true);
+        assert_eq!((effects.pin, effects.resets_all), (None, true));
+        for sql in ["reset all", "SET a = 1; RESET ALL"] {
+            assert!(session_effects(sql.as_bytes(), true).resets_all, "{sql}");
+            assert!(session_effects(sql.as_bytes(), false).resets_all, "{sql}: followed whatever the filters");
+        }
+        assert!(!session_effects(b"RESET all_things", true).resets_all);
         // A pin ends the reading: the session keeps its backend, what else it set stays there.
         assert_eq!(session_effects(b"SET a = 1; LISTEN x; SET b = 2", true).pin, Some(PinReason::Listen));
     }
@@ -693,7 +710,7 @@ mod tests {
         let mut stack = vec![(String::new(), 0)];
         while let Some((sql, len)) = stack.pop() {
             let effects = session_effects(sql.as_bytes(), true);
-            if effects.pin.is_some() || !effects.sets.is_empty() {
+            if effects.pin.is_some() || !effects.sets.is_empty() || effects.resets_all {
                 assert!(may_pin(sql.as_bytes()), "{sql:?}");
             }
             if len < 3 {

@@ -28,6 +28,8 @@ pub(super) struct Tracker {
     pub(super) pin_variable_sets: bool,
     /// Parameters set so far (see `RelayEnd::sets`).
     pub(super) sets: Vec<String>,
+    /// A `RESET ALL` was sent (see `RelayEnd::resets_all`).
+    pub(super) resets_all: bool,
     /// The client's stream is inside a message (what was forwarded ends mid-message).
     pub(super) client_mid_message: bool,
     /// What was forwarded ends with a whole request the backend answers (Query, Sync,
@@ -111,6 +113,7 @@ impl Tracker {
     /// Notes what running a statement does to the session.
     pub(super) fn note_effects(&mut self, effects: &session_state::SessionEffects) {
         self.pins_session = self.pins_session.or(effects.pin);
+        self.resets_all |= effects.resets_all;
         for name in &effects.sets {
             // (Past the cap the session pins anyway: one name more says so.)
             if self.sets.len() <= session_state::MAX_FOLLOWED_SETTINGS && !self.sets.contains(name) {

@@ -196,11 +196,20 @@ async fn transaction(
     let result = loop {
         let end = relay::relay(client, lease.conn(), desired, &shared.metrics, &shared.config.pool, std::mem::take(&mut presented)).await;
         let mut pins = end.pins_session;
-        if !end.sets.is_empty() && pins.is_none() && pinned.is_none() {
+        if (!end.sets.is_empty() || end.resets_all) && pins.is_none() && pinned.is_none() {
             // Parameters the client set: carried to its next backend if they can be read back
             // now; else (or if the client is leaving) the backend keeps them, pinned, and is
-            // reset when the session ends.
+            // reset when the session ends. After RESET ALL, all it carries.
             let readback = match end.outcome {
+                Outcome::TransactionDone if end.resets_all => {
+                    let mut names = end.sets;
+                    for (name, _) in desired.iter().chain(lease.conn().applied.iter()) {
+                        if !names.iter().any(|n| n == name) {
+                            names.push(name.to_owned());
+                        }
+                    }
+                    Box::pin(follow_sets(lease.conn(), desired, &names)).await
+                }
                 Outcome::TransactionDone => Box::pin(follow_sets(lease.conn(), desired, &end.sets)).await,
                 _ => Readback::Unreadable,
             };
