@@ -371,19 +371,46 @@ async fn sql_deallocate_of_a_protocol_statement_is_answered_as_postgres_would_wi
     assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
     raw.send(&bind_execute_sync("S2")).await;
     assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"));
-    // (Each exchange above ran its relay to the end before the next began.)
-    assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0, "nothing pinned");
-    // Not a statement of this client's: the backend answers, and the session pins, as for any
-    // DEALLOCATE the backend runs.
+    // Not a statement of this client's: the backend answers.
     raw.send(&q("DEALLOCATE nope")).await;
     assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"));
-    h.until_metric("pgwarden_session_pins{reason=\"discard\"}", |v| v == 1.0).await;
+    // DEALLOCATE ALL (psycopg 3 sends it after every rollback): the client's statements go,
+    // the backend's copies stay for the others sharing them.
+    let other = h.client().await;
+    let shared = other.prepare("SELECT 3").await.unwrap();
+    assert_eq!(other.query_one(&shared, &[]).await.unwrap().get::<_, i32>(0), 3);
+    let mut prepare = parse("s3", "SELECT 3");
+    prepare.extend(parse("s4", "SELECT 4"));
+    prepare.extend(message(b'S', &[]));
+    raw.send(&prepare).await;
+    assert_eq!(until_ready(&mut raw).await, ("11Z".into(), None));
+    raw.send(&q("BEGIN")).await;
+    assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    raw.send(&q("DEALLOCATE ALL")).await;
+    let answer = raw.recv().await.unwrap();
+    assert_eq!((answer.tag, &answer.body[..]), (b'C', &b"DEALLOCATE ALL\0"[..]));
+    assert_eq!(raw.recv().await.unwrap().body[..], b"T"[..]);
+    raw.send(&q("COMMIT")).await;
+    assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    for name in ["s3", "s4"] {
+        raw.send(&bind_execute_sync(name)).await;
+        assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"), "{name} is gone");
+    }
+    let mut again = parse("s4", "SELECT 44");
+    again.extend(bind_execute_sync("s4"));
+    raw.send(&again).await;
+    assert_eq!(until_ready(&mut raw).await, ("12DCZ".into(), None), "its name is free");
+    assert_eq!(other.query_one(&shared, &[]).await.expect("the shared copy stayed").get::<_, i32>(0), 3);
+    assert_eq!(h.metric("pgwarden_prepared_statements{event=\"backend_parse\"}"), 0.0, "nothing parsed again");
+    // (Each exchange above ran its relay to the end before the next began.)
+    assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0, "nothing pinned");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_cycling_its_statement_cache_runs_through_the_pool() {
     // The real client: psycopg 3 prepares every query (prepare_threshold 0) and keeps two, so
-    // it drops one at every new query, by SQL DEALLOCATE on libpq < 17 (protocol Close after).
+    // it drops one at every new query, by SQL DEALLOCATE on libpq < 17 (protocol Close after),
+    // and all of them after a rollback, by DEALLOCATE ALL.
     let h = Harness::start_with(|c| {
         c.pool.max_backend_connections = 2;
         c.pool.borrow_timeout = Duration::from_secs(3);
@@ -401,6 +428,12 @@ for autocommit in (False, True):
             assert got == rnd + i, (got, rnd, i)
         if not autocommit:
             conn.commit()
+# A rollback: psycopg forgets its statements and sends DEALLOCATE ALL.
+conn.autocommit = False
+conn.execute("SELECT %s::int + 100", (1,))
+conn.rollback()
+assert conn.execute("SELECT %s::int + 100", (1,)).fetchone()[0] == 101
+conn.commit()
 close = getattr(psycopg, "capabilities", None)
 print("close" if close and close.has_send_close_prepared() else "deallocate")
 "#;
@@ -415,4 +448,24 @@ print("close" if close and close.has_send_close_prepared() else "deallocate")
     let how = String::from_utf8_lossy(&out.stdout);
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0, "statements dropped by {how}");
     assert!(h.metric("pgwarden_prepared_statements{event=\"client_parse\"}") >= 30.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_in_a_pinned_session_drops_its_sql_level_statements_too() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let mut raw = RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let mut prepare = parse("s1", "SELECT 1");
+    prepare.extend(message(b'S', &[]));
+    raw.send(&prepare).await;
+    assert_eq!(until_ready(&mut raw).await, ("1Z".into(), None));
+    // SQL PREPARE pins: the statement lives on this backend only.
+    raw.send(&common::query_message("PREPARE q AS SELECT 2")).await;
+    assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    raw.send(&common::query_message("DEALLOCATE ALL")).await;
+    assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    raw.send(&common::query_message("EXECUTE q")).await;
+    assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"), "the backend ran it");
+    raw.send(&bind_execute_sync("s1")).await;
+    assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"));
 }

@@ -154,12 +154,15 @@ struct Relay<'a> {
     backend_held: usize,
     /// Tracked: the client's buffer holds back a message this long, not to be read before.
     client_need: usize,
+    /// The session keeps this backend (it may hold the client's SQL-level statements).
+    session_pinned: bool,
 }
 
 
 /// Relays one transaction (or more, if the client pipelines) between `client` and `backend`.
 /// `desired` follows the client's own SET of reported parameters. The first `presented.len`
 /// bytes of the client's buffer are already on their way to the backend (the pool sent them).
+/// `session_pinned`: the session keeps this backend whatever the relay reports.
 pub async fn relay(
     client: &mut ClientSide,
     backend: &mut BackendConn,
@@ -167,6 +170,7 @@ pub async fn relay(
     metrics: &Metrics,
     limits: &PoolConfig,
     presented: Presented,
+    session_pinned: bool,
 ) -> RelayEnd {
     let max_message = limits.max_message_bytes;
     let client_tls = client.stream.is_tls();
@@ -187,6 +191,7 @@ pub async fn relay(
         now: 0,
         backend_held: 0,
         client_need: 0,
+        session_pinned,
         t: Tracker {
             pending: 0,
             unsynced: false,
@@ -199,6 +204,7 @@ pub async fn relay(
             pin_variable_sets: limits.pin_variable_sets,
             sets: Vec::new(),
             resets_all: false,
+            drops_statements: false,
             client_mid_message,
             awaits_reply: false,
             copy_in: false,
@@ -344,7 +350,7 @@ impl Relay<'_> {
         // A client's first named statement starts tracking (see `prepared`) if nothing is in
         // flight that tracking would not know of.
         let may_track = self.max_statements > 0 && t.pending == 0 && !t.unsynced && !t.client_mid_message;
-        let before = (t.pending, t.unsynced, t.pins_session, t.sets.len(), t.resets_all);
+        let before = (t.pending, t.unsynced, t.pins_session, t.sets.len(), t.resets_all, t.drops_statements);
         let mut track = false;
         let mut forward_to = buf.len();
         let mut terminate = false;
@@ -371,7 +377,7 @@ impl Relay<'_> {
             // Read again from the chunk's start, tracked.
             (t.pending, t.unsynced, t.pins_session) = (before.0, before.1, before.2);
             t.sets.truncate(before.3);
-            t.resets_all = before.4;
+            (t.resets_all, t.drops_statements) = (before.4, before.5);
             self.client.scanner = MessageScanner::new(self.client.scanner.max_body());
             let mut tracked = Box::<TrackedClient>::default();
             // What this relay passed on before was not read for settings (`SET LOCAL`, ...).
@@ -379,6 +385,11 @@ impl Relay<'_> {
             self.client.tracked = Some(tracked);
             self.start_tracking();
             return self.take_client_chunk_tracked();
+        }
+        if self.t.drops_statements {
+            // (Untracked, nothing is rewritten: forgetting them by the chunk is in time.)
+            self.t.drops_statements = false;
+            self.backend.statements.clear();
         }
         self.after_client_chunk(requests, last_tag, terminate, false);
         self.to_backend = Forward { sent: 0, end: forward_to, flushing: false };

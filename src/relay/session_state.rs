@@ -5,9 +5,11 @@
 //! pin every session). The parameters every server reports back with ParameterStatus
 //! (application_name, TimeZone, ...) follow without that: the relay sees their new values.
 //! `RESET ALL` (asyncpg's pool runs it at every release) has every parameter the client carries
-//! read back. Other state pins the session to its backend until it ends, as on RDS Proxy:
-//! `SET ROLE`, `set_config(.., false)` whose name is not a literal, `PREPARE`, temporary tables, cursors `WITH HOLD`, `LISTEN`, `LOAD`,
-//! `DISCARD`, session-level advisory locks.
+//! read back; `DEALLOCATE` in a Query is reported for the relay to forget the statements it
+//! drops. Other state pins the session to its backend until it ends, as on RDS Proxy: `SET
+//! ROLE`, `set_config(.., false)` whose name is not a literal, `PREPARE`, temporary tables,
+//! cursors `WITH HOLD`, `LISTEN`, `LOAD`, `DISCARD`, `DEALLOCATE` in a Parse, session-level
+//! advisory locks.
 //!
 //! A lexer, not a parser: it skips comments, quoted strings and identifiers and dollar-quoted
 //! bodies, and looks at the first words of each statement and at function names anywhere.
@@ -89,6 +91,9 @@ pub struct SessionEffects {
     pub sets: Vec<String>,
     /// `RESET ALL`: every parameter the client carries is to be read back.
     pub resets_all: bool,
+    /// `DEALLOCATE` (a name, or all) or `DISCARD ALL`: the backend's prepared statements, the
+    /// proxy's copies among them, may be gone.
+    pub drops_statements: bool,
 }
 
 /// What `sql` (one Query's text, or a Parse's, without the NUL) does to its session. With
@@ -116,6 +121,16 @@ pub fn session_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
         }
     }
     statement.judge_head(sets_pin, &mut effects);
+    effects
+}
+
+/// [`session_effects`] of a Parse's SQL: a statement that drops prepared statements pins there
+/// (where its Execute falls among the messages the relay rewrites is not followed).
+pub fn parse_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
+    let mut effects = session_effects(sql, sets_pin);
+    if effects.drops_statements {
+        effects.pin = effects.pin.or(Some(PinReason::Discard));
+    }
     effects
 }
 
@@ -360,10 +375,16 @@ impl<'a> Statement<'a> {
             }
             (1, None)
         } else {
+            if is(first, b"deallocate") {
+                // The client's own statements go (SQL-level ones pinned it at their PREPARE);
+                // the relay forgets the proxy's copies on this backend.
+                effects.drops_statements = true;
+                return;
+            }
+            effects.drops_statements |= is(first, b"discard") && is_at(1, b"all");
             let pins = [
                 (&b"prepare"[..], PinReason::Prepare),
                 (b"discard", PinReason::Discard),
-                (b"deallocate", PinReason::Discard),
                 (b"listen", PinReason::Listen),
                 (b"load", PinReason::Load),
             ];
@@ -734,7 +755,11 @@ mod tests {
         assert_eq!(drops_statements(b"DISCARD PLANS"), None);
         assert_eq!(drops_statements(b"SELECT 'x; DISCARD ALL' /* ; deallocate all */"), None);
         assert_eq!(drops_statements(b"SELECT discarded FROM t"), None);
-        assert_eq!(reason("DEALLOCATE s1"), Some(PinReason::Discard), "the statements of others go too: pinned");
+        let effects = session_effects(b"DEALLOCATE s1", true);
+        assert_eq!((effects.pin, effects.drops_statements), (None, true), "in a Query: followed, in order");
+        assert_eq!(parse_effects(b"DEALLOCATE s1", true).pin, Some(PinReason::Discard), "in a Parse: pinned");
+        assert!(session_effects(b"DISCARD ALL", true).drops_statements);
+        assert!(!session_effects(b"DISCARD PLANS", true).drops_statements);
     }
 
     /// Unterminated quotes, comments and dollar bodies end the text; nothing panics.

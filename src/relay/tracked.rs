@@ -149,7 +149,7 @@ impl Relay<'_> {
                             let may_set = session_state::may_pin(sql);
                             rw.sql(may_set, session_state::drops_statements(sql));
                             let named = f.body.first().is_some_and(|&b| b != 0);
-                            let effects = if named { session_state::session_effects(sql, t.pin_variable_sets) } else { Default::default() };
+                            let effects = if named { session_state::parse_effects(sql, t.pin_variable_sets) } else { Default::default() };
                             rw.parse(f.body, effects, may_set, out)
                         }
                         frontend_tag::BIND => rw.bind(f.body, out).map(|stmt| {
@@ -197,6 +197,8 @@ impl Relay<'_> {
         if let Some(e) = failed {
             return Err(e);
         }
+        // (Forgotten in order, by the Rewriter.)
+        self.t.drops_statements = false;
         // A statement message not yet whole waits for the rest.
         let mut held = None;
         if !terminate
@@ -227,9 +229,9 @@ impl Relay<'_> {
         Ok(())
     }
 
-    /// A chunk that is one Query saying only `DEALLOCATE name` of a statement of the client's,
-    /// with nothing owed either way: answered here ([`prepared::deallocate`]), in the place of
-    /// the backend's answer, which it then is.
+    /// A chunk that is one Query saying only `DEALLOCATE name` of a statement of the client's
+    /// (or, unpinned, `DEALLOCATE ALL`), with nothing owed either way: answered here
+    /// ([`prepared::deallocate`]), in the place of the backend's answer, which it then is.
     fn answer_deallocate(&mut self) -> bool {
         let buf = &self.client.buf;
         let t = &self.t;
@@ -249,7 +251,9 @@ impl Relay<'_> {
             return false;
         }
         let Some(sql) = buf[5..].strip_suffix(b"\0") else { return false };
-        if !prepared::deallocate::answer(&mut client.statements, sql, t.status, &mut self.backend.buf) {
+        // (Pinned, the backend may hold SQL-level statements DEALLOCATE ALL must drop too.)
+        let all_too = !self.session_pinned;
+        if !prepared::deallocate::answer(&mut client.statements, sql, t.status, all_too, &mut self.backend.buf) {
             return false;
         }
         self.client.buf.clear();

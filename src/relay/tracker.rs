@@ -30,6 +30,9 @@ pub(super) struct Tracker {
     pub(super) sets: Vec<String>,
     /// A `RESET ALL` was sent (see `RelayEnd::resets_all`).
     pub(super) resets_all: bool,
+    /// A Query dropped prepared statements ([`session_state::SessionEffects::drops_statements`])
+    /// that the relay has not yet forgotten.
+    pub(super) drops_statements: bool,
     /// The client's stream is inside a message (what was forwarded ends mid-message).
     pub(super) client_mid_message: bool,
     /// What was forwarded ends with a whole request the backend answers (Query, Sync,
@@ -51,7 +54,7 @@ impl Tracker {
                 if self.pins_session.is_none() {
                     match body.split_last() {
                         // The SQL runs to the NUL that ends the body.
-                        Some((0, sql)) => self.read_sql(sql),
+                        Some((0, sql)) => self.note_effects(&session_state::session_effects(sql, self.pin_variable_sets)),
                         // Malformed: the database refuses it.
                         Some(_) => {}
                         // Not copied: longer than SQL_READ_LIMIT.
@@ -75,9 +78,9 @@ impl Tracker {
                     // A Parse body starts with the statement name (empty: unnamed), then the SQL.
                     let after_name = body.iter().position(|&b| b == 0).map(|nul| (nul, &body[nul + 1..]));
                     match after_name {
-                        Some((0, rest)) => self.read_sql(rest.split(|&b| b == 0).next().unwrap_or_default()),
+                        Some((0, rest)) => self.read_parse_sql(rest.split(|&b| b == 0).next().unwrap_or_default()),
                         Some((_, rest)) if tracked => match rest.split(|&b| b == 0).next() {
-                            Some(sql) if sql.len() <= SQL_READ_LIMIT => self.read_sql(sql),
+                            Some(sql) if sql.len() <= SQL_READ_LIMIT => self.read_parse_sql(sql),
                             _ => self.pins_session = Some(PinReason::Unread),
                         },
                         Some(_) => self.pins_session = Some(PinReason::NamedStatement),
@@ -104,9 +107,9 @@ impl Tracker {
         })
     }
 
-    /// Notes what a statement text leaves on the backend beyond the transaction.
-    pub(super) fn read_sql(&mut self, sql: &[u8]) {
-        let effects = session_state::session_effects(sql, self.pin_variable_sets);
+    /// Notes what a Parse's statement text leaves on the backend beyond the transaction.
+    pub(super) fn read_parse_sql(&mut self, sql: &[u8]) {
+        let effects = session_state::parse_effects(sql, self.pin_variable_sets);
         self.note_effects(&effects);
     }
 
@@ -114,6 +117,7 @@ impl Tracker {
     pub(super) fn note_effects(&mut self, effects: &session_state::SessionEffects) {
         self.pins_session = self.pins_session.or(effects.pin);
         self.resets_all |= effects.resets_all;
+        self.drops_statements |= effects.drops_statements;
         for name in &effects.sets {
             // (Past the cap the session pins anyway: one name more says so.)
             if self.sets.len() <= session_state::MAX_FOLLOWED_SETTINGS && !self.sets.contains(name) {

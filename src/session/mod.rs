@@ -194,7 +194,8 @@ async fn transaction(
     }
     let mut pinned: Option<GaugeGuard> = None;
     let result = loop {
-        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, &shared.config.pool, std::mem::take(&mut presented)).await;
+        let limits = &shared.config.pool;
+        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, limits, std::mem::take(&mut presented), pinned.is_some()).await;
         let mut pins = end.pins_session;
         if (!end.sets.is_empty() || end.resets_all) && pins.is_none() && pinned.is_none() {
             // Parameters the client set: carried to its next backend if they can be read back

@@ -1,10 +1,12 @@
 //! SQL `DEALLOCATE name` of a statement the client prepared at the protocol level (a named
-//! Parse). psycopg 3 on libpq before 17 evicts statements from its cache this way, and
-//! PgBouncer passes it on, where the backend knows the statement under another name (26000).
-//! pgwarden answers it itself, as PostgreSQL would: the client's name goes (the backend's copy
-//! stays for the clients sharing it), or, in a failed transaction, the error PostgreSQL gives
-//! (25P02) and nothing goes. Only a Query that says just that is answered here; anything else
-//! (`DEALLOCATE ALL`, comments, more statements) reaches the backend.
+//! Parse), and `DEALLOCATE ALL`. psycopg 3 evicts statements from its cache with the first (on
+//! libpq before 17) and sends the second after every rollback; PgBouncer passes the first on,
+//! where the backend knows the statement under another name (26000). pgwarden answers both
+//! itself, as PostgreSQL would: the client's names go (the backend's copies stay for the
+//! clients sharing them), or, in a failed transaction, the error PostgreSQL gives (25P02) and
+//! nothing goes. Only a Query that says just that is answered here; anything else (comments,
+//! more statements) reaches the backend, and so does `DEALLOCATE ALL` in a pinned session,
+//! whose backend may hold SQL-level statements of the client's.
 
 use std::borrow::Cow;
 
@@ -19,13 +21,14 @@ use crate::protocol::{SqlState, TxStatus};
 const MAX_NAME: usize = 63;
 
 /// If `sql` (a Query's text, without its NUL) is only `DEALLOCATE [PREPARE] name` of one of
-/// the client's statements, answers it into `out` (as for a transaction in `status`) and
-/// returns true.
-pub fn answer(client: &mut ClientStatements, sql: &[u8], status: TxStatus, out: &mut BytesMut) -> bool {
-    let Some(name) = deallocated_name(sql) else { return false };
-    if !client.by_name.contains_key(&*name) {
-        return false;
-    }
+/// the client's statements (or, with `all_too`, `DEALLOCATE [PREPARE] ALL`), answers it into
+/// `out` (as for a transaction in `status`) and returns true.
+pub fn answer(client: &mut ClientStatements, sql: &[u8], status: TxStatus, all_too: bool, out: &mut BytesMut) -> bool {
+    let target = match deallocated(sql) {
+        Some(Target::All) if all_too => Target::All,
+        Some(Target::Name(name)) if client.by_name.contains_key(&*name) => Target::Name(name),
+        _ => return false,
+    };
     if status == TxStatus::Failed {
         messages::error_response(
             out,
@@ -34,16 +37,31 @@ pub fn answer(client: &mut ClientStatements, sql: &[u8], status: TxStatus, out: 
             "current transaction is aborted, commands ignored until end of transaction block",
         );
     } else {
-        client.remove(&name);
-        messages::command_complete(out, "DEALLOCATE");
+        match target {
+            Target::Name(name) => {
+                client.remove(&name);
+                messages::command_complete(out, "DEALLOCATE");
+            }
+            Target::All => {
+                client.clear();
+                messages::command_complete(out, "DEALLOCATE ALL");
+            }
+        }
     }
     messages::ready_for_query(out, status);
     true
 }
 
-/// The statement name `sql` deallocates, if `sql` is just `DEALLOCATE [PREPARE] name`, an
-/// optional `;` and blanks. An unquoted name is folded to lower case, as PostgreSQL reads it.
-fn deallocated_name(sql: &[u8]) -> Option<Cow<'_, [u8]>> {
+/// What a `DEALLOCATE` drops.
+#[derive(Debug, PartialEq, Eq)]
+enum Target<'a> {
+    Name(Cow<'a, [u8]>),
+    All,
+}
+
+/// What `sql` deallocates, if it is just `DEALLOCATE [PREPARE] name|ALL`, an optional `;` and
+/// blanks. An unquoted name is folded to lower case, as PostgreSQL reads it.
+fn deallocated(sql: &[u8]) -> Option<Target<'_>> {
     let sql = sql.trim_ascii();
     let sql = sql.strip_suffix(b";").unwrap_or(sql);
     let (keyword, rest) = identifier(sql)?;
@@ -54,8 +72,13 @@ fn deallocated_name(sql: &[u8]) -> Option<Cow<'_, [u8]>> {
     if name.is_word(b"prepare") && !rest.trim_ascii().is_empty() {
         (name, rest) = identifier(rest)?;
     }
-    let fits = !name.text.is_empty() && name.text.len() <= MAX_NAME;
-    (!name.is_word(b"all") && fits && rest.trim_ascii().is_empty()).then_some(name.text)
+    if !rest.trim_ascii().is_empty() {
+        return None;
+    }
+    if name.is_word(b"all") {
+        return Some(Target::All);
+    }
+    (!name.text.is_empty() && name.text.len() <= MAX_NAME).then_some(Target::Name(name.text))
 }
 
 /// An identifier as PostgreSQL reads it.
@@ -107,7 +130,10 @@ mod tests {
     use super::*;
 
     fn name(sql: &str) -> Option<String> {
-        deallocated_name(sql.as_bytes()).map(|n| String::from_utf8(n.into_owned()).unwrap())
+        match deallocated(sql.as_bytes())? {
+            Target::Name(n) => Some(String::from_utf8(n.into_owned()).unwrap()),
+            Target::All => Some("<all>".into()),
+        }
     }
 
     #[test]
@@ -117,10 +143,11 @@ mod tests {
         assert_eq!(name(r#"DEALLOCATE "S""1""#).as_deref(), Some(r#"S"1"#), "quoted: as written");
         assert_eq!(name(r#"DEALLOCATE PREPARE"x y""#).as_deref(), Some("x y"));
         assert_eq!(name("DEALLOCATE prepare").as_deref(), Some("prepare"), "PREPARE alone is the name");
-        assert_eq!(name("DEALLOCATE \"all\"").as_deref(), Some("all"));
+        assert_eq!(name("DEALLOCATE \"all\"").as_deref(), Some("all"), "quoted: a name");
+        assert_eq!(name("DEALLOCATE ALL").as_deref(), Some("<all>"));
+        assert_eq!(name("deallocate prepare all;").as_deref(), Some("<all>"));
         for other in [
-            "DEALLOCATE ALL",
-            "DEALLOCATE PREPARE all",
+            "DEALLOCATE ALL s1",
             "DEALLOCATE",
             "DEALLOCATE s1; SELECT 1",
             "DEALLOCATE s1 s2",
