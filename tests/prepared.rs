@@ -462,10 +462,49 @@ async fn deallocate_all_in_a_pinned_session_drops_its_sql_level_statements_too()
     // SQL PREPARE pins: the statement lives on this backend only.
     raw.send(&common::query_message("PREPARE q AS SELECT 2")).await;
     assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
+    // In a failed transaction, PostgreSQL's refusal, and nothing goes.
+    for (sql, answer) in [("BEGIN", "CZ"), ("SELECT 1/0", "EZ"), ("DEALLOCATE ALL", "EZ"), ("ROLLBACK", "CZ"), ("EXECUTE q", "TDCZ")] {
+        raw.send(&common::query_message(sql)).await;
+        assert_eq!(until_ready(&mut raw).await.0, answer, "{sql}");
+    }
+    raw.send(&bind_execute_sync("s1")).await;
+    assert_eq!(until_ready(&mut raw).await, ("2DCZ".into(), None));
     raw.send(&common::query_message("DEALLOCATE ALL")).await;
     assert_eq!(until_ready(&mut raw).await, ("CZ".into(), None));
     raw.send(&common::query_message("EXECUTE q")).await;
     assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"), "the backend ran it");
     raw.send(&bind_execute_sync("s1")).await;
     assert_eq!(until_ready(&mut raw).await.1.as_deref(), Some("26000"));
+    // A session that pins in the same transaction as its DEALLOCATE ALL: the backend runs it.
+    // (The pinned session above ends first: it holds the one backend.)
+    drop(raw);
+    let mut raw = RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let mut prepare = parse("s1", "SELECT 1");
+    prepare.extend(message(b'S', &[]));
+    raw.send(&prepare).await;
+    assert_eq!(until_ready(&mut raw).await, ("1Z".into(), None));
+    for (sql, answer) in [("BEGIN", "CZ"), ("PREPARE q2 AS SELECT 2", "CZ"), ("DEALLOCATE ALL", "CZ"), ("EXECUTE q2", "EZ")] {
+        raw.send(&common::query_message(sql)).await;
+        assert_eq!(until_ready(&mut raw).await.0, answer, "{sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deallocate_all_that_fails_leaves_no_statement_behind_uncounted() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let a = h.client().await;
+    let s = a.prepare("SELECT $1::int4 + 7").await.unwrap();
+    assert_eq!(a.query_one(&s, &[&1]).await.unwrap().get::<_, i32>(0), 8);
+    assert_eq!(statements_on_backend(&a).await, 1);
+    // Another client's DEALLOCATE ALL that the database refuses: pgwarden cannot know whether
+    // the copy went, so it stops using it and closes it with its next rewritten message.
+    let b = h.client().await;
+    b.batch_execute("BEGIN").await.unwrap();
+    assert!(b.batch_execute("SELECT 1/0").await.is_err());
+    let refused = b.batch_execute("DEALLOCATE ALL").await.unwrap_err();
+    assert_eq!(sqlstate(&refused).as_deref(), Some("25P02"));
+    b.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(a.query_one(&s, &[&2]).await.unwrap().get::<_, i32>(0), 9);
+    assert_eq!(statements_on_backend(&a).await, 1, "the old copy closed, not left behind");
 }

@@ -178,30 +178,61 @@ async fn exclude_variable_sets_filter_leaves_sets_unpinned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reset_all_is_followed_to_the_next_backend_without_pinning() {
+async fn reset_all_returns_to_the_startup_settings_on_any_backend_without_pinning() {
     let h = Harness::start_with(|c| {
         c.pool.max_backend_connections = 2;
         c.pool.borrow_timeout = Duration::from_secs(3);
     })
     .await;
     let plain = h.client().await;
-    let defaults = values(&plain, "SHOW statement_timeout; SHOW work_mem; SHOW application_name").await;
-    let a = common::connect(&format!("{} application_name=mine", h.conn_str())).await.unwrap();
-    a.batch_execute("SET statement_timeout = '40s'; SET work_mem = '7MB'").await.unwrap();
-    assert_eq!(values(&a, "SHOW statement_timeout; SHOW work_mem; SHOW application_name").await, ["40s", "7MB", "mine"]);
-    a.batch_execute("RESET ALL").await.unwrap();
-    // Another client holds the backend `a` ran on (the pool hands out the most recently used
-    // first), so `a` goes on to the other: what it carries there is what RESET ALL left.
+    let default_work_mem = values(&plain, "SHOW work_mem").await;
+    let show = "SELECT pg_backend_pid(); SHOW statement_timeout; SHOW work_mem; SHOW application_name";
+    let startup = format!("{} application_name=mine options='-c statement_timeout=5s'", h.conn_str());
+    let a = common::connect(&startup).await.unwrap();
+    a.batch_execute("SET statement_timeout = '40s'; SET work_mem = '7MB'; SET application_name = 'changed'").await.unwrap();
+    assert_eq!(values(&a, show).await[1..], ["40s", "7MB", "changed"]);
+    // A RESET ALL that rolls back changes nothing.
+    a.batch_execute("BEGIN; RESET ALL; ROLLBACK").await.unwrap();
+    assert_eq!(values(&a, show).await[1..], ["40s", "7MB", "changed"]);
+    // One that takes: what the client logged in with, and what it set after.
+    let ran_on = values(&a, "RESET ALL; SET lock_timeout = '3s'; SELECT pg_backend_pid()").await;
+    // Another client holds that backend (the pool hands out the most recently used first, once
+    // `a` has given it back), so `a` goes on to the other: what it carries there counts.
+    h.until_metric("DatabaseConnectionsCurrentlyBorrowed", |v| v == 0.0).await;
     let holder = h.client().await;
     holder.batch_execute("BEGIN").await.unwrap();
-    let held = values(&holder, "SELECT pg_backend_pid()").await;
-    let elsewhere = values(&a, "SELECT pg_backend_pid(); SHOW statement_timeout; SHOW work_mem; SHOW application_name").await;
-    assert_ne!(elsewhere[0], held[0], "served by the other backend");
-    // The backend's defaults, as every client without settings of its own sees them (the
-    // application_name it logged in with included: PgBouncer's behaviour, not PostgreSQL's).
-    assert_eq!(elsewhere[1..], defaults[..]);
+    assert_eq!(values(&holder, "SELECT pg_backend_pid()").await, ran_on);
+    let elsewhere = values(&a, &format!("{show}; SHOW lock_timeout")).await;
+    assert_ne!(elsewhere[0], ran_on[0], "served by the other backend");
+    assert_eq!(elsewhere[1..3], ["5s".to_owned(), default_work_mem[0].clone()]);
+    assert_eq!(elsewhere[3..], ["mine", "3s"]);
     holder.batch_execute("COMMIT").await.unwrap();
+    // The holder's backend was handed on with the client's values read back, not left behind.
+    assert_eq!(values(&plain, "SHOW statement_timeout; SHOW lock_timeout").await, ["0", "0"]);
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_all_tells_a_libpq_client_its_startup_parameters_again() {
+    // RESET ALL reports the backend's own application_name; pgwarden tells the client its own
+    // again (libpq reads it with the next answer), and the database agrees.
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let script = r#"
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1], application_name="mine", autocommit=True)
+conn.execute("RESET ALL")
+shown = conn.execute("SHOW application_name").fetchone()[0]
+print(conn.info.parameter_status("application_name"), shown)
+"#;
+    let conn = h.conn_str();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::test_python()).arg("-c").arg(script).arg(conn).env("PGSSLMODE", "disable").output()
+    })
+    .await
+    .unwrap()
+    .expect("python runs");
+    assert!(out.status.success(), "psycopg failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mine mine");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +250,8 @@ import asyncio, sys, asyncpg
 async def main():
     host, port, user, password, database = sys.argv[1:6]
     pool = await asyncpg.create_pool(host=host, port=int(port), user=user, password=password,
-        database=database, ssl=False, min_size=4, max_size=4)
+        database=database, ssl=False, min_size=4, max_size=4,
+        server_settings={"search_path": "app, public", "application_name": "svc"})
     async def worker(w):
         for k in range(10):
             async with pool.acquire() as c:
@@ -228,7 +260,8 @@ async def main():
                 assert got == str(w + 1) + "s/" + str(k), got
     await asyncio.gather(*(worker(w) for w in range(8)))
     async with pool.acquire() as c:
-        print(await c.fetchval("SHOW statement_timeout"))
+        print(await c.fetchval("SELECT current_setting('statement_timeout') || ' ' || current_setting('search_path')"
+            " || ' ' || current_setting('application_name')"))
     await pool.close()
 asyncio.run(main())
 "#;
@@ -238,7 +271,8 @@ asyncio.run(main())
         .unwrap()
         .expect("python runs");
     assert!(out.status.success(), "asyncpg failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "each release reset what its user set");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(shown.trim(), "0 app, public svc", "each release reset what its user set, to the pool's server_settings");
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
     assert_eq!(h.metric("pgwarden_borrow_timeouts"), 0.0);
 }

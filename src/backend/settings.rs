@@ -3,8 +3,9 @@
 
 /// Reported parameters a client may change with SET; their ParameterStatus updates are tracked
 /// so that the next backend this client borrows gets the same values.
+/// (As the server spells them in ParameterStatus.)
 const TRACKED_REPORTED: &[&str] =
-    &["application_name", "client_encoding", "datestyle", "intervalstyle", "timezone", "search_path", "standard_conforming_strings"];
+    &["application_name", "client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "search_path", "standard_conforming_strings"];
 
 /// Name → value, names lower-cased (GUC names are case-insensitive). Few entries: a Vec is faster
 /// than a map here.
@@ -46,7 +47,7 @@ impl Settings {
     /// Records a ParameterStatus the backend sent while a client held it, if it is one a
     /// client can set. Returns whether it was recorded.
     pub fn track_reported(&mut self, name: &str, value: &str) -> bool {
-        if TRACKED_REPORTED.iter().any(|t| t.eq_ignore_ascii_case(name)) {
+        if is_tracked_reported(name) {
             self.set(name, value);
             true
         } else {
@@ -59,6 +60,19 @@ impl Settings {
         let columns: Vec<String> =
             names.iter().map(|n| format!("pg_catalog.current_setting({}, true)", literal(n))).collect();
         format!("SELECT {}", columns.join(", "))
+    }
+
+    /// SQL whose one row holds, for each of `names`, its current value and the value `RESET`
+    /// would give it (NULL where unknown: a custom parameter), in one pass over `pg_settings`.
+    pub fn read_back_with_reset_sql(names: &[String]) -> String {
+        let columns: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let n = literal(n);
+                format!("pg_catalog.current_setting({n}, true), max(reset_val) FILTER (WHERE lower(name) = lower({n}))")
+            })
+            .collect();
+        format!("SELECT {} FROM pg_catalog.pg_settings", columns.join(", "))
     }
 
     /// SQL that turns a backend's `applied` settings into `desired`, or `None` if they match.
@@ -92,6 +106,65 @@ impl Settings {
         sql.push_str(&resets);
         Some(sql)
     }
+}
+
+/// A client's settings: the ones it has now, and (kept from their first change on) the ones it
+/// logged in with, which `RESET ALL` returns to. Most clients never change theirs: they pay
+/// for one pointer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientSettings {
+    now: Settings,
+    startup: Option<Box<Settings>>,
+}
+
+impl ClientSettings {
+    pub fn new(startup: Settings) -> ClientSettings {
+        ClientSettings { now: startup, startup: None }
+    }
+
+    pub fn now(&self) -> &Settings {
+        &self.now
+    }
+
+    /// The settings the client logged in with.
+    pub fn startup(&self) -> &Settings {
+        self.startup.as_deref().unwrap_or(&self.now)
+    }
+
+    /// The settings, to change.
+    pub fn change(&mut self) -> &mut Settings {
+        if self.startup.is_none() {
+            self.startup = Some(Box::new(self.now.clone()));
+        }
+        &mut self.now
+    }
+
+    /// The settings, lent to the pool while the client waits (it gives them back unchanged).
+    pub fn lend(&mut self) -> &mut Settings {
+        &mut self.now
+    }
+
+    /// [`Settings::track_reported`], keeping the startup settings first if it changes them.
+    pub fn track_reported(&mut self, name: &str, value: &str) -> bool {
+        if !is_tracked_reported(name) {
+            return false;
+        }
+        if self.now.get(name) != Some(value) {
+            self.change().set(name, value);
+        }
+        true
+    }
+}
+
+/// Whether `name` is a reported parameter a client may change (see [`TRACKED_REPORTED`]).
+pub fn is_tracked_reported(name: &str) -> bool {
+    TRACKED_REPORTED.iter().any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// A reported parameter's name as the server spells it in ParameterStatus (clients look
+/// `DateStyle` up as that), or `name` itself.
+pub fn reported_name(name: &str) -> &str {
+    TRACKED_REPORTED.iter().find(|t| t.eq_ignore_ascii_case(name)).copied().unwrap_or(name)
 }
 
 /// An escape-string literal: safe whatever `standard_conforming_strings` is.
@@ -151,6 +224,29 @@ mod tests {
             Settings::read_back_sql(&["statement_timeout".into(), "app.x'y".into()]),
             "SELECT pg_catalog.current_setting(E'statement_timeout', true), pg_catalog.current_setting(E'app.x''y', true)"
         );
+    }
+
+    #[test]
+    fn read_back_with_reset_sql_reads_pg_settings_once() {
+        assert_eq!(
+            Settings::read_back_with_reset_sql(&["app.x'y".into()]),
+            "SELECT pg_catalog.current_setting(E'app.x''y', true), max(reset_val) FILTER (WHERE lower(name) = lower(E'app.x''y')) \
+             FROM pg_catalog.pg_settings"
+        );
+    }
+
+    #[test]
+    fn client_settings_keep_the_startup_ones_from_their_first_change() {
+        let mut c = ClientSettings::new(settings(&[("application_name", "mine")]));
+        assert!(c.track_reported("TimeZone", "UTC"));
+        assert!(c.track_reported("application_name", "mine"));
+        assert!(!c.track_reported("server_version", "15"), "not one a client sets");
+        assert_eq!(c.startup().get("timezone"), None, "the startup settings, not today's");
+        assert_eq!(c.now().get("timezone"), Some("UTC"));
+        c.change().set("statement_timeout", "1s");
+        assert_eq!(c.startup(), &settings(&[("application_name", "mine")]));
+        assert_eq!(reported_name("datestyle"), "DateStyle");
+        assert_eq!(reported_name("work_mem"), "work_mem");
     }
 
     #[test]

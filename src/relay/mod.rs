@@ -27,7 +27,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 use crate::backend::BackendConn;
-use crate::backend::settings::Settings;
+use crate::backend::settings::ClientSettings;
 use crate::config::PoolConfig;
 use crate::metrics::Metrics;
 use crate::pool::Presented;
@@ -88,8 +88,8 @@ pub struct RelayEnd {
     /// Parameters the client set or reset (unless pinned): their values are on this backend
     /// now, and must follow the client to the next.
     pub sets: Vec<String>,
-    /// The client ran `RESET ALL`: every parameter it carries may have its backend's default
-    /// now, to be read back as the `sets` are.
+    /// The client ran `RESET ALL` (then `sets` names what it set after the last one, reported
+    /// parameters included): what it carries returns to its startup values, but for `sets`.
     pub resets_all: bool,
 }
 
@@ -133,7 +133,7 @@ impl Forward {
 struct Relay<'a> {
     client: &'a mut ClientSide,
     backend: &'a mut BackendConn,
-    desired: &'a mut Settings,
+    desired: &'a mut ClientSettings,
     metrics: &'a Metrics,
     backend_scanner: MessageScanner,
     to_backend: Forward,
@@ -166,7 +166,7 @@ struct Relay<'a> {
 pub async fn relay(
     client: &mut ClientSide,
     backend: &mut BackendConn,
-    desired: &mut Settings,
+    desired: &mut ClientSettings,
     metrics: &Metrics,
     limits: &PoolConfig,
     presented: Presented,
@@ -389,7 +389,7 @@ impl Relay<'_> {
         if self.t.drops_statements {
             // (Untracked, nothing is rewritten: forgetting them by the chunk is in time.)
             self.t.drops_statements = false;
-            self.backend.statements.clear();
+            self.backend.statements.forget_all();
         }
         self.after_client_chunk(requests, last_tag, terminate, false);
         self.to_backend = Forward { sent: 0, end: forward_to, flushing: false };

@@ -78,6 +78,9 @@ pub const MAX_FOLLOWED_SETTINGS: usize = 64;
 const FOLLOWED: &[&[u8]] =
     &[b"application_name", b"client_encoding", b"datestyle", b"intervalstyle", b"timezone", b"standard_conforming_strings"];
 
+/// The names of the proxy's own statements start so (`relay::prepared`).
+const PROXY_PREFIX: &[u8] = b"pgwarden_";
+
 const ADVISORY_LOCKS: &[&[u8]] =
     &[b"pg_advisory_lock", b"pg_advisory_lock_shared", b"pg_try_advisory_lock", b"pg_try_advisory_lock_shared"];
 
@@ -89,10 +92,15 @@ pub struct SessionEffects {
     /// Parameters set or reset (lower-cased names) whose values the proxy must read back and
     /// carry to the client's next backend.
     pub sets: Vec<String>,
-    /// `RESET ALL`: every parameter the client carries is to be read back.
+    /// Reported parameters set or reset (lower-cased names): the relay sees their new values,
+    /// but after a `RESET ALL` they are read back with the others.
+    pub reported: Vec<String>,
+    /// `RESET ALL` (`sets` and `reported` then name what the text sets after its last one):
+    /// every parameter the client carries is to be read back, the rest return to the client's
+    /// startup values.
     pub resets_all: bool,
-    /// `DEALLOCATE` (a name, or all) or `DISCARD ALL`: the backend's prepared statements, the
-    /// proxy's copies among them, may be gone.
+    /// `DEALLOCATE ALL`, `DISCARD ALL`, or `DEALLOCATE` of a name that may be the proxy's: its
+    /// copies of statements on the backend may be gone.
     pub drops_statements: bool,
 }
 
@@ -134,9 +142,10 @@ pub fn parse_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
     effects
 }
 
-/// Whether `sql` drops prepared statements: `Some(true)` if a statement drops them all
-/// (`DEALLOCATE [PREPARE] ALL`, `DISCARD ALL`), `Some(false)` if one drops some (`DEALLOCATE
-/// name`), `None` if none does. Read with the lexer, so comments and strings do not count.
+/// Whether `sql` drops prepared statements the proxy keeps: `Some(true)` if a statement drops
+/// them all (`DEALLOCATE [PREPARE] ALL`, `DISCARD ALL`), `Some(false)` if one may drop one of
+/// them (`DEALLOCATE pgwarden_3`), `None` if none does. Read with the lexer, so comments and
+/// strings do not count.
 pub fn drops_statements(sql: &[u8]) -> Option<bool> {
     if !may_pin(sql) {
         return None;
@@ -145,12 +154,8 @@ pub fn drops_statements(sql: &[u8]) -> Option<bool> {
     let mut ignored = SessionEffects::default();
     let mut statement = Statement::default();
     let judge = |statement: &Statement<'_>, drops: &mut Option<bool>| {
-        let is_at = |i: usize, keyword: &[u8]| statement.word(i).is_some_and(|w| is(w, keyword));
-        if is_at(0, b"deallocate") {
-            let all = if is_at(1, b"prepare") { is_at(2, b"all") } else { is_at(1, b"all") };
+        if let Some(all) = statement.drop_target() {
             *drops = Some(all || drops.unwrap_or(false));
-        } else if is_at(0, b"discard") && is_at(1, b"all") {
-            *drops = Some(true);
         }
     };
     for token in (Lexer { sql, pos: 0 }) {
@@ -334,6 +339,25 @@ impl<'a> Statement<'a> {
         }
     }
 
+    /// What a `DEALLOCATE` or `DISCARD ALL` drops of the proxy's statements: all (`Some(true)`),
+    /// maybe one (`Some(false)`: a name with the proxy's prefix, or one this lexer does not
+    /// read, quoted), or none of them (`None`, also for any other statement).
+    fn drop_target(&self) -> Option<bool> {
+        let is_at = |i: usize, keyword: &[u8]| self.word(i).is_some_and(|w| is(w, keyword));
+        if is_at(0, b"discard") {
+            return is_at(1, b"all").then_some(true);
+        }
+        if !is_at(0, b"deallocate") {
+            return None;
+        }
+        let at = if is_at(1, b"prepare") && self.seen > 2 { 2 } else { 1 };
+        match self.head.get(at).copied().flatten() {
+            Some(Token::Word(w)) if is(w, b"all") => Some(true),
+            Some(Token::Word(w)) => w.get(..PROXY_PREFIX.len()).is_some_and(|p| is(p, PROXY_PREFIX)).then_some(false),
+            _ => Some(false),
+        }
+    }
+
     fn first_word_is(&self, keyword: &[u8]) -> bool {
         self.word(0).is_some_and(|w| is(w, keyword))
     }
@@ -349,7 +373,9 @@ impl<'a> Statement<'a> {
             }
             let at = if is_at(1, b"session") { 2 } else { 1 };
             if (is_at(at, b"time") && is_at(at + 1, b"zone")) || is_at(at, b"names") {
-                return; // TimeZone and client_encoding: reported.
+                let name = if is_at(at, b"names") { "client_encoding" } else { "timezone" };
+                note_set(Some(name.to_owned()), unfollowable, effects);
+                return;
             }
             if is_at(at, b"role") || is_at(at, b"authorization") || is_at(at, b"characteristics") {
                 effects.pin = effects.pin.or(unfollowable);
@@ -362,10 +388,14 @@ impl<'a> Statement<'a> {
             (at, special)
         } else if is(first, b"reset") {
             if is_at(1, b"time") && is_at(2, b"zone") {
+                note_set(Some("timezone".to_owned()), unfollowable, effects);
                 return;
             }
             if is_at(1, b"all") {
-                // (Not `role` or `session_authorization`: RESET ALL leaves who the session is.)
+                // What was set before it is reset. (Not `role` or `session_authorization`:
+                // RESET ALL leaves who the session is.)
+                effects.sets.clear();
+                effects.reported.clear();
                 effects.resets_all = true;
                 return;
             }
@@ -375,13 +405,12 @@ impl<'a> Statement<'a> {
             }
             (1, None)
         } else {
+            // The client's own statements go (SQL-level ones pinned it at their PREPARE); the
+            // relay forgets the proxy's copies the statement may drop.
+            effects.drops_statements |= self.drop_target().is_some();
             if is(first, b"deallocate") {
-                // The client's own statements go (SQL-level ones pinned it at their PREPARE);
-                // the relay forgets the proxy's copies on this backend.
-                effects.drops_statements = true;
                 return;
             }
-            effects.drops_statements |= is(first, b"discard") && is_at(1, b"all");
             let pins = [
                 (&b"prepare"[..], PinReason::Prepare),
                 (b"discard", PinReason::Discard),
@@ -419,7 +448,11 @@ impl<'a> Statement<'a> {
 fn note_set(name: Option<String>, unfollowable: Option<PinReason>, effects: &mut SessionEffects) {
     match name {
         // Reported by the server: the relay sees the new value.
-        Some(name) if FOLLOWED.iter().any(|f| is(name.as_bytes(), f)) => {}
+        Some(name) if FOLLOWED.iter().any(|f| is(name.as_bytes(), f)) => {
+            if !effects.reported.contains(&name) {
+                effects.reported.push(name);
+            }
+        }
         // Scoped to the transaction, like SET TRANSACTION.
         Some(name) if name.starts_with("transaction_") => {}
         // Who the session is: not something to re-apply elsewhere.
@@ -622,7 +655,8 @@ mod tests {
             "RESET TIME ZONE",
             "SET intervalstyle TO postgres",
         ] {
-            assert_eq!(session_effects(sql.as_bytes(), true), SessionEffects::default(), "{sql}");
+            let effects = session_effects(sql.as_bytes(), true);
+            assert_eq!((effects.pin, effects.sets.len(), effects.reported.len()), (None, 0, 1), "{sql}");
         }
     }
 
@@ -750,14 +784,18 @@ mod tests {
         assert_eq!(drops_statements(b"DEALLOCATE ALL"), Some(true));
         assert_eq!(drops_statements(b"select 1; deallocate prepare all"), Some(true));
         assert_eq!(drops_statements(b"DISCARD ALL"), Some(true));
-        assert_eq!(drops_statements(b"DEALLOCATE s1"), Some(false));
+        assert_eq!(drops_statements(b"DEALLOCATE s1"), None, "not one of the proxy's");
+        assert_eq!(drops_statements(b"DEALLOCATE PREPARE PGWARDEN_3"), Some(false));
+        assert_eq!(drops_statements(b"DEALLOCATE \"pgwarden_3\""), Some(false), "quoted: not read, so maybe");
+        assert_eq!(drops_statements(b"DEALLOCATE prepare"), None);
         assert_eq!(drops_statements(b"DEALLOCATE s1; DISCARD ALL"), Some(true));
         assert_eq!(drops_statements(b"DISCARD PLANS"), None);
         assert_eq!(drops_statements(b"SELECT 'x; DISCARD ALL' /* ; deallocate all */"), None);
         assert_eq!(drops_statements(b"SELECT discarded FROM t"), None);
-        let effects = session_effects(b"DEALLOCATE s1", true);
+        let effects = session_effects(b"DEALLOCATE pgwarden_1", true);
         assert_eq!((effects.pin, effects.drops_statements), (None, true), "in a Query: followed, in order");
-        assert_eq!(parse_effects(b"DEALLOCATE s1", true).pin, Some(PinReason::Discard), "in a Parse: pinned");
+        assert_eq!(parse_effects(b"DEALLOCATE ALL", true).pin, Some(PinReason::Discard), "in a Parse: pinned");
+        assert_eq!(session_effects(b"DEALLOCATE s1", true), SessionEffects::default(), "nothing of the proxy's");
         assert!(session_effects(b"DISCARD ALL", true).drops_statements);
         assert!(!session_effects(b"DISCARD PLANS", true).drops_statements);
     }

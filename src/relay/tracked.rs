@@ -101,7 +101,7 @@ impl Relay<'_> {
             client: &mut client.statements,
             backend: &mut self.backend.statements,
             pipeline: &mut client.pipeline,
-            settings: Some(&*self.desired),
+            settings: Some(self.desired.now()),
             max: self.max_statements,
             now: self.now,
         };
@@ -252,11 +252,13 @@ impl Relay<'_> {
         }
         let Some(sql) = buf[5..].strip_suffix(b"\0") else { return false };
         // (Pinned, the backend may hold SQL-level statements DEALLOCATE ALL must drop too.)
-        let all_too = !self.session_pinned;
+        let all_too = !self.session_pinned && t.pins_session.is_none();
         if !prepared::deallocate::answer(&mut client.statements, sql, t.status, all_too, &mut self.backend.buf) {
             return false;
         }
         self.client.buf.clear();
+        // (When the relay ends, the client's idle time counts from here.)
+        self.backend.last_active = std::time::Instant::now();
         self.t.requests += 1;
         self.t.awaits_reply = false;
         self.to_client = Forward { sent: 0, end: self.backend.buf.len(), flushing: false };

@@ -5,6 +5,7 @@
 
 mod authenticate;
 mod error;
+mod follow;
 mod startup;
 
 use std::net::SocketAddr;
@@ -17,14 +18,15 @@ use tokio::net::TcpStream;
 
 use crate::stream::{Stream, send};
 
-use crate::backend::settings::Settings;
+use crate::backend::settings::{ClientSettings, Settings};
 use crate::listener::Shared;
 use crate::metrics::GaugeGuard;
 use crate::pool::{Lease, PoolEntry, PoolError, Presented};
 use crate::protocol::{MessageScanner, TxStatus, messages};
-use crate::relay::session_state::{MAX_FOLLOWED_SETTINGS, PinReason};
+use crate::relay::session_state::PinReason;
 use crate::relay::{self, ClientSide, Outcome};
 pub use error::SessionError;
+use follow::{Readback, follow_reset_all, follow_sets};
 
 /// A session's id, for logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +59,8 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: S
         Ok(Err(e)) => Err(e),
         // A cancel request: nothing more to do on this connection.
         Ok(Ok(None)) => Ok(()),
-        Ok(Ok(Some(startup::LoggedIn { entry, mut desired, cancel }))) => {
+        Ok(Ok(Some(startup::LoggedIn { entry, desired, cancel }))) => {
+            let mut desired = ClientSettings::new(desired);
             transactions(&shared, &mut client, &entry, &mut desired, &cancel).await
         }
     };
@@ -82,7 +85,7 @@ async fn transactions(
     shared: &Arc<Shared>,
     client: &mut ClientSide,
     entry: &Arc<PoolEntry>,
-    desired: &mut Settings,
+    desired: &mut ClientSettings,
     cancel: &crate::cancel::CancelHandle,
 ) -> Result<(), SessionError> {
     // One timer per session, re-armed lazily: it fires at most once per `idle_client_timeout`
@@ -183,7 +186,7 @@ async fn transaction(
     shared: &Arc<Shared>,
     client: &mut ClientSide,
     entry: &Arc<PoolEntry>,
-    desired: &mut Settings,
+    desired: &mut ClientSettings,
     cancel: &crate::cancel::CancelHandle,
 ) -> Result<Next, SessionError> {
     let max_message = shared.config.pool.max_message_bytes;
@@ -203,13 +206,7 @@ async fn transaction(
             // reset when the session ends. After RESET ALL, all it carries.
             let readback = match end.outcome {
                 Outcome::TransactionDone if end.resets_all => {
-                    let mut names = end.sets;
-                    for (name, _) in desired.iter().chain(lease.conn().applied.iter()) {
-                        if !names.iter().any(|n| n == name) {
-                            names.push(name.to_owned());
-                        }
-                    }
-                    Box::pin(follow_sets(lease.conn(), desired, &names)).await
+                    Box::pin(follow_reset_all(lease.conn(), desired, &end.sets, &mut client.stream)).await
                 }
                 Outcome::TransactionDone => Box::pin(follow_sets(lease.conn(), desired, &end.sets)).await,
                 _ => Readback::Unreadable,
@@ -220,6 +217,10 @@ async fn transaction(
                 Readback::Broken => {
                     lease.discard();
                     break Err(SessionError::BackendLost);
+                }
+                Readback::ClientLost => {
+                    lease.release();
+                    break Ok(Next::Close);
                 }
             }
         }
@@ -281,42 +282,6 @@ async fn transaction(
     result
 }
 
-/// How reading back a client's parameters went.
-enum Readback {
-    /// Recorded as the client's settings and this backend's.
-    Followed,
-    /// The database could not say (an error, an unknown name), or the client has more settings
-    /// than are carried: the backend is clean but keeps the values; the caller pins.
-    Unreadable,
-    /// The backend failed or stopped answering: it must go.
-    Broken,
-}
-
-/// Reads back the values of the parameters the client set (or reset) and makes them the
-/// client's settings and this backend's: the client's next backend gets the same values, and
-/// this backend's next client gets its own.
-async fn follow_sets(conn: &mut crate::backend::BackendConn, desired: &mut Settings, names: &[String]) -> Readback {
-    let new = names.iter().filter(|n| desired.get(n).is_none()).count();
-    if desired.len() + new > MAX_FOLLOWED_SETTINGS {
-        return Readback::Unreadable;
-    }
-    let sql = Settings::read_back_sql(names);
-    let values = match tokio::time::timeout(ROLLBACK_TIMEOUT, conn.query_row(&sql)).await {
-        Ok(Ok((TxStatus::Idle, Some(values)))) if values.len() == names.len() => values,
-        Ok(Ok((TxStatus::Idle, _))) => return Readback::Unreadable,
-        _ => return Readback::Broken,
-    };
-    // (NULL: a custom parameter reset out of existence; keep the backend rather than guess.)
-    if values.iter().any(Option::is_none) {
-        return Readback::Unreadable;
-    }
-    for (name, value) in names.iter().zip(values.into_iter().flatten()) {
-        desired.set(name, &value);
-        conn.applied.set(name, &value);
-    }
-    Readback::Followed
-}
-
 /// What ended a pinned session's wait between transactions.
 enum PinnedWake {
     /// The client sent something (now in its buffer), or the backend did: back to the relay.
@@ -359,7 +324,7 @@ async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut cra
 /// what of the client's request the pool already sent (see `pool::Request`).
 async fn checkout_with_settings<'p>(
     entry: &'p Arc<PoolEntry>,
-    desired: &mut Settings,
+    desired: &mut ClientSettings,
     client: &mut ClientSide,
     max_message: usize,
     cancel: &crate::cancel::CancelHandle,
@@ -368,18 +333,18 @@ async fn checkout_with_settings<'p>(
     for _ in 0..3 {
         // (A tracked client's request is rewritten by its relay: the pool cannot send it as is.)
         let at_boundary = client.scanner.at_boundary() && client.tracked.is_none();
-        let request = crate::pool::Request { bytes: &mut client.buf, at_boundary, max_message, settings: desired, cancel };
+        let request = crate::pool::Request { bytes: &mut client.buf, at_boundary, max_message, settings: desired.lend(), cancel };
         let (mut lease, presented) = entry.checkout_for(Some(request)).await.map_err(SessionError::Pool)?;
         if presented.len > 0 {
             // Sent only to a backend whose settings already matched.
             return Ok((lease, presented));
         }
         let conn = lease.conn();
-        let Some(sql) = Settings::sync_sql(&conn.applied, desired) else { return Ok((lease, Presented::default())) };
+        let Some(sql) = Settings::sync_sql(&conn.applied, desired.now()) else { return Ok((lease, Presented::default())) };
         // Boxed: settings change rarely, and this keeps every transaction's future small.
         match Box::pin(conn.simple_query(&sql)).await {
             Ok((TxStatus::Idle, None)) => {
-                conn.applied = desired.clone();
+                conn.applied = desired.now().clone();
                 return Ok((lease, Presented::default()));
             }
             Ok((TxStatus::Idle, Some((code, message)))) => {
@@ -470,7 +435,7 @@ mod tests {
             &'static Arc<Shared>,
             &'static mut ClientSide,
             &'static Arc<PoolEntry>,
-            &'static mut Settings,
+            &'static mut ClientSettings,
             &'static crate::cancel::CancelHandle,
             _,
         >(transaction);

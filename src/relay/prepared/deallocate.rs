@@ -4,9 +4,10 @@
 //! where the backend knows the statement under another name (26000). pgwarden answers both
 //! itself, as PostgreSQL would: the client's names go (the backend's copies stay for the
 //! clients sharing them), or, in a failed transaction, the error PostgreSQL gives (25P02) and
-//! nothing goes. Only a Query that says just that is answered here; anything else (comments,
-//! more statements) reaches the backend, and so does `DEALLOCATE ALL` in a pinned session,
-//! whose backend may hold SQL-level statements of the client's.
+//! nothing goes (for any `DEALLOCATE` then). Only a Query that says just that is answered
+//! here; anything else (comments, more statements) reaches the backend, and so does
+//! `DEALLOCATE ALL` in a session pinned to its backend, which may hold SQL-level statements of
+//! the client's.
 
 use std::borrow::Cow;
 
@@ -22,9 +23,11 @@ const MAX_NAME: usize = 63;
 
 /// If `sql` (a Query's text, without its NUL) is only `DEALLOCATE [PREPARE] name` of one of
 /// the client's statements (or, with `all_too`, `DEALLOCATE [PREPARE] ALL`), answers it into
-/// `out` (as for a transaction in `status`) and returns true.
+/// `out` (as for a transaction in `status`) and returns true. In a failed transaction, where
+/// PostgreSQL refuses any statement, any `DEALLOCATE` is answered so.
 pub fn answer(client: &mut ClientStatements, sql: &[u8], status: TxStatus, all_too: bool, out: &mut BytesMut) -> bool {
     let target = match deallocated(sql) {
+        Some(target) if status == TxStatus::Failed => target,
         Some(Target::All) if all_too => Target::All,
         Some(Target::Name(name)) if client.by_name.contains_key(&*name) => Target::Name(name),
         _ => return false,

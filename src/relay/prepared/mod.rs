@@ -253,7 +253,7 @@ impl Rewriter<'_> {
         self.pipeline.settings_unsure |= may_set;
         // The backend's statements may be gone, the client's too if all are.
         if let Some(all) = drops {
-            self.backend.clear();
+            self.backend.forget_all();
             if all {
                 self.client.clear();
             }

@@ -142,11 +142,18 @@ struct Slot {
 }
 
 impl BackendStatements {
-    /// The backend's statements are gone (`DISCARD ALL`, `DEALLOCATE`): forget them all. Names
-    /// are never reused, so one that survived cannot be confused with a new one.
+    /// The backend's statements are gone (a pinned session's `DISCARD ALL` ran): forget them
+    /// all. Names are never reused, so one that survived cannot be confused with a new one.
     pub fn clear(&mut self) {
         self.slots.clear();
         self.to_close.clear();
+    }
+
+    /// SQL the client sent may drop the backend's statements (`DEALLOCATE ALL`, which may yet
+    /// fail): none is used again, and each is closed with the next rewritten message (closing
+    /// one already gone is no error), so none is left on the backend uncounted.
+    pub fn forget_all(&mut self) {
+        self.to_close.extend(self.slots.drain().map(|(_, slot)| slot.id));
     }
 
     pub fn len(&self) -> usize {
