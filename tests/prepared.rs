@@ -437,15 +437,7 @@ conn.commit()
 close = getattr(psycopg, "capabilities", None)
 print("close" if close and close.has_send_close_prepared() else "deallocate")
 "#;
-    let conn = h.conn_str();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(common::test_python()).arg("-c").arg(script).arg(conn).env("PGSSLMODE", "disable").output()
-    })
-    .await
-    .unwrap()
-    .expect("python runs");
-    assert!(out.status.success(), "psycopg failed: {}", String::from_utf8_lossy(&out.stderr));
-    let how = String::from_utf8_lossy(&out.stdout);
+    let how = common::run_python(script, vec![format!("{} sslmode=disable", h.conn_str())]).await;
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0, "statements dropped by {how}");
     assert!(h.metric("pgwarden_prepared_statements{event=\"client_parse\"}") >= 30.0);
 }

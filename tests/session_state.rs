@@ -224,15 +224,8 @@ conn.execute("RESET ALL")
 shown = conn.execute("SHOW application_name").fetchone()[0]
 print(conn.info.parameter_status("application_name"), shown)
 "#;
-    let conn = h.conn_str();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(common::test_python()).arg("-c").arg(script).arg(conn).env("PGSSLMODE", "disable").output()
-    })
-    .await
-    .unwrap()
-    .expect("python runs");
-    assert!(out.status.success(), "psycopg failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mine mine");
+    let shown = common::run_python(script, vec![format!("{} sslmode=disable", h.conn_str())]).await;
+    assert_eq!(shown, "mine mine");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,14 +258,9 @@ async def main():
     await pool.close()
 asyncio.run(main())
 "#;
-    let args = [h.addr.ip().to_string(), h.addr.port().to_string(), h.env.user.clone(), h.env.password().to_owned(), h.env.database.clone()];
-    let out = tokio::task::spawn_blocking(move || std::process::Command::new(common::test_python()).arg("-c").arg(script).args(args).output())
-        .await
-        .unwrap()
-        .expect("python runs");
-    assert!(out.status.success(), "asyncpg failed: {}", String::from_utf8_lossy(&out.stderr));
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(shown.trim(), "0 app, public svc", "each release reset what its user set, to the pool's server_settings");
+    let args = vec![h.addr.ip().to_string(), h.addr.port().to_string(), h.env.user.clone(), h.env.password().to_owned(), h.env.database.clone()];
+    let shown = common::run_python(script, args).await;
+    assert_eq!(shown, "0 app, public svc", "each release reset what its user set, to the pool's server_settings");
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
     assert_eq!(h.metric("pgwarden_borrow_timeouts"), 0.0);
 }

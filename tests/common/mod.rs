@@ -268,6 +268,17 @@ pub fn test_python() -> std::path::PathBuf {
     path
 }
 
+/// Runs a Python `script` (with `args`) in the test venv, off the async runtime; returns what it
+/// printed, or fails the test with what it said on stderr.
+pub async fn run_python(script: &'static str, args: Vec<String>) -> String {
+    let out = tokio::task::spawn_blocking(move || std::process::Command::new(test_python()).arg("-c").arg(script).args(args).output())
+        .await
+        .expect("the blocking task runs")
+        .expect("python runs");
+    assert!(out.status.success(), "the Python client failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// What boto3 needs to sign a token.
 pub struct AwsKey<'a> {
     pub access_key_id: &'a str,
