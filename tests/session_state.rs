@@ -75,6 +75,11 @@ async fn too_many_settings_pin_instead_of_following() {
     client.batch_execute(&sets).await.unwrap();
     assert_eq!(pins(&h, "set"), 1.0);
     assert_eq!(values(&client, "SELECT current_setting('many.p69')").await, ["69"]);
+    // The same after a RESET ALL.
+    let other = h.client().await;
+    other.batch_execute(&format!("RESET ALL; {sets}")).await.unwrap();
+    h.until_metric("pgwarden_session_pins{reason=\"set\"}", |v| v == 2.0).await;
+    assert_eq!(values(&other, "SELECT current_setting('many.p69')").await, ["69"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,9 +190,9 @@ async fn reset_all_returns_to_the_startup_settings_on_any_backend_without_pinnin
     })
     .await;
     let plain = h.client().await;
-    let default_work_mem = values(&plain, "SHOW work_mem").await;
     let show = "SELECT pg_backend_pid(); SHOW statement_timeout; SHOW work_mem; SHOW application_name";
-    let startup = format!("{} application_name=mine options='-c statement_timeout=5s'", h.conn_str());
+    // (work_mem: a value with a unit, which pg_settings keeps in kB.)
+    let startup = format!("{} application_name=mine options='-c statement_timeout=5s -c work_mem=16MB'", h.conn_str());
     let a = common::connect(&startup).await.unwrap();
     a.batch_execute("SET statement_timeout = '40s'; SET work_mem = '7MB'; SET application_name = 'changed'").await.unwrap();
     assert_eq!(values(&a, show).await[1..], ["40s", "7MB", "changed"]);
@@ -204,11 +209,22 @@ async fn reset_all_returns_to_the_startup_settings_on_any_backend_without_pinnin
     assert_eq!(values(&holder, "SELECT pg_backend_pid()").await, ran_on);
     let elsewhere = values(&a, &format!("{show}; SHOW lock_timeout")).await;
     assert_ne!(elsewhere[0], ran_on[0], "served by the other backend");
-    assert_eq!(elsewhere[1..3], ["5s".to_owned(), default_work_mem[0].clone()]);
-    assert_eq!(elsewhere[3..], ["mine", "3s"]);
+    assert_eq!(elsewhere[1..], ["5s", "16MB", "mine", "3s"]);
     holder.batch_execute("COMMIT").await.unwrap();
     // The holder's backend was handed on with the client's values read back, not left behind.
     assert_eq!(values(&plain, "SHOW statement_timeout; SHOW lock_timeout").await, ["0", "0"]);
+    // A value set before a RESET ALL that rolls back (to a savepoint) is read back too: it stays
+    // the client's, and never reaches the next client of the backend.
+    let tenant = "SELECT coalesce(current_setting('app.tenant', true), '')";
+    let on = values(&a, "BEGIN; SET app.tenant = '42'; SAVEPOINT s; RESET ALL; ROLLBACK TO s; COMMIT; SELECT pg_backend_pid()").await;
+    h.until_metric("DatabaseConnectionsCurrentlyBorrowed", |v| v == 0.0).await;
+    plain.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(values(&plain, "SELECT pg_backend_pid()").await, on);
+    assert_eq!(values(&plain, tenant).await, [""], "not the other client's");
+    let elsewhere = values(&a, &format!("SELECT pg_backend_pid(); {tenant}")).await;
+    assert_ne!(elsewhere[0], on[0]);
+    assert_eq!(elsewhere[1], "42", "carried to the other backend");
+    plain.batch_execute("COMMIT").await.unwrap();
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
 }
 
@@ -254,13 +270,13 @@ async def main():
     await asyncio.gather(*(worker(w) for w in range(8)))
     async with pool.acquire() as c:
         print(await c.fetchval("SELECT current_setting('statement_timeout') || ' ' || current_setting('search_path')"
-            " || ' ' || current_setting('application_name')"))
+            " || ' ' || current_setting('application_name')"), c.get_settings().client_encoding)
     await pool.close()
 asyncio.run(main())
 "#;
     let args = vec![h.addr.ip().to_string(), h.addr.port().to_string(), h.env.user.clone(), h.env.password().to_owned(), h.env.database.clone()];
     let shown = common::run_python(script, args).await;
-    assert_eq!(shown, "0 app, public svc", "each release reset what its user set, to the pool's server_settings");
+    assert_eq!(shown, "0 app, public svc UTF8", "each release reset what its user set, to the pool's server_settings");
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
     assert_eq!(h.metric("pgwarden_borrow_timeouts"), 0.0);
 }

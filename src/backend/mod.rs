@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use thiserror::Error;
 use crate::stream::{Stream, send};
 
@@ -192,6 +192,34 @@ impl BackendConn {
                 if tag == b'E' && first_error.is_none() {
                     let (code, message) = messages::parse_error_fields(body);
                     first_error = Some((code.unwrap_or_default(), message.unwrap_or_default()));
+                }
+                Ok(())
+            })
+            .await?;
+        Ok((status, first_error))
+    }
+
+    /// [`Self::simple_query`], also appending every ParameterStatus the backend sent, whole, to
+    /// `reports` (to pass on to the client whose settings the query applied).
+    pub async fn simple_query_reporting(
+        &mut self,
+        sql: &str,
+        reports: &mut BytesMut,
+    ) -> Result<(TxStatus, Option<(String, String)>), BackendError> {
+        let mut first_error = None;
+        let status = self
+            .exchange(sql, |tag, body| {
+                match tag {
+                    b'E' if first_error.is_none() => {
+                        let (code, message) = messages::parse_error_fields(body);
+                        first_error = Some((code.unwrap_or_default(), message.unwrap_or_default()));
+                    }
+                    b'S' => {
+                        reports.put_u8(tag);
+                        reports.put_i32(4 + body.len() as i32);
+                        reports.put_slice(body);
+                    }
+                    _ => {}
                 }
                 Ok(())
             })

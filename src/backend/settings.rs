@@ -3,7 +3,6 @@
 
 /// Reported parameters a client may change with SET; their ParameterStatus updates are tracked
 /// so that the next backend this client borrows gets the same values.
-/// (As the server spells them in ParameterStatus.)
 const TRACKED_REPORTED: &[&str] =
     &["application_name", "client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "search_path", "standard_conforming_strings"];
 
@@ -62,14 +61,18 @@ impl Settings {
         format!("SELECT {}", columns.join(", "))
     }
 
-    /// SQL whose one row holds, for each of `names`, its current value and the value `RESET`
-    /// would give it (NULL where unknown: a custom parameter), in one pass over `pg_settings`.
+    /// SQL whose one row holds, for each of `names`, its current value and whether that is the
+    /// value `RESET` gives it ('t'/'f', compared in the parameter's base unit: `current_setting`
+    /// says "4MB" where `pg_settings` says 4096; NULL for a custom parameter, which `pg_settings`
+    /// does not list), in one pass over `pg_settings`.
     pub fn read_back_with_reset_sql(names: &[String]) -> String {
         let columns: Vec<String> = names
             .iter()
             .map(|n| {
                 let n = literal(n);
-                format!("pg_catalog.current_setting({n}, true), max(reset_val) FILTER (WHERE lower(name) = lower({n}))")
+                format!(
+                    "pg_catalog.current_setting({n}, true), bool_or(setting IS NOT DISTINCT FROM reset_val) FILTER (WHERE lower(name) = lower({n}))"
+                )
             })
             .collect();
         format!("SELECT {} FROM pg_catalog.pg_settings", columns.join(", "))
@@ -161,11 +164,6 @@ pub fn is_tracked_reported(name: &str) -> bool {
     TRACKED_REPORTED.iter().any(|t| t.eq_ignore_ascii_case(name))
 }
 
-/// A reported parameter's name as the server spells it in ParameterStatus (clients look
-/// `DateStyle` up as that), or `name` itself.
-pub fn reported_name(name: &str) -> &str {
-    TRACKED_REPORTED.iter().find(|t| t.eq_ignore_ascii_case(name)).copied().unwrap_or(name)
-}
 
 /// An escape-string literal: safe whatever `standard_conforming_strings` is.
 fn literal(s: &str) -> String {
@@ -230,8 +228,8 @@ mod tests {
     fn read_back_with_reset_sql_reads_pg_settings_once() {
         assert_eq!(
             Settings::read_back_with_reset_sql(&["app.x'y".into()]),
-            "SELECT pg_catalog.current_setting(E'app.x''y', true), max(reset_val) FILTER (WHERE lower(name) = lower(E'app.x''y')) \
-             FROM pg_catalog.pg_settings"
+            "SELECT pg_catalog.current_setting(E'app.x''y', true), bool_or(setting IS NOT DISTINCT FROM reset_val) \
+             FILTER (WHERE lower(name) = lower(E'app.x''y')) FROM pg_catalog.pg_settings"
         );
     }
 
@@ -245,8 +243,6 @@ mod tests {
         assert_eq!(c.now().get("timezone"), Some("UTC"));
         c.change().set("statement_timeout", "1s");
         assert_eq!(c.startup(), &settings(&[("application_name", "mine")]));
-        assert_eq!(reported_name("datestyle"), "DateStyle");
-        assert_eq!(reported_name("work_mem"), "work_mem");
     }
 
     #[test]

@@ -88,9 +88,10 @@ pub struct RelayEnd {
     /// Parameters the client set or reset (unless pinned): their values are on this backend
     /// now, and must follow the client to the next.
     pub sets: Vec<String>,
-    /// The client ran `RESET ALL` (then `sets` names what it set after the last one, reported
-    /// parameters included): what it carries returns to its startup values, but for `sets`.
+    /// The client ran `RESET ALL`: it returns to its startup settings, but for `after_reset`.
     pub resets_all: bool,
+    /// What it set after the last `RESET ALL`, reported parameters included.
+    pub after_reset: Vec<String>,
 }
 
 /// Chunks moved in one poll before yielding to other sessions (a COPY can stream for minutes).
@@ -204,6 +205,7 @@ pub async fn relay(
             pin_variable_sets: limits.pin_variable_sets,
             sets: Vec::new(),
             resets_all: false,
+            after_reset: Vec::new(),
             drops_statements: false,
             client_mid_message,
             awaits_reply: false,
@@ -350,7 +352,7 @@ impl Relay<'_> {
         // A client's first named statement starts tracking (see `prepared`) if nothing is in
         // flight that tracking would not know of.
         let may_track = self.max_statements > 0 && t.pending == 0 && !t.unsynced && !t.client_mid_message;
-        let before = (t.pending, t.unsynced, t.pins_session, t.sets.len(), t.resets_all, t.drops_statements);
+        let before = (t.pending, t.unsynced, t.pins_session, t.sets.len(), t.resets_all, t.drops_statements, t.after_reset.len());
         let mut track = false;
         let mut forward_to = buf.len();
         let mut terminate = false;
@@ -378,6 +380,8 @@ impl Relay<'_> {
             (t.pending, t.unsynced, t.pins_session) = (before.0, before.1, before.2);
             t.sets.truncate(before.3);
             (t.resets_all, t.drops_statements) = (before.4, before.5);
+            // (A RESET ALL in the chunk cleared it: scanned again, it clears it again.)
+            t.after_reset.truncate(before.6);
             self.client.scanner = MessageScanner::new(self.client.scanner.max_body());
             let mut tracked = Box::<TrackedClient>::default();
             // What this relay passed on before was not read for settings (`SET LOCAL`, ...).
@@ -528,6 +532,7 @@ impl Relay<'_> {
             pins_session: self.t.pins_session,
             sets: self.t.sets,
             resets_all: self.t.resets_all,
+            after_reset: self.t.after_reset,
             backend_clean: quiet && status == TxStatus::Idle && matches!(outcome, Outcome::TransactionDone | Outcome::ClientGone),
             backend_rollbackable: quiet
                 && status != TxStatus::Idle

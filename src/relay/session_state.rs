@@ -92,12 +92,10 @@ pub struct SessionEffects {
     /// Parameters set or reset (lower-cased names) whose values the proxy must read back and
     /// carry to the client's next backend.
     pub sets: Vec<String>,
-    /// Reported parameters set or reset (lower-cased names): the relay sees their new values,
-    /// but after a `RESET ALL` they are read back with the others.
-    pub reported: Vec<String>,
-    /// `RESET ALL` (`sets` and `reported` then name what the text sets after its last one):
-    /// every parameter the client carries is to be read back, the rest return to the client's
-    /// startup values.
+    /// Parameters set or reset, reported ones included, after the text's last `RESET ALL` (in
+    /// all of it if it has none): the client's own after a `RESET ALL` (see `resets_all`).
+    pub after_reset: Vec<String>,
+    /// `RESET ALL`: the client returns to its startup settings, but for what it sets after.
     pub resets_all: bool,
     /// `DEALLOCATE ALL`, `DISCARD ALL`, or `DEALLOCATE` of a name that may be the proxy's: its
     /// copies of statements on the backend may be gone.
@@ -392,10 +390,9 @@ impl<'a> Statement<'a> {
                 return;
             }
             if is_at(1, b"all") {
-                // What was set before it is reset. (Not `role` or `session_authorization`:
-                // RESET ALL leaves who the session is.)
-                effects.sets.clear();
-                effects.reported.clear();
+                // (What was set before it is still read back: the RESET ALL may roll back. Not
+                // `role` or `session_authorization`: RESET ALL leaves who the session is.)
+                effects.after_reset.clear();
                 effects.resets_all = true;
                 return;
             }
@@ -425,7 +422,7 @@ impl<'a> Statement<'a> {
             return;
         };
         if let Some(name) = special {
-            effects.sets.push(name.to_owned());
+            note_set(Some(name.to_owned()), unfollowable, effects);
             return;
         }
         note_set(self.parameter_name(named_at), unfollowable, effects);
@@ -448,23 +445,25 @@ impl<'a> Statement<'a> {
 fn note_set(name: Option<String>, unfollowable: Option<PinReason>, effects: &mut SessionEffects) {
     match name {
         // Reported by the server: the relay sees the new value.
-        Some(name) if FOLLOWED.iter().any(|f| is(name.as_bytes(), f)) => {
-            if !effects.reported.contains(&name) {
-                effects.reported.push(name);
-            }
-        }
+        Some(name) if FOLLOWED.iter().any(|f| is(name.as_bytes(), f)) => push_capped(&mut effects.after_reset, &name),
         // Scoped to the transaction, like SET TRANSACTION.
         Some(name) if name.starts_with("transaction_") => {}
         // Who the session is: not something to re-apply elsewhere.
         Some(name) if name == "role" || name == "session_authorization" => effects.pin = effects.pin.or(unfollowable),
         // (Past the cap the session pins anyway: one name more says so.)
         Some(name) if is_valid_name(&name) => {
-            if effects.sets.len() <= MAX_FOLLOWED_SETTINGS && !effects.sets.contains(&name) {
-                effects.sets.push(name);
-            }
+            push_capped(&mut effects.after_reset, &name);
+            push_capped(&mut effects.sets, &name);
         }
         // A quoted or odd name: not a statement this lexer follows.
         _ => effects.pin = effects.pin.or(unfollowable),
+    }
+}
+
+/// Adds `name` to `names` unless there, up to one past the cap (which says "too many").
+pub(super) fn push_capped(names: &mut Vec<String>, name: &str) {
+    if names.len() <= MAX_FOLLOWED_SETTINGS && !names.iter().any(|n| n == name) {
+        names.push(name.to_owned());
     }
 }
 
@@ -656,7 +655,7 @@ mod tests {
             "SET intervalstyle TO postgres",
         ] {
             let effects = session_effects(sql.as_bytes(), true);
-            assert_eq!((effects.pin, effects.sets.len(), effects.reported.len()), (None, 0, 1), "{sql}");
+            assert_eq!((effects.pin, effects.sets.len(), effects.after_reset.len()), (None, 0, 1), "{sql}");
         }
     }
 

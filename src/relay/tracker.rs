@@ -28,9 +28,10 @@ pub(super) struct Tracker {
     pub(super) pin_variable_sets: bool,
     /// Parameters set so far (see `RelayEnd::sets`).
     pub(super) sets: Vec<String>,
-    /// A `RESET ALL` was sent (see `RelayEnd::resets_all`); `sets` then names what was set
-    /// after the last one.
+    /// A `RESET ALL` was sent (see `RelayEnd::resets_all`).
     pub(super) resets_all: bool,
+    /// After a `RESET ALL`: what was set after the last one (see `RelayEnd::after_reset`).
+    pub(super) after_reset: Vec<String>,
     /// A Query dropped prepared statements ([`session_state::SessionEffects::drops_statements`])
     /// that the relay has not yet forgotten.
     pub(super) drops_statements: bool,
@@ -118,18 +119,16 @@ impl Tracker {
     pub(super) fn note_effects(&mut self, effects: &session_state::SessionEffects) {
         self.pins_session = self.pins_session.or(effects.pin);
         self.drops_statements |= effects.drops_statements;
+        for name in &effects.sets {
+            session_state::push_capped(&mut self.sets, name);
+        }
         if effects.resets_all {
-            // Only what is set after it is the client's own now.
-            self.sets.clear();
+            self.after_reset.clear();
             self.resets_all = true;
         }
-        // After a RESET ALL, reported parameters set are read back too: the rest of what the
-        // client carries returns to its startup values.
-        let reported: &[String] = if self.resets_all { &effects.reported } else { &[] };
-        for name in effects.sets.iter().chain(reported) {
-            // (Past the cap the session pins anyway: one name more says so.)
-            if self.sets.len() <= session_state::MAX_FOLLOWED_SETTINGS && !self.sets.contains(name) {
-                self.sets.push(name.clone());
+        if self.resets_all {
+            for name in &effects.after_reset {
+                session_state::push_capped(&mut self.after_reset, name);
             }
         }
     }

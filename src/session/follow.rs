@@ -3,18 +3,18 @@
 //! `RESET ALL`, the values are read back from the backend (one query) and become the client's
 //! settings and this backend's: the client's next backend gets them, and this backend's next
 //! client gets its own. `RESET ALL` returns the client to the settings it logged in with, as on
-//! PostgreSQL (the backend's own reset values are the ones pgwarden logged in with), and the
-//! client is told of each reported parameter that then differs from what the backend told it.
-//! Must not: decide whether the session pins (the caller does, from [`Readback`]).
+//! PostgreSQL (the backend's own reset values are the ones pgwarden logged in with): the backend
+//! is brought back to them at once, and the client is told what it reports meanwhile. In a
+//! session pinned to its backend none of this runs: `RESET ALL` there gives the backend's own
+//! defaults. Must not: decide whether the session pins (the caller does, from [`Readback`]).
 
 use bytes::BytesMut;
 
 use super::ROLLBACK_TIMEOUT;
 use crate::backend::BackendConn;
-use crate::backend::settings::{ClientSettings, Settings, is_tracked_reported, reported_name};
-use crate::protocol::{TxStatus, messages};
+use crate::backend::settings::{ClientSettings, Settings};
+use crate::protocol::TxStatus;
 use crate::relay::session_state::MAX_FOLLOWED_SETTINGS;
-use crate::stream::{Stream, send};
 
 /// How reading back a client's parameters went.
 pub(super) enum Readback {
@@ -25,8 +25,6 @@ pub(super) enum Readback {
     Unreadable,
     /// The backend failed or stopped answering: it must go.
     Broken,
-    /// The client did not take what it was told (the backend is clean; the session ends).
-    ClientLost,
 }
 
 /// Reads back the values of the parameters the client set (or reset) and makes them the
@@ -48,29 +46,34 @@ pub(super) async fn follow_sets(conn: &mut BackendConn, desired: &mut ClientSett
     Readback::Followed
 }
 
-/// After a transaction that ran `RESET ALL`: reads back everything the client carries, this
-/// backend has applied or the client logged in with; the backend's settings are what was read,
-/// the client's are what it set after the last `RESET ALL` (`set_after`) and otherwise its
-/// startup values. Tells the client (ParameterStatus, between transactions, as a server does
-/// after a configuration reload) where a reported parameter now differs from what it was told.
+/// After a transaction that ran `RESET ALL`: reads back what the client sets or carries, what
+/// this backend has applied and what the client logged in with, each with whether it is at the
+/// value RESET gives (the RESET ALL may have rolled back). The client keeps what it set after
+/// the last `RESET ALL` (`after_reset`) and values the reset did not change, and otherwise
+/// returns to its startup values, as on PostgreSQL; this backend is brought to them at once,
+/// and what it reports as it changes (ParameterStatus, in the server's spelling) goes into
+/// `tell`, for the client, once the backend is given back.
 pub(super) async fn follow_reset_all(
     conn: &mut BackendConn,
     desired: &mut ClientSettings,
-    set_after: &[String],
-    client: &mut Stream,
+    sets: &[String],
+    after_reset: &[String],
+    tell: &mut BytesMut,
 ) -> Readback {
+    if sets.len() > MAX_FOLLOWED_SETTINGS || after_reset.len() > MAX_FOLLOWED_SETTINGS {
+        return Readback::Unreadable;
+    }
     let startup = desired.startup().clone();
-    // Reported parameters: what the backend told the client during the transaction; the rest:
-    // what the client had before it.
     let before = desired.now().clone();
-    let mut names = set_after.to_vec();
-    for (name, _) in before.iter().chain(conn.applied.iter()).chain(startup.iter()) {
+    let mut names: Vec<String> = Vec::new();
+    let carried = before.iter().chain(conn.applied.iter()).chain(startup.iter()).map(|(n, _)| n);
+    for name in sets.iter().chain(after_reset).map(String::as_str).chain(carried) {
         if !names.iter().any(|n| n == name) {
             names.push(name.to_owned());
         }
     }
-    if names.len() > 2 * MAX_FOLLOWED_SETTINGS + startup.len() {
-        return Readback::Unreadable;
+    if names.is_empty() {
+        return Readback::Followed;
     }
     let sql = Settings::read_back_with_reset_sql(&names);
     let row = match tokio::time::timeout(ROLLBACK_TIMEOUT, conn.query_row(&sql)).await {
@@ -80,30 +83,35 @@ pub(super) async fn follow_reset_all(
     };
     let mut applied = Settings::default();
     let mut now = Settings::default();
-    let mut tell = BytesMut::new();
     for (name, pair) in names.iter().zip(row.chunks(2)) {
-        let (Some(value), reset) = (pair[0].as_deref(), pair[1].as_deref()) else {
-            return Readback::Unreadable;
-        };
+        let Some(value) = pair[0].as_deref() else { return Readback::Unreadable };
         applied.set(name, value);
-        // Whether the RESET ALL took here (its transaction may have rolled back): the value is
-        // the one RESET gives, or (where that is unknown) not the one before.
-        let reset_took = reset.map_or(before.get(name) != Some(value), |r| r == value);
-        let kept = if set_after.contains(name) || !reset_took { Some(value) } else { startup.get(name) };
+        // (pg_settings does not list custom parameters: RESET empties those. A parameter set
+        // before the RESET ALL to the value RESET gives looks reset either way.)
+        let at_reset = pair[1].as_deref().map_or(value.is_empty(), |b| b == "t");
+        let kept = if after_reset.contains(name) || !at_reset { Some(value) } else { startup.get(name) };
         if let Some(kept) = kept {
             now.set(name, kept);
-            if kept != value && is_tracked_reported(name) {
-                messages::parameter_status(&mut tell, reported_name(name), kept);
-            }
         }
     }
     conn.applied = applied;
-    *desired.change() = now;
-    // (Part of a message written would break the client's stream: the session ends then.)
-    if !tell.is_empty() && !matches!(tokio::time::timeout(ROLLBACK_TIMEOUT, send(client, &tell)).await, Ok(Ok(()))) {
-        return Readback::ClientLost;
+    if now.len() > MAX_FOLLOWED_SETTINGS + startup.len() {
+        return Readback::Unreadable;
     }
-    Readback::Followed
+    *desired.change() = now;
+    let Some(sync) = Settings::sync_sql(&conn.applied, desired.now()) else { return Readback::Followed };
+    match tokio::time::timeout(ROLLBACK_TIMEOUT, conn.simple_query_reporting(&sync, tell)).await {
+        Ok(Ok((TxStatus::Idle, None))) => {
+            conn.applied = desired.now().clone();
+            Readback::Followed
+        }
+        // (A startup value the database takes at login but refuses now: the backend is in an
+        // unknown state, and so is what the client was told.)
+        _ => {
+            tell.clear();
+            Readback::Broken
+        }
+    }
 }
 
 /// The current values of `names` on the backend, or how the read failed.

@@ -196,6 +196,8 @@ async fn transaction(
         cancel.set_target(lease.conn().key);
     }
     let mut pinned: Option<GaugeGuard> = None;
+    // ParameterStatus for the client once the backend is back in the pool (see follow_reset_all).
+    let mut tell = BytesMut::new();
     let result = loop {
         let limits = &shared.config.pool;
         let end = relay::relay(client, lease.conn(), desired, &shared.metrics, limits, std::mem::take(&mut presented), pinned.is_some()).await;
@@ -206,7 +208,7 @@ async fn transaction(
             // reset when the session ends. After RESET ALL, all it carries.
             let readback = match end.outcome {
                 Outcome::TransactionDone if end.resets_all => {
-                    Box::pin(follow_reset_all(lease.conn(), desired, &end.sets, &mut client.stream)).await
+                    Box::pin(follow_reset_all(lease.conn(), desired, &end.sets, &end.after_reset, &mut tell)).await
                 }
                 Outcome::TransactionDone => Box::pin(follow_sets(lease.conn(), desired, &end.sets)).await,
                 _ => Readback::Unreadable,
@@ -217,10 +219,6 @@ async fn transaction(
                 Readback::Broken => {
                     lease.discard();
                     break Err(SessionError::BackendLost);
-                }
-                Readback::ClientLost => {
-                    lease.release();
-                    break Ok(Next::Close);
                 }
             }
         }
@@ -256,6 +254,14 @@ async fn transaction(
             Outcome::TransactionDone => {
                 let ended = lease.conn().last_active;
                 lease.release();
+                if !tell.is_empty() {
+                    // What the backend reported as it took the client's settings back (after a
+                    // RESET ALL). Part of a message written would break the client's stream.
+                    let told = Box::pin(tokio::time::timeout(ROLLBACK_TIMEOUT, send(&mut client.stream, &tell))).await;
+                    if !matches!(told, Ok(Ok(()))) {
+                        break Ok(Next::Close);
+                    }
+                }
                 break Ok(Next::WaitForClient(ended));
             }
             Outcome::ClientGone => {
