@@ -173,6 +173,13 @@ fn bind_execute_sync(name: &str) -> Vec<u8> {
     v
 }
 
+/// A raw client, logged in as the harness's user.
+async fn logged_in(h: &Harness) -> RawClient {
+    let mut raw = RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    raw
+}
+
 /// Tags of the messages up to ReadyForQuery, and the first error's SQLSTATE.
 async fn until_ready(raw: &mut RawClient) -> (String, Option<String>) {
     let (mut tags, mut error) = (String::new(), None);
@@ -191,8 +198,7 @@ async fn until_ready(raw: &mut RawClient) -> (String, Option<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_and_skipped_parses_leave_no_statement_and_a_reused_name_ends_the_session() {
     let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
-    let mut raw = RawClient::connect(h.addr).await;
-    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let mut raw = logged_in(&h).await;
     // A Parse that fails, and one after it that the backend skips up to the Sync.
     let mut pipeline = parse("s", "SELEC 1");
     pipeline.extend(parse("skipped", "SELECT 2"));
@@ -304,8 +310,7 @@ async fn a_copy_that_fails_never_hands_the_backend_on_with_answers_owed() {
     // next client before the last Query's answer.
     let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
     h.client().await.batch_execute("CREATE TABLE nums (i int)").await.unwrap();
-    let mut raw = RawClient::connect(h.addr).await;
-    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let mut raw = logged_in(&h).await;
     let mut named = parse("s", "SELECT 1");
     named.extend(message(b'S', &[]));
     raw.send(&named).await;
@@ -335,8 +340,7 @@ async fn sql_deallocate_of_a_protocol_statement_is_answered_as_postgres_would_wi
         c.pool.borrow_timeout = Duration::from_secs(3);
     })
     .await;
-    let mut raw = RawClient::connect(h.addr).await;
-    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let mut raw = logged_in(&h).await;
     let q = |sql: &str| common::query_message(sql);
     let mut prepare = parse("s1", "SELECT 1");
     prepare.extend(parse("S2", "SELECT 2"));
@@ -445,8 +449,7 @@ print("close" if close and close.has_send_close_prepared() else "deallocate")
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deallocate_all_in_a_pinned_session_drops_its_sql_level_statements_too() {
     let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
-    let mut raw = RawClient::connect(h.addr).await;
-    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let mut raw = logged_in(&h).await;
     let mut prepare = parse("s1", "SELECT 1");
     prepare.extend(message(b'S', &[]));
     raw.send(&prepare).await;
@@ -470,8 +473,7 @@ async fn deallocate_all_in_a_pinned_session_drops_its_sql_level_statements_too()
     // A session that pins in the same transaction as its DEALLOCATE ALL: the backend runs it.
     // (The pinned session above ends first: it holds the one backend.)
     drop(raw);
-    let mut raw = RawClient::connect(h.addr).await;
-    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let mut raw = logged_in(&h).await;
     let mut prepare = parse("s1", "SELECT 1");
     prepare.extend(message(b'S', &[]));
     raw.send(&prepare).await;
