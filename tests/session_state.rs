@@ -229,6 +229,18 @@ async fn reset_all_returns_to_the_startup_settings_on_any_backend_without_pinnin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_all_in_a_pinned_session_returns_to_the_startup_settings_too() {
+    // asyncpg with a listener: LISTEN pins, and the pool still resets at every release.
+    let h = Harness::start().await;
+    let startup = format!("{} application_name=mine options='-c statement_timeout=5s'", h.conn_str());
+    let a = common::connect(&startup).await.unwrap();
+    a.batch_execute("LISTEN jobs; SET statement_timeout = '1s'; SET application_name = 'x'").await.unwrap();
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(values(&a, "SHOW statement_timeout; SHOW application_name").await, ["5s", "mine"]);
+    assert_eq!(pins(&h, "listen"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_all_tells_a_libpq_client_its_startup_parameters_again() {
     // RESET ALL reports the backend's own application_name; pgwarden tells the client its own
     // again (libpq reads it with the next answer), and the database agrees.

@@ -4,9 +4,9 @@
 //! settings and this backend's: the client's next backend gets them, and this backend's next
 //! client gets its own. `RESET ALL` returns the client to the settings it logged in with, as on
 //! PostgreSQL (the backend's own reset values are the ones pgwarden logged in with): the backend
-//! is brought back to them at once, and the client is told what it reports meanwhile. In a
-//! session pinned to its backend none of this runs: `RESET ALL` there gives the backend's own
-//! defaults. Must not: decide whether the session pins (the caller does, from [`Readback`]).
+//! is brought back to them at once (in a session pinned to its backend too), and the client is
+//! told what it reports meanwhile. Must not: decide whether the session pins (the caller does,
+//! from [`Readback`]).
 
 use bytes::BytesMut;
 

@@ -196,31 +196,32 @@ async fn transaction(
         cancel.set_target(lease.conn().key);
     }
     let mut pinned: Option<GaugeGuard> = None;
-    // ParameterStatus for the client once the backend is back in the pool (see follow_reset_all).
+    // ParameterStatus for the client once the backend is back in the pool, or before a pinned
+    // session waits again (see follow_reset_all).
     let mut tell = BytesMut::new();
     let result = loop {
         let limits = &shared.config.pool;
         let end = relay::relay(client, lease.conn(), desired, &shared.metrics, limits, std::mem::take(&mut presented), pinned.is_some()).await;
         let mut pins = end.pins_session;
-        if (!end.sets.is_empty() || end.resets_all) && pins.is_none() && pinned.is_none() {
+        let done = matches!(end.outcome, Outcome::TransactionDone);
+        let readback = if done && end.resets_all {
+            // Pinned or not, the client returns to the settings it logged in with.
+            Some(Box::pin(follow_reset_all(lease.conn(), desired, &end.sets, &end.after_reset, &mut tell)).await)
+        } else if (!end.sets.is_empty() || end.resets_all) && pins.is_none() && pinned.is_none() {
             // Parameters the client set: carried to its next backend if they can be read back
             // now; else (or if the client is leaving) the backend keeps them, pinned, and is
-            // reset when the session ends. After RESET ALL, all it carries.
-            let readback = match end.outcome {
-                Outcome::TransactionDone if end.resets_all => {
-                    Box::pin(follow_reset_all(lease.conn(), desired, &end.sets, &end.after_reset, &mut tell)).await
-                }
-                Outcome::TransactionDone => Box::pin(follow_sets(lease.conn(), desired, &end.sets)).await,
-                _ => Readback::Unreadable,
-            };
-            match readback {
-                Readback::Followed => {}
-                Readback::Unreadable => pins = Some(PinReason::Set),
-                Readback::Broken => {
-                    lease.discard();
-                    break Err(SessionError::BackendLost);
-                }
+            // reset when the session ends.
+            Some(if done { Box::pin(follow_sets(lease.conn(), desired, &end.sets)).await } else { Readback::Unreadable })
+        } else {
+            None
+        };
+        match readback {
+            Some(Readback::Unreadable) => pins = pins.or(Some(PinReason::Set)),
+            Some(Readback::Broken) => {
+                lease.discard();
+                break Err(SessionError::BackendLost);
             }
+            Some(Readback::Followed) | None => {}
         }
         if let Some(reason) = pins
             && pinned.is_none()
@@ -232,6 +233,10 @@ async fn transaction(
         }
         match end.outcome {
             Outcome::TransactionDone if pinned.is_some() => {
+                if !Box::pin(tell_client(&mut client.stream, &mut tell)).await {
+                    Box::pin(finish_abandoned(lease, true, false, true)).await;
+                    break Ok(Next::Close);
+                }
                 let wake = if shared.drain.started() {
                     PinnedWake::Drain
                 } else if client.buf.is_empty() {
@@ -254,13 +259,8 @@ async fn transaction(
             Outcome::TransactionDone => {
                 let ended = lease.conn().last_active;
                 lease.release();
-                if !tell.is_empty() {
-                    // What the backend reported as it took the client's settings back (after a
-                    // RESET ALL). Part of a message written would break the client's stream.
-                    let told = Box::pin(tokio::time::timeout(ROLLBACK_TIMEOUT, send(&mut client.stream, &tell))).await;
-                    if !matches!(told, Ok(Ok(()))) {
-                        break Ok(Next::Close);
-                    }
+                if !Box::pin(tell_client(&mut client.stream, &mut tell)).await {
+                    break Ok(Next::Close);
                 }
                 break Ok(Next::WaitForClient(ended));
             }
@@ -286,6 +286,18 @@ async fn transaction(
     };
     cancel.set_target(None);
     result
+}
+
+/// Sends the client what the backend reported as it took the client's settings back (after a
+/// RESET ALL), if anything; false if it could not take it all (part of a message written breaks
+/// the client's stream: the session ends).
+async fn tell_client(stream: &mut Stream, tell: &mut BytesMut) -> bool {
+    if tell.is_empty() {
+        return true;
+    }
+    let told = tokio::time::timeout(ROLLBACK_TIMEOUT, send(stream, tell)).await;
+    tell.clear();
+    matches!(told, Ok(Ok(())))
 }
 
 /// What ended a pinned session's wait between transactions.
