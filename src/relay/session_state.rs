@@ -107,8 +107,13 @@ pub struct SessionEffects {
 /// cannot follow (`SET ROLE`, `set_config`) do not pin either: the operator
 /// accepts that they stay on the backend.
 pub fn session_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
+    session_effects_looked(sql, sets_pin, may_pin(sql))
+}
+
+/// [`session_effects`] of text whose first look ([`may_pin`]) said `may`.
+pub(super) fn session_effects_looked(sql: &[u8], sets_pin: bool, may: bool) -> SessionEffects {
     let mut effects = SessionEffects::default();
-    if !may_pin(sql) {
+    if !may {
         return effects;
     }
     let mut statement = Statement::default();
@@ -145,7 +150,12 @@ pub fn parse_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
 /// them (`DEALLOCATE pgwarden_3`), `None` if none does. Read with the lexer, so comments and
 /// strings do not count.
 pub fn drops_statements(sql: &[u8]) -> Option<bool> {
-    if !may_pin(sql) {
+    drops_statements_looked(sql, may_pin(sql))
+}
+
+/// [`drops_statements`] of text whose first look ([`may_pin`]) said `may`.
+pub(super) fn drops_statements_looked(sql: &[u8], may: bool) -> Option<bool> {
+    if !may {
         return None;
     }
     let mut drops = None;

@@ -123,6 +123,7 @@ impl Relay<'_> {
                 return;
             }
             last_tag = f.tag;
+            let mut query_look = None;
             let rewritten = match f.tag {
                 frontend_tag::TERMINATE => {
                     terminate = true;
@@ -147,7 +148,7 @@ impl Relay<'_> {
                         frontend_tag::PARSE => {
                             let sql = f.body.split(|&b| b == 0).nth(1).unwrap_or_default();
                             let may_set = session_state::may_pin(sql);
-                            rw.sql(may_set, session_state::drops_statements(sql));
+                            rw.sql(may_set, session_state::drops_statements_looked(sql, may_set));
                             let named = f.body.first().is_some_and(|&b| b != 0);
                             let effects = if named { session_state::parse_effects(sql, t.pin_variable_sets) } else { Default::default() };
                             rw.parse(f.body, effects, may_set, out)
@@ -165,8 +166,11 @@ impl Relay<'_> {
                 frontend_tag::QUERY => {
                     // (Not read past SQL_READ_LIMIT: settings unsure; the session pins, see `Tracker`.)
                     let sql = f.body.strip_suffix(b"\0").unwrap_or(f.body);
-                    rw.sql(f.body.is_empty() || session_state::may_pin(sql), session_state::drops_statements(sql));
+                    let may = session_state::may_pin(sql);
+                    rw.sql(f.body.is_empty() || may, session_state::drops_statements_looked(sql, may));
                     rw.ready(false, rw.pipeline.untracked_unsynced());
+                    // (The first look is taken once, for the Tracker too.)
+                    query_look = Some(may);
                     Ok(())
                 }
                 frontend_tag::FUNCTION_CALL => {
@@ -192,7 +196,11 @@ impl Relay<'_> {
                 failed = Some(e);
                 return;
             }
-            requests += u64::from(t.client_message(f.tag, f.body, true));
+            let request = match query_look {
+                Some(may) => t.client_query(f.body, Some(may)),
+                None => t.client_message(f.tag, f.body, true),
+            };
+            requests += u64::from(request);
         })?;
         if let Some(e) = failed {
             return Err(e);

@@ -51,20 +51,7 @@ impl Tracker {
     /// pinned. Returns whether it is a request (answered by ReadyForQuery).
     pub(super) fn client_message(&mut self, tag: u8, body: &[u8], tracked: bool) -> bool {
         match tag {
-            frontend_tag::QUERY => {
-                self.pending += 1;
-                if self.pins_session.is_none() {
-                    match body.split_last() {
-                        // The SQL runs to the NUL that ends the body.
-                        Some((0, sql)) => self.note_effects(&session_state::session_effects(sql, self.pin_variable_sets)),
-                        // Malformed: the database refuses it.
-                        Some(_) => {}
-                        // Not copied: longer than SQL_READ_LIMIT.
-                        None => self.pins_session = Some(PinReason::Unread),
-                    }
-                }
-                true
-            }
+            frontend_tag::QUERY => self.client_query(body, None),
             frontend_tag::FUNCTION_CALL => {
                 self.pending += 1;
                 true
@@ -98,6 +85,26 @@ impl Tracker {
             }
             _ => false,
         }
+    }
+
+    /// Books a Query (`body` as for [`Self::client_message`]); `looked`: what the first look
+    /// ([`session_state::may_pin`]) already said of its SQL, if it was taken.
+    pub(super) fn client_query(&mut self, body: &[u8], looked: Option<bool>) -> bool {
+        self.pending += 1;
+        if self.pins_session.is_none() {
+            match body.split_last() {
+                // The SQL runs to the NUL that ends the body.
+                Some((0, sql)) => {
+                    let may = looked.unwrap_or_else(|| session_state::may_pin(sql));
+                    self.note_effects(&session_state::session_effects_looked(sql, self.pin_variable_sets, may));
+                }
+                // Malformed: the database refuses it.
+                Some(_) => {}
+                // Not copied: longer than SQL_READ_LIMIT.
+                None => self.pins_session = Some(PinReason::Unread),
+            }
+        }
+        true
     }
 
     /// The client's Terminate, at `start` in its chunk (`None`: it began in an earlier chunk,
