@@ -186,17 +186,7 @@ impl BackendConn {
     /// Runs a simple query to completion, discarding its rows. Returns the transaction status
     /// and the first error the backend reported, if any.
     pub async fn simple_query(&mut self, sql: &str) -> Result<(TxStatus, Option<(String, String)>), BackendError> {
-        let mut first_error = None;
-        let status = self
-            .exchange(sql, |tag, body| {
-                if tag == b'E' && first_error.is_none() {
-                    let (code, message) = messages::parse_error_fields(body);
-                    first_error = Some((code.unwrap_or_default(), message.unwrap_or_default()));
-                }
-                Ok(())
-            })
-            .await?;
-        Ok((status, first_error))
+        self.simple_query_reporting(sql, &mut BytesMut::new()).await
     }
 
     /// [`Self::simple_query`], also appending every ParameterStatus the backend sent, whole, to

@@ -164,7 +164,6 @@ pub fn is_tracked_reported(name: &str) -> bool {
     TRACKED_REPORTED.iter().any(|t| t.eq_ignore_ascii_case(name))
 }
 
-
 /// An escape-string literal: safe whatever `standard_conforming_strings` is.
 fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))

@@ -75,11 +75,9 @@ pub(super) async fn follow_reset_all(
     if names.is_empty() {
         return Readback::Followed;
     }
-    let sql = Settings::read_back_with_reset_sql(&names);
-    let row = match tokio::time::timeout(ROLLBACK_TIMEOUT, conn.query_row(&sql)).await {
-        Ok(Ok((TxStatus::Idle, Some(row)))) if row.len() == 2 * names.len() => row,
-        Ok(Ok((TxStatus::Idle, _))) => return Readback::Unreadable,
-        _ => return Readback::Broken,
+    let row = match read_row(conn, &Settings::read_back_with_reset_sql(&names), 2 * names.len()).await {
+        Ok(row) => row,
+        Err(r) => return r,
     };
     let mut applied = Settings::default();
     let mut now = Settings::default();
@@ -116,12 +114,16 @@ pub(super) async fn follow_reset_all(
 
 /// The current values of `names` on the backend, or how the read failed.
 async fn read_back(conn: &mut BackendConn, names: &[String]) -> Result<Vec<String>, Readback> {
-    let sql = Settings::read_back_sql(names);
-    let values = match tokio::time::timeout(ROLLBACK_TIMEOUT, conn.query_row(&sql)).await {
-        Ok(Ok((TxStatus::Idle, Some(values)))) if values.len() == names.len() => values,
-        Ok(Ok((TxStatus::Idle, _))) => return Err(Readback::Unreadable),
-        _ => return Err(Readback::Broken),
-    };
+    let values = read_row(conn, &Settings::read_back_sql(names), names.len()).await?;
     // (NULL: a custom parameter reset out of existence; keep the backend rather than guess.)
     values.into_iter().collect::<Option<Vec<String>>>().ok_or(Readback::Unreadable)
+}
+
+/// The one row of `columns` values `sql` returns, or how the read failed.
+async fn read_row(conn: &mut BackendConn, sql: &str, columns: usize) -> Result<Vec<Option<String>>, Readback> {
+    match tokio::time::timeout(ROLLBACK_TIMEOUT, conn.query_row(sql)).await {
+        Ok(Ok((TxStatus::Idle, Some(row)))) if row.len() == columns => Ok(row),
+        Ok(Ok((TxStatus::Idle, _))) => Err(Readback::Unreadable),
+        _ => Err(Readback::Broken),
+    }
 }

@@ -14,9 +14,8 @@
 //! A client Close of a named statement only forgets the client's name (the backend's copy may
 //! serve others) and still reaches the backend, under a name no statement has, for its
 //! CloseComplete; SQL `DEALLOCATE name` of one (and `DEALLOCATE ALL`) is answered by the proxy
-//! ([`deallocate`]). Like
-//! PgBouncer, a Parse of a name already in use ends the session (42P05): PostgreSQL's in-band
-//! error cannot be reproduced once the Parse is not passed on as is.
+//! ([`deallocate`]). Like PgBouncer, a Parse of a name already in use ends the session (42P05):
+//! PostgreSQL's in-band error cannot be reproduced once the Parse is not passed on as is.
 //! Must not: read or change anything but statement names, or touch sockets.
 
 pub mod deallocate;
