@@ -292,3 +292,46 @@ asyncio.run(main())
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
     assert_eq!(h.metric("pgwarden_borrow_timeouts"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_all_between_transactions_resets_the_session_without_pinning() {
+    // Npgsql (by default) and Rails reset a reused pooled connection with DISCARD ALL. Pinned,
+    // every such connection would keep one of the pool's backends: with one, the second client
+    // below would wait out the borrow timeout.
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.borrow_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let startup = format!("{} application_name=mine options='-c statement_timeout=5s'", h.conn_str());
+    let a = common::connect(&startup).await.unwrap();
+    a.batch_execute("SET statement_timeout = '40s'; SET application_name = 'x'; SET app.tenant = '42'").await.unwrap();
+    let before = a.prepare("SELECT $1::int + 1").await.unwrap();
+    assert_eq!(a.query_one(&before, &[&1i32]).await.unwrap().get::<_, i32>(0), 2);
+
+    // In a transaction block it fails, as PostgreSQL says, and leaves everything as it was.
+    a.batch_execute("BEGIN").await.unwrap();
+    let refused = a.batch_execute("DISCARD ALL").await.unwrap_err();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("25001"));
+    a.batch_execute("ROLLBACK").await.unwrap();
+    // So does it among other statements (an implicit transaction block).
+    let refused = a.batch_execute("DISCARD ALL; SELECT 1").await.unwrap_err();
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("25001"));
+    assert_eq!(a.query_one(&before, &[&2i32]).await.unwrap().get::<_, i32>(0), 3, "still the client's");
+    assert_eq!(values(&a, "SHOW statement_timeout; SHOW application_name").await, ["40s", "x"]);
+
+    // Sent as Npgsql sends it: in one write with the next command (a Parse of the client's).
+    let (discarded, after) = tokio::join!(a.batch_execute("DISCARD ALL"), a.prepare("SELECT $1::int * 10"));
+    discarded.unwrap();
+    let after = after.unwrap();
+    assert_eq!(a.query_one(&after, &[&4i32]).await.unwrap().get::<_, i32>(0), 40, "prepared after it: kept");
+    let gone = a.query_one(&before, &[&1i32]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&gone).as_deref(), Some("26000"), "prepared before it: gone, as PostgreSQL says");
+    let tenant = "SHOW statement_timeout; SHOW application_name; SELECT coalesce(current_setting('app.tenant', true), '')";
+    assert_eq!(values(&a, tenant).await, ["5s", "mine", ""], "back to what it logged in with");
+    // Not pinned: another client gets the only backend, clean.
+    let b = h.client().await;
+    assert_eq!(values(&b, "SHOW statement_timeout; SELECT coalesce(current_setting('app.tenant', true), '')").await, ["0", ""]);
+    assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
+    assert_eq!(h.metric("pgwarden_borrow_timeouts"), 0.0);
+}

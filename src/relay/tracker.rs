@@ -90,13 +90,15 @@ impl Tracker {
     /// Books a Query (`body` as for [`Self::client_message`]); `looked`: what the first look
     /// ([`session_state::may_pin`]) already said of its SQL, if it was taken.
     pub(super) fn client_query(&mut self, body: &[u8], looked: Option<bool>) -> bool {
+        let (idle, known) = (self.idle(), self.pending == 0 && !self.unsynced);
         self.pending += 1;
         if self.pins_session.is_none() {
             match body.split_last() {
                 // The SQL runs to the NUL that ends the body.
                 Some((0, sql)) => {
                     let may = looked.unwrap_or_else(|| session_state::may_pin(sql));
-                    self.note_effects(&session_state::session_effects_looked(sql, self.pin_variable_sets, may));
+                    let effects = session_state::session_effects_looked(sql, self.pin_variable_sets, may);
+                    self.note_effects(&effects.discard_all_judged(idle, known));
                 }
                 // Malformed: the database refuses it.
                 Some(_) => {}
@@ -105,6 +107,12 @@ impl Tracker {
             }
         }
         true
+    }
+
+    /// Whether a Query booked now starts outside a transaction block: the last ReadyForQuery
+    /// said idle and nothing sent since is unanswered.
+    pub(super) fn idle(&self) -> bool {
+        self.pending == 0 && !self.unsynced && self.status == TxStatus::Idle
     }
 
     /// The client's Terminate, at `start` in its chunk (`None`: it began in an earlier chunk,

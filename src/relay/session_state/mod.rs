@@ -8,8 +8,10 @@
 //! read back; `DEALLOCATE` in a Query is reported for the relay to forget the statements it
 //! drops. Other state pins the session to its backend until it ends, as on RDS Proxy: `SET
 //! ROLE`, `set_config(.., false)` whose name is not a literal, `PREPARE`, temporary tables,
-//! cursors `WITH HOLD`, `LISTEN`, `LOAD`, `DISCARD`, `DEALLOCATE` in a Parse, session-level
-//! advisory locks.
+//! cursors `WITH HOLD`, `LISTEN`, `LOAD`, `DEALLOCATE` or `DISCARD ALL` in a Parse, session-level
+//! advisory locks. `DISCARD ALL` in a Query (Npgsql's and Rails' reset of a reused pooled
+//! connection) is followed as `RESET ALL` and `DEALLOCATE ALL` together where it runs: alone,
+//! outside a transaction block.
 //!
 //! A lexer, not a parser: it skips comments, quoted strings and identifiers and dollar-quoted
 //! bodies, and looks at the first words of each statement and at function names anywhere.
@@ -17,6 +19,9 @@
 //! given, or allocate but for the names of parameters set.
 
 use crate::backend::settings::is_valid_name;
+use lexer::{Lexer, Token, is_word_start};
+
+mod lexer;
 
 /// Why a session keeps its backend until it ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +36,8 @@ pub enum PinReason {
     HoldCursor,
     Listen,
     Load,
+    /// `DEALLOCATE` or `DISCARD ALL` in a Parse; `DISCARD ALL` behind requests not yet
+    /// answered (where it may run or fail).
     Discard,
     AdvisoryLock,
     /// A statement longer than the proxy reads: what it does is unknown.
@@ -100,6 +107,28 @@ pub struct SessionEffects {
     /// `DEALLOCATE ALL`, `DISCARD ALL`, or `DEALLOCATE` of a name that may be the proxy's: its
     /// copies of statements on the backend may be gone.
     pub drops_statements: bool,
+    /// `DISCARD ALL` (Npgsql's and Rails' reset when a pooled connection is reused), alone in
+    /// the text: it resets all and drops all statements (`resets_all`, `drops_statements`)
+    /// if it runs, which it does only outside a transaction block; the caller, which knows,
+    /// says what it did ([`SessionEffects::discard_all_judged`]). With more statements it
+    /// never runs (an implicit transaction block), and is not counted.
+    pub discards_all: bool,
+}
+
+impl SessionEffects {
+    /// What a `DISCARD ALL` alone in its Query did: as read if the session was `idle` (outside
+    /// a transaction, nothing else in flight); nothing if it surely failed (in a transaction,
+    /// `known`); pinned if that is not known (requests ahead of it may have opened one).
+    pub fn discard_all_judged(mut self, idle: bool, known: bool) -> Self {
+        if !self.discards_all || idle {
+            return self;
+        }
+        if known {
+            return SessionEffects::default();
+        }
+        self.pin = self.pin.or(Some(PinReason::Discard));
+        self
+    }
 }
 
 /// What `sql` (one Query's text, or a Parse's, without the NUL) does to its session. With
@@ -117,8 +146,10 @@ pub(super) fn session_effects_looked(sql: &[u8], sets_pin: bool, may: bool) -> S
         return effects;
     }
     let mut statement = Statement::default();
-    for token in (Lexer { sql, pos: 0 }) {
+    let mut statements = 0;
+    for token in Lexer::new(sql) {
         if token == Token::Punct(b';') {
+            statements += usize::from(statement.seen > 0);
             statement.judge_head(sets_pin, &mut effects);
             if effects.pin.is_some() {
                 return effects;
@@ -131,7 +162,14 @@ pub(super) fn session_effects_looked(sql: &[u8], sets_pin: bool, may: bool) -> S
             return effects;
         }
     }
+    statements += usize::from(statement.seen > 0);
     statement.judge_head(sets_pin, &mut effects);
+    if effects.discards_all {
+        // Alone, it is RESET ALL with DEALLOCATE ALL; among others, an implicit transaction
+        // block, where it fails: nothing but the proxy's copies closed (at no cost).
+        effects.discards_all = statements == 1;
+        effects.resets_all |= effects.discards_all;
+    }
     effects
 }
 
@@ -146,27 +184,34 @@ pub fn parse_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
 }
 
 /// Whether `sql` drops prepared statements the proxy keeps: `Some(true)` if a statement drops
-/// them all (`DEALLOCATE [PREPARE] ALL`, `DISCARD ALL`), `Some(false)` if one may drop one of
-/// them (`DEALLOCATE pgwarden_3`), `None` if none does. Read with the lexer, so comments and
-/// strings do not count.
-pub fn drops_statements(sql: &[u8]) -> Option<bool> {
-    drops_statements_looked(sql, may_pin(sql))
+/// them all (`DEALLOCATE [PREPARE] ALL`; `DISCARD ALL` alone in a Query run by an `idle`
+/// session, see [`SessionEffects::discards_all`]), `Some(false)` if one may drop one of them
+/// (`DEALLOCATE pgwarden_3`; a `DISCARD ALL` that may not run: the proxy's copies are closed,
+/// which costs nothing if they are still there), `None` if none does. Read with the lexer, so
+/// comments and strings do not count.
+pub fn drops_statements(sql: &[u8], idle: bool) -> Option<bool> {
+    drops_statements_looked(sql, may_pin(sql), idle)
 }
 
 /// [`drops_statements`] of text whose first look ([`may_pin`]) said `may`.
-pub(super) fn drops_statements_looked(sql: &[u8], may: bool) -> Option<bool> {
+pub(super) fn drops_statements_looked(sql: &[u8], may: bool, idle: bool) -> Option<bool> {
     if !may {
         return None;
     }
     let mut drops = None;
+    let mut statements = 0;
+    let mut discards_all = false;
     let mut ignored = SessionEffects::default();
     let mut statement = Statement::default();
-    let judge = |statement: &Statement<'_>, drops: &mut Option<bool>| {
-        if let Some(all) = statement.drop_target() {
+    let mut judge = |statement: &Statement<'_>, drops: &mut Option<bool>| {
+        statements += usize::from(statement.seen > 0);
+        if statement.is_discard_all() {
+            discards_all = true;
+        } else if let Some(all) = statement.drop_target() {
             *drops = Some(all || drops.unwrap_or(false));
         }
     };
-    for token in (Lexer { sql, pos: 0 }) {
+    for token in Lexer::new(sql) {
         if token == Token::Punct(b';') {
             judge(&statement, &mut drops);
             statement = Statement::default();
@@ -175,6 +220,9 @@ pub(super) fn drops_statements_looked(sql: &[u8], may: bool) -> Option<bool> {
         statement.push(token, false, &mut ignored);
     }
     judge(&statement, &mut drops);
+    if discards_all {
+        drops = Some(drops.unwrap_or(false) || (idle && statements == 1));
+    }
     drops
 }
 
@@ -233,17 +281,6 @@ fn may_start_statement(before: &[u8]) -> bool {
         }
     }
     true
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Token<'a> {
-    /// A keyword or unquoted identifier, as written.
-    Word(&'a [u8]),
-    Punct(u8),
-    /// A plain string literal's text, between its quotes (doubled quotes left doubled).
-    Str(&'a [u8]),
-    /// Another literal, a quoted identifier, a parameter (`$1`), a number.
-    Other,
 }
 
 /// What is known of the statement being read.
@@ -366,6 +403,10 @@ impl<'a> Statement<'a> {
         }
     }
 
+    fn is_discard_all(&self) -> bool {
+        self.first_word_is(b"discard") && self.word(1).is_some_and(|w| is(w, b"all"))
+    }
+
     fn first_word_is(&self, keyword: &[u8]) -> bool {
         self.word(0).is_some_and(|w| is(w, keyword))
     }
@@ -418,9 +459,14 @@ impl<'a> Statement<'a> {
             if is(first, b"deallocate") {
                 return;
             }
+            if is(first, b"discard") {
+                // (DISCARD PLANS, SEQUENCES and TEMP leave nothing another client could see:
+                // a backend shared between clients holds no temporary objects, they pin.)
+                effects.discards_all |= self.is_discard_all();
+                return;
+            }
             let pins = [
                 (&b"prepare"[..], PinReason::Prepare),
-                (b"discard", PinReason::Discard),
                 (b"listen", PinReason::Listen),
                 (b"load", PinReason::Load),
             ];
@@ -481,345 +527,5 @@ fn is(word: &[u8], keyword: &[u8]) -> bool {
     word.eq_ignore_ascii_case(keyword)
 }
 
-struct Lexer<'a> {
-    sql: &'a [u8],
-    pos: usize,
-}
-
-const fn is_word_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
-}
-
-fn is_word_byte(b: u8) -> bool {
-    is_word_start(b) || b.is_ascii_digit() || b == b'$'
-}
-
-impl<'a> Lexer<'a> {
-    fn peek(&self, ahead: usize) -> Option<u8> {
-        self.sql.get(self.pos + ahead).copied()
-    }
-
-    /// Past a quoted run that opened at `pos` (the quote itself), honouring doubled quotes and,
-    /// for `E'...'`, backslash escapes (with standard_conforming_strings on, every server's
-    /// default since 9.1). An unterminated run ends the text.
-    fn skip_quoted(&mut self, quote: u8, backslashes: bool) {
-        self.pos += 1;
-        while let Some(b) = self.peek(0) {
-            self.pos += 1;
-            if backslashes && b == b'\\' {
-                self.pos += 1;
-            } else if b == quote {
-                if self.peek(0) == Some(quote) {
-                    self.pos += 1;
-                } else {
-                    return;
-                }
-            }
-        }
-        self.pos = self.sql.len();
-    }
-
-    /// At a `$`: a parameter (`$1`), a dollar-quoted body (`$tag$ ... $tag$`, skipped whole),
-    /// or a lone `$`.
-    fn dollar(&mut self) -> Token<'a> {
-        let rest = &self.sql[self.pos..];
-        if rest.get(1).is_some_and(u8::is_ascii_digit) {
-            self.pos += 1 + rest[1..].iter().take_while(|b| b.is_ascii_digit()).count();
-            return Token::Other;
-        }
-        let tag_len = rest[1..].iter().take_while(|&&b| is_word_byte(b) && b != b'$').count();
-        let tag_is_word = tag_len == 0 || is_word_start(rest[1]);
-        if !tag_is_word || rest.get(1 + tag_len) != Some(&b'$') {
-            self.pos += 1;
-            return Token::Punct(b'$');
-        }
-        let delimiter = &rest[..tag_len + 2];
-        let body = &rest[delimiter.len()..];
-        self.pos += match body.windows(delimiter.len()).position(|w| w == delimiter) {
-            Some(at) => delimiter.len() * 2 + at,
-            None => rest.len(),
-        };
-        Token::Other
-    }
-}
-
-impl<'a> Iterator for Lexer<'a> {
-    type Item = Token<'a>;
-
-    fn next(&mut self) -> Option<Token<'a>> {
-        loop {
-            let b = self.peek(0)?;
-            match b {
-                b' ' | b'\t' | b'\n' | b'\r' | 0x0c => self.pos += 1,
-                b'-' if self.peek(1) == Some(b'-') => {
-                    let line = self.sql[self.pos..].iter().position(|&c| c == b'\n');
-                    self.pos = line.map_or(self.sql.len(), |n| self.pos + n + 1);
-                }
-                b'/' if self.peek(1) == Some(b'*') => {
-                    // Block comments nest in PostgreSQL.
-                    let mut depth = 0u32;
-                    while self.pos < self.sql.len() {
-                        match (self.peek(0), self.peek(1)) {
-                            (Some(b'/'), Some(b'*')) => {
-                                depth += 1;
-                                self.pos += 2;
-                            }
-                            (Some(b'*'), Some(b'/')) => {
-                                depth -= 1;
-                                self.pos += 2;
-                                if depth == 0 {
-                                    break;
-                                }
-                            }
-                            _ => self.pos += 1,
-                        }
-                    }
-                }
-                b'\'' => {
-                    let start = self.pos;
-                    self.skip_quoted(b'\'', false);
-                    let text = self.sql.get(start + 1..self.pos.saturating_sub(1)).unwrap_or_default();
-                    let closed = self.pos > start + 1 && self.sql[self.pos - 1] == b'\'';
-                    return Some(if closed { Token::Str(text) } else { Token::Other });
-                }
-                b'"' => {
-                    self.skip_quoted(b'"', false);
-                    return Some(Token::Other);
-                }
-                b'$' => return Some(self.dollar()),
-                b if is_word_start(b) => {
-                    let start = self.pos;
-                    self.pos += self.sql[start..].iter().take_while(|&&c| is_word_byte(c)).count();
-                    let word = &self.sql[start..self.pos];
-                    if self.peek(0) == Some(b'\'') && (is(word, b"e") || is(word, b"b") || is(word, b"x") || is(word, b"n")) {
-                        self.skip_quoted(b'\'', is(word, b"e"));
-                        return Some(Token::Other);
-                    }
-                    return Some(Token::Word(word));
-                }
-                b'0'..=b'9' => {
-                    self.pos += self.sql[self.pos..].iter().take_while(|c| c.is_ascii_alphanumeric() || **c == b'.').count();
-                    return Some(Token::Other);
-                }
-                b => {
-                    self.pos += 1;
-                    return Some(Token::Punct(b));
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pin_reason(sql: &[u8], sets_pin: bool) -> Option<PinReason> {
-        session_effects(sql, sets_pin).pin
-    }
-
-    fn reason(sql: &str) -> Option<PinReason> {
-        pin_reason(sql.as_bytes(), true)
-    }
-
-    #[test]
-    fn pin_reason_ordinary_statements_do_not_pin() {
-        for sql in [
-            "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
-            "BEGIN; UPDATE t SET x = 1 WHERE id = $1; COMMIT",
-            "INSERT INTO temp VALUES (1)",
-            "CREATE TABLE temp (x int)",
-            "SET LOCAL statement_timeout = '1s'",
-            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "SET CONSTRAINTS ALL DEFERRED",
-            "SELECT pg_advisory_xact_lock(1)",
-            "DECLARE c CURSOR FOR SELECT 1",
-            "DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1",
-            "SELECT set_config('app.tenant', '42', true)",
-            "SELECT pg_catalog.set_config('app.tenant', f(1, 2), TRUE)",
-            "PREPARE TRANSACTION 'gid'",
-            "UNLISTEN *",
-            "select 'SET x = 1; LISTEN y'",
-            "select $$ SET x = 1; select pg_advisory_lock(1) $$",
-            "select $f$ $$ LISTEN $$ $f$, 1",
-            "select \"pg_advisory_lock\"",
-            "-- SET statement_timeout = 1\nSELECT 1",
-            "/* LISTEN /* nested */ x */ SELECT 1",
-            "select E'it\\'s; LISTEN x'",
-            "",
-        ] {
-            assert_eq!(reason(sql), None, "{sql}");
-        }
-    }
-
-    #[test]
-    fn pin_reason_followed_parameters_do_not_pin() {
-        for sql in [
-            "SET application_name = 'worker'",
-            "set session TimeZone to 'UTC'",
-            "SET TIME ZONE 'Europe/Paris'",
-            "SET NAMES 'UTF8'",
-            "SET DateStyle = ISO, MDY",
-            "RESET application_name",
-            "RESET TIME ZONE",
-            "SET intervalstyle TO postgres",
-        ] {
-            let effects = session_effects(sql.as_bytes(), true);
-            assert_eq!((effects.pin, effects.sets.len(), effects.after_reset.len()), (None, 0, 1), "{sql}");
-        }
-    }
-
-    #[test]
-    fn pin_reason_session_state_pins() {
-        for (sql, want) in [
-            ("SET ROLE reader", PinReason::Set),
-            ("SET SESSION AUTHORIZATION bob", PinReason::Set),
-            ("set session characteristics as transaction read only", PinReason::Set),
-            ("SET \"statement_timeout\" = 1", PinReason::Set),
-            ("RESET ROLE", PinReason::Set),
-            ("SET session_authorization = 'bob'", PinReason::Set),
-            ("reset Session_Authorization", PinReason::Set),
-            ("SELECT set_config(current_user || '.x', '1', false)", PinReason::Set),
-            ("SELECT set_config('role', 'bob', false)", PinReason::Set),
-            ("SELECT set_config('a', 'b', is_local)", PinReason::Set),
-            ("PREPARE q(int) AS SELECT $1", PinReason::Prepare),
-            ("CREATE TEMP TABLE t (x int)", PinReason::TempObject),
-            ("create local temporary table t (x int)", PinReason::TempObject),
-            ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", PinReason::TempObject),
-            ("SELECT 1 AS x INTO TEMP t", PinReason::TempObject),
-            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", PinReason::HoldCursor),
-            ("LISTEN jobs", PinReason::Listen),
-            ("LOAD 'auto_explain'", PinReason::Load),
-            ("DISCARD ALL", PinReason::Discard),
-            ("SELECT pg_advisory_lock(1)", PinReason::AdvisoryLock),
-            ("select PG_TRY_ADVISORY_LOCK_SHARED(1, 2)", PinReason::AdvisoryLock),
-            ("/* c */ -- d\n  listen x", PinReason::Listen),
-            ("SELECT 'a''b'; LISTEN x", PinReason::Listen),
-            ("SELECT $1; LISTEN x", PinReason::Listen),
-        ] {
-            assert_eq!(reason(sql), Some(want), "{sql}");
-        }
-    }
-
-    #[test]
-    fn session_effects_name_the_parameters_to_follow() {
-        for (sql, want) in [
-            ("SET statement_timeout = '1ms'", &["statement_timeout"][..]),
-            ("set session search_path to app, public", &["search_path"]),
-            ("SET myapp.Tenant = '42'", &["myapp.tenant"]),
-            ("SET application_name.x = '1'", &["application_name.x"]),
-            ("SET SCHEMA 'app'", &["search_path"]),
-            ("SET XML OPTION DOCUMENT", &["xmloption"]),
-            ("RESET lock_timeout", &["lock_timeout"]),
-            ("SELECT 1; SET statement_timeout = 5", &["statement_timeout"]),
-            ("SET a = 1; /* */ SET b.c TO 2;", &["a", "b.c"]),
-            ("SET application_name = 'x'; SET TIME ZONE 'UTC'", &[]),
-            ("SET LOCAL work_mem = '1GB'", &[]),
-            ("SET transaction_isolation = 'serializable'", &[]),
-            ("SELECT pg_catalog.set_config('App.Tenant', $1, false)", &["app.tenant"]),
-            ("select set_config('statement_timeout', '1s', FALSE), set_config('a.b', 'c', true)", &["statement_timeout"]),
-        ] {
-            let effects = session_effects(sql.as_bytes(), true);
-            assert_eq!(effects.pin, None, "{sql}");
-            assert_eq!(effects.sets, want, "{sql}");
-        }
-        // asyncpg's reset at every pool release: RESET ALL has everything read back, no pin.
-        let asyncpg = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nDO $$ BEGIN PERFORM * FROM pg_listening_channels() LIMIT 1; \
-            IF FOUND THEN UNLISTEN *; END IF; END; $$;\nRESET ALL;";
-        let effects = session_effects(asyncpg.as_bytes(), true);
-        assert_eq!((effects.pin, effects.resets_all), (None, true));
-        for sql in ["reset all", "SET a = 1; RESET ALL"] {
-            assert!(session_effects(sql.as_bytes(), true).resets_all, "{sql}");
-            assert!(session_effects(sql.as_bytes(), false).resets_all, "{sql}: followed whatever the filters");
-        }
-        assert!(!session_effects(b"RESET all_things", true).resets_all);
-        // A pin ends the reading: the session keeps its backend, what else it set stays there.
-        assert_eq!(session_effects(b"SET a = 1; LISTEN x; SET b = 2", true).pin, Some(PinReason::Listen));
-    }
-
-    #[test]
-    fn pin_reason_excluding_variable_sets_keeps_the_rest() {
-        assert_eq!(pin_reason(b"SET ROLE reader", false), None);
-        assert_eq!(session_effects(b"SET statement_timeout = 1", false).sets, ["statement_timeout"]);
-        assert_eq!(pin_reason(b"SELECT set_config(f(), 'b', false)", false), None);
-        assert_eq!(pin_reason(b"SET ROLE x; LISTEN y", false), Some(PinReason::Listen));
-    }
-
-    /// Whatever bytes a client sends, reading them neither panics nor loops.
-    #[test]
-    fn session_effects_survive_random_bytes() {
-        let mut x = 0x2545_f491_4f6c_dd1d_u64;
-        let alphabet = b"SETsetLISTENtemp_config('\"$;-/*\n\\ (),.\x00\xff0123";
-        for len in 0..200 {
-            for _ in 0..50 {
-                let bytes: Vec<u8> = (0..len)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        alphabet[(x % alphabet.len() as u64) as usize]
-                    })
-                    .collect();
-                let _ = session_effects(&bytes, true);
-            }
-        }
-    }
-
-    /// The first look never clears what the lexer pins.
-    #[test]
-    fn may_pin_never_clears_a_pinning_statement() {
-        let words = ["SET", "set_config", "x", "(", ")", ",", "true", "false", "'s'", "LISTEN", "temp", "create", "into", "select",
-            "with", "hold", "declare", "pg_advisory_lock", ";", "\n", "-- c\n", "/* c */", "$$ a $$", "$1", ".", "RESET", "$", "e'\\''"];
-        // Every sequence of up to three of these words, with and without spaces between.
-        let mut stack = vec![(String::new(), 0)];
-        while let Some((sql, len)) = stack.pop() {
-            let effects = session_effects(sql.as_bytes(), true);
-            if effects.pin.is_some() || !effects.sets.is_empty() || effects.resets_all {
-                assert!(may_pin(sql.as_bytes()), "{sql:?}");
-            }
-            if len < 3 {
-                for w in words {
-                    stack.push((format!("{sql} {w}"), len + 1));
-                    stack.push((format!("{sql}{w}"), len + 1));
-                }
-            }
-        }
-        assert!(!may_pin(b"SELECT abalance FROM pgbench_accounts WHERE aid = 42;"));
-        assert!(!may_pin(b"UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = 7;"));
-    }
-
-    #[test]
-    fn drops_statements_reads_deallocate_and_discard_all_only_as_statements() {
-        assert_eq!(drops_statements(b"DEALLOCATE ALL"), Some(true));
-        assert_eq!(drops_statements(b"select 1; deallocate prepare all"), Some(true));
-        assert_eq!(drops_statements(b"DISCARD ALL"), Some(true));
-        assert_eq!(drops_statements(b"DEALLOCATE s1"), None, "not one of the proxy's");
-        assert_eq!(drops_statements(b"DEALLOCATE PREPARE PGWARDEN_3"), Some(false));
-        assert_eq!(drops_statements(b"DEALLOCATE \"pgwarden_3\""), Some(false), "quoted: not read, so maybe");
-        assert_eq!(drops_statements(b"DEALLOCATE prepare"), None);
-        assert_eq!(drops_statements(b"DEALLOCATE s1; DISCARD ALL"), Some(true));
-        assert_eq!(drops_statements(b"DISCARD PLANS"), None);
-        assert_eq!(drops_statements(b"SELECT 'x; DISCARD ALL' /* ; deallocate all */"), None);
-        assert_eq!(drops_statements(b"SELECT discarded FROM t"), None);
-        let effects = session_effects(b"DEALLOCATE pgwarden_1", true);
-        assert_eq!((effects.pin, effects.drops_statements), (None, true), "in a Query: followed, in order");
-        assert_eq!(parse_effects(b"DEALLOCATE ALL", true).pin, Some(PinReason::Discard), "in a Parse: pinned");
-        assert_eq!(session_effects(b"DEALLOCATE s1", true), SessionEffects::default(), "nothing of the proxy's");
-        assert!(session_effects(b"DISCARD ALL", true).drops_statements);
-        assert!(!session_effects(b"DISCARD PLANS", true).drops_statements);
-    }
-
-    /// Unterminated quotes, comments and dollar bodies end the text; nothing panics.
-    #[test]
-    fn pin_reason_truncated_text_is_safe() {
-        for sql in ["SELECT 'abc", "SELECT \"abc", "/* open", "select $a$ body", "select $", "select $1", "SELECT E'\\", "--", "set", "set_config(", "x$y$"] {
-            let _ = reason(sql);
-        }
-        // Every prefix of a tricky statement.
-        let sql = "SELECT E'a\\'b', $q$ x $q$, \"i\"\"d\" /* /* */ */ -- c\n; SET ROLE r";
-        for end in 0..=sql.len() {
-            let _ = pin_reason(&sql.as_bytes()[..end], true);
-        }
-        assert_eq!(reason(sql), Some(PinReason::Set));
-    }
-}
+mod tests;
