@@ -107,6 +107,9 @@ pub enum AuditTarget {
 pub struct PoolConfig {
     /// Backend connections per (user, database) pool.
     pub max_backend_connections: usize,
+    /// Backend connections across all pools (RDS Proxy's MaxConnectionsPercent as a count,
+    /// PgBouncer's `max_db_connections`); `None`: only each pool's own cap.
+    pub max_total_backend_connections: Option<usize>,
     pub min_idle_backend_connections: usize,
     pub borrow_timeout: Duration,
     /// Time a client has to finish startup and authentication.

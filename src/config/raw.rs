@@ -136,6 +136,7 @@ fn default_connect_timeout() -> String {
 #[serde(deny_unknown_fields, default)]
 struct RawPool {
     max_backend_connections: usize,
+    max_total_backend_connections: Option<usize>,
     min_idle_backend_connections: usize,
     borrow_timeout: String,
     login_timeout: String,
@@ -153,6 +154,7 @@ impl Default for RawPool {
     fn default() -> Self {
         RawPool {
             max_backend_connections: 20,
+            max_total_backend_connections: None,
             min_idle_backend_connections: 0,
             borrow_timeout: "120s".into(),
             login_timeout: "60s".into(),
@@ -317,6 +319,9 @@ impl RawConfig {
         if p.max_backend_connections == 0 {
             return Err(invalid("pool.max_backend_connections", "must be at least 1"));
         }
+        if p.max_total_backend_connections == Some(0) {
+            return Err(invalid("pool.max_total_backend_connections", "must be at least 1 (leave it out for no cap across pools)"));
+        }
         if p.min_idle_backend_connections > p.max_backend_connections {
             return Err(invalid("pool.min_idle_backend_connections", "must not exceed pool.max_backend_connections"));
         }
@@ -331,6 +336,7 @@ impl RawConfig {
         }
         let pool = PoolConfig {
             max_backend_connections: p.max_backend_connections,
+            max_total_backend_connections: p.max_total_backend_connections,
             min_idle_backend_connections: p.min_idle_backend_connections,
             borrow_timeout: parse_duration("pool.borrow_timeout", &p.borrow_timeout)?,
             login_timeout: parse_duration("pool.login_timeout", &p.login_timeout)?,

@@ -33,6 +33,16 @@ fn backend_login_retry_delay_defaults_to_a_second_and_is_never_zero() {
 }
 
 #[test]
+fn max_total_backend_connections_is_off_by_default_and_never_zero() {
+    let c = parse("[database]\nhost = \"db\"\n").unwrap();
+    assert_eq!(c.pool.max_total_backend_connections, None);
+    let c = parse("[database]\nhost = \"db\"\n[pool]\nmax_total_backend_connections = 50\n").unwrap();
+    assert_eq!(c.pool.max_total_backend_connections, Some(50));
+    let err = parse("[database]\nhost = \"db\"\n[pool]\nmax_total_backend_connections = 0\n").unwrap_err().to_string();
+    assert!(err.starts_with("pool.max_total_backend_connections: must be at least 1"), "{err}");
+}
+
+#[test]
 fn session_pinning_filters_take_rds_proxys_one_filter() {
     let c = parse("[database]\nhost = \"db\"\n").unwrap();
     assert!(c.pool.pin_variable_sets, "SETs pin by default, as on RDS Proxy");

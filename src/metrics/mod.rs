@@ -52,6 +52,9 @@ pub struct Metrics {
     pub query_requests_tls: HotCounter,
     pub query_database_response_latency: LatencyHistogram,
     pub borrow_timeouts: Counter,
+    /// Backend connections closed so that another pool gets room under
+    /// `max_total_backend_connections`.
+    pub backend_connections_rebalanced: Counter,
     pub credential_refresh_failures: Counter,
     pub keyring_reload_failures: Counter,
     /// 1 while the last refresh of some credential failed (serving the last good one).
@@ -102,8 +105,12 @@ impl Metrics {
                 "pgwarden_prepared_statements",
                 "Named prepared statements: Parses from clients (client_parse), Parses added on a backend without the statement (backend_parse), statements closed over the limit (evicted)."
             );
-            describe_gauge!("MaxDatabaseConnectionsAllowed", "Configured backend connections, all pools.");
+            describe_gauge!("MaxDatabaseConnectionsAllowed", "Backend connections the pools may open, all pools (their sizes, up to pool.max_total_backend_connections).");
             describe_counter!("pgwarden_borrow_timeouts", "Clients that gave up waiting for a backend.");
+            describe_counter!(
+                "pgwarden_backend_connections_rebalanced",
+                "Backend connections closed so that another pool's waiting clients get room under pool.max_total_backend_connections."
+            );
             describe_counter!("pgwarden_credential_refresh_failures", "Credential refreshes that failed (last good credential kept).");
             describe_gauge!("pgwarden_credential_stale", "1 while the last credential refresh failed.");
             describe_counter!("pgwarden_keyring_reload_failures", "IAM keyring reloads that failed (last good keyring kept).");
@@ -146,6 +153,7 @@ impl Metrics {
                     LATENCY_BUCKETS_US,
                 ),
                 borrow_timeouts: counter!("pgwarden_borrow_timeouts"),
+                backend_connections_rebalanced: counter!("pgwarden_backend_connections_rebalanced"),
                 credential_refresh_failures: counter!("pgwarden_credential_refresh_failures"),
                 keyring_reload_failures: counter!("pgwarden_keyring_reload_failures"),
                 credential_stale_sources: gauge!("pgwarden_credential_stale"),

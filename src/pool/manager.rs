@@ -121,14 +121,20 @@ impl BackendManager {
         self.newest_working.borrow().is_some_and(|(g, f)| conn.generation < g && conn.fingerprint != f)
     }
 
+    /// Whether the credential changed and no backend has logged in with it yet.
+    pub(super) fn probe_due(&self) -> bool {
+        let generation = self.store.snapshot().generation;
+        self.newest_working.borrow().is_some_and(|(g, _)| g < generation)
+    }
+
     /// After a credential change no backend has logged in with yet, one login finds out
     /// whether the new credential works (and which login it uses), so connections made with
     /// the old one can retire even when no new connection was needed.
     pub(super) async fn probe_new_credential(&self) {
-        let generation = self.store.snapshot().generation;
-        if self.newest_working.borrow().is_none_or(|(g, _)| g >= generation) {
+        if !self.probe_due() {
             return;
         }
+        let generation = self.store.snapshot().generation;
         match self.open().await {
             Ok(conn) => {
                 tracing::info!(generation = generation.0, "new credential logs in; older backends retire as they come back");

@@ -8,7 +8,8 @@
 //! cold pool serves its first burst with the connections already open, and a connection retired
 //! under load (rotation, max lifetime) costs nobody a wait for a login. A login that fails while
 //! other connections are open leaves its client waiting for those and holds new logins back for
-//! `backend_login_retry_delay`. [`manager`] opens connections and says which must retire;
+//! `backend_login_retry_delay`. Room across pools (`max_total_backend_connections`) is the
+//! [`budget`]'s, taken before a connection opens. [`manager`] opens connections and says which must retire;
 //! [`queue`] is a client's place in the queue; [`upkeep`] runs the queue timer and the janitor
 //! (idle eviction, `min_idle`). Must not: authenticate clients or touch client sockets.
 //!
@@ -25,6 +26,7 @@
 //! When that sends the whole request, the client is left asleep with its waker on the backend's
 //! socket: the answer wakes it, and the hand-over costs it no trip through the run queue.
 
+mod budget;
 mod manager;
 mod queue;
 mod upkeep;
@@ -32,7 +34,7 @@ mod upkeep;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -44,6 +46,7 @@ use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
 use crate::metrics::Metrics;
 use crate::protocol::SqlState;
 use crate::tls::BackendTls;
+use budget::Budget;
 use manager::BackendManager;
 pub use queue::{Presented, Request};
 use queue::{Wait, Waiter, Waiting, new_waiter, presend};
@@ -101,6 +104,12 @@ struct State {
     login_hold: Option<Instant>,
     /// The manager's count of connections logged in and alive (idle, lent, or in transit).
     live: Arc<AtomicUsize>,
+    /// Clients wait, the pool has room of its own, and `max_total_backend_connections` has
+    /// none (see [`budget`]): the queue timer looks for some.
+    budget_blocked: bool,
+    /// Clients opening a connection of their own (they wait in the queue meanwhile): the
+    /// waiting clients that need room from the budget are the others.
+    opening: usize,
 }
 
 impl State {
@@ -118,14 +127,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One pool and what its clients need to know about its backends.
 pub struct PoolEntry {
     pub key: PoolKey,
+    /// This pool, for the budget's list of blocked pools.
+    me: Weak<PoolEntry>,
     manager: BackendManager,
     state: Mutex<State>,
     max: usize,
+    /// The room across all pools, and how much of it this one holds (= `State::open`).
+    budget: Arc<Budget>,
+    budget_held: AtomicUsize,
     borrow_timeout: Duration,
     open_timeout: Duration,
     login_retry_delay: Duration,
-    /// Tells the queue timer a login hold was set.
-    hold_set: Arc<tokio::sync::Notify>,
+    /// Tells the queue timer to look again: a login hold was set, or the pool blocked.
+    wake_timer: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
 }
 
@@ -146,6 +160,22 @@ enum Step<'p, 'r> {
     /// Open a connection in room counted for it, waiting in the queue in this place meanwhile.
     Open(Waiter, Option<Request<'r>>),
     Done(Result<(Lease<'p>, Presented), PoolError>),
+}
+
+/// Counts a client opening a connection (`State::opening`) while it lives.
+struct Opener<'p>(&'p PoolEntry);
+
+impl<'p> Opener<'p> {
+    fn new(pool: &'p PoolEntry) -> Self {
+        lock(&pool.state).opening += 1;
+        Opener(pool)
+    }
+}
+
+impl Drop for Opener<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).opening -= 1;
+    }
 }
 
 /// Whichever came first to a client opening a connection.
@@ -205,8 +235,13 @@ impl PoolEntry {
                         let start = Instant::now();
                         st.waiting.push_back((start + self.borrow_timeout, Arc::clone(&w)));
                         if st.open < self.max && !st.held() {
-                            st.open += 1;
-                            Grant::Open(w, start)
+                            if self.budget.take(self, 1) == 1 {
+                                st.open += 1;
+                                Grant::Open(w, start)
+                            } else {
+                                self.block(&mut st);
+                                Grant::Wait(w, start)
+                            }
                         } else {
                             Grant::Wait(w, start)
                         }
@@ -279,6 +314,7 @@ impl PoolEntry {
     /// the login.
     async fn open_or_take<'p, 'r>(self: &'p Arc<Self>, w: Waiter, start: Instant, request: Option<Request<'r>>) -> Step<'p, 'r> {
         let mut login = self.spawn_login();
+        let _opening = Opener::new(self);
         let mut waiting = Waiting::new(self, w, request);
         let mut timed_out = false;
         loop {
@@ -298,7 +334,7 @@ impl PoolEntry {
                 Opening::Queue(Some(Err(()))) => {
                     let w = {
                         let mut st = lock(&self.state);
-                        Self::pass_room_on(&mut st);
+                        self.pass_room_on(&mut st);
                         self.queue_at_front(&mut st, start)
                     };
                     waiting = Waiting::new(self, w, waiting.into_request());
@@ -384,6 +420,13 @@ impl PoolEntry {
         loop {
             let (deadline, w) = {
                 let mut st = lock(&self.state);
+                if self.budget.wants_from(self, !st.waiting.is_empty()) {
+                    // Another pool's clients wait for room this one holds more than its share of.
+                    drop(st);
+                    tracing::debug!(user = %self.key.user, "closing a released backend: another pool's clients wait for room");
+                    self.metrics.backend_connections_rebalanced.increment(1);
+                    return self.close_giving_room(conn);
+                }
                 match st.waiting.pop_front() {
                     Some(waiting) => waiting,
                     None => return st.idle.push(conn),
@@ -426,13 +469,41 @@ impl PoolEntry {
     /// A connection is gone (or was never opened): one more may be opened, by the
     /// longest-waiting client if there is one.
     fn forget_one(&self) {
-        Self::pass_room_on(&mut lock(&self.state));
+        self.pass_room_on(&mut lock(&self.state));
     }
 
     /// [`PoolEntry::forget_one`] under a lock already held.
-    fn pass_room_on(st: &mut State) {
+    fn pass_room_on(&self, st: &mut State) {
         st.open -= 1;
-        Self::let_one_open(st);
+        self.budget.give_back(self);
+        self.let_one_open(st);
+    }
+
+    /// Closes a connection whose room goes to a blocked pool, not to this one's clients.
+    fn close_giving_room(&self, mut conn: Box<BackendConn>) {
+        conn.live_guard = None;
+        {
+            let mut st = lock(&self.state);
+            st.open -= 1;
+            self.budget.give_back(self);
+        }
+        tokio::spawn(conn.close());
+    }
+
+    /// Whether more clients wait than open connections of their own (room is given to one
+    /// waiting client per connection; one opening will be served by its login).
+    fn needs_room(&self, st: &State) -> bool {
+        st.waiting.iter().filter(|(_, w)| matches!(*lock(w), Wait::Waiting(..))).count() > st.opening
+    }
+
+    /// Clients wait, and the pool's room is held up by the cap on all pools: the queue timer
+    /// looks for room (see [`budget`]). Under the state's lock.
+    fn block(&self, st: &mut State) {
+        if !st.budget_blocked {
+            st.budget_blocked = true;
+            self.budget.block(self.me.clone());
+            self.wake_timer.notify_one();
+        }
     }
 
     /// A new place at the front of the queue for a client that queued at `start` (its borrow
@@ -452,12 +523,13 @@ impl PoolEntry {
     fn login_failed(&self) {
         let mut st = lock(&self.state);
         st.open -= 1;
+        self.budget.give_back(self);
         if st.live.load(Ordering::Relaxed) > 0 && !self.login_retry_delay.is_zero() {
             st.login_hold = Some(Instant::now() + self.login_retry_delay);
             drop(st);
-            self.hold_set.notify_one();
+            self.wake_timer.notify_one();
         } else {
-            Self::let_one_open(&mut st);
+            self.let_one_open(&mut st);
         }
     }
 
@@ -472,16 +544,31 @@ impl PoolEntry {
     /// permitting.
     fn offer_free_room(&self, st: &mut State) {
         if st.open < self.max {
-            Self::let_one_open(st);
+            self.let_one_open(st);
         }
     }
 
     /// Tells the longest-waiting client it may open a connection (counted as open for it),
-    /// unless a failed login holds new ones back while other connections are open.
-    fn let_one_open(st: &mut State) {
-        if st.held() {
+    /// unless a failed login holds new ones back while other connections are open, or the cap
+    /// on all pools has no room (the pool blocks then).
+    fn let_one_open(&self, st: &mut State) {
+        if st.held() || st.waiting.is_empty() {
             return;
         }
+        if self.budget.take(self, 1) == 0 {
+            if self.needs_room(st) {
+                self.block(st);
+            }
+            return;
+        }
+        if !Self::grant_room(st) {
+            self.budget.give_back(self);
+        }
+    }
+
+    /// Gives room already taken from the budget to the longest-waiting client (counted as open
+    /// for it); false if nobody waits after all.
+    fn grant_room(st: &mut State) -> bool {
         while let Some((_, w)) = st.waiting.pop_front() {
             let mut w = lock(&w);
             if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *w, Wait::Gone) {
@@ -490,9 +577,10 @@ impl PoolEntry {
                 if let Some(waker) = waker {
                     waker.wake();
                 }
-                return;
+                return true;
             }
         }
+        false
     }
 
     fn close(&self, mut conn: Box<BackendConn>) {
@@ -570,11 +658,19 @@ pub struct Pools {
     cfg: PoolConfig,
     metrics: Arc<Metrics>,
     map: Mutex<HashMap<PoolKey, Arc<PoolEntry>>>,
+    budget: Arc<Budget>,
 }
 
 impl Pools {
     pub fn new(target: DatabaseConfig, tls: Option<Arc<BackendTls>>, cfg: PoolConfig, metrics: Arc<Metrics>) -> Pools {
-        Pools { target, tls, cfg, metrics, map: Mutex::new(HashMap::new()) }
+        let budget = Budget::new(cfg.max_total_backend_connections);
+        Pools { target, tls, cfg, metrics, map: Mutex::new(HashMap::new()), budget }
+    }
+
+    /// Backend connections open or being opened, all pools together (what
+    /// `max_total_backend_connections` caps).
+    pub fn total_open(&self) -> usize {
+        lock(&self.map).values().map(|e| e.budget_held.load(Ordering::Relaxed)).sum()
     }
 
     /// Closes every idle backend of every pool politely (Terminate first), for shutdown.
@@ -607,8 +703,9 @@ impl Pools {
             Arc::clone(&self.metrics),
         );
         let live = Arc::clone(&manager.live);
-        let entry = Arc::new(PoolEntry {
+        let entry = Arc::new_cyclic(|me| PoolEntry {
             key: key.clone(),
+            me: me.clone(),
             manager,
             state: Mutex::new(State {
                 idle: Vec::new(),
@@ -616,17 +713,25 @@ impl Pools {
                 waiting: VecDeque::new(),
                 login_hold: None,
                 live,
+                budget_blocked: false,
+                opening: 0,
             }),
             max: self.cfg.max_backend_connections,
+            budget: Arc::clone(&self.budget),
+            budget_held: AtomicUsize::new(0),
             borrow_timeout: self.cfg.borrow_timeout,
             open_timeout: self.target.connect_timeout.saturating_mul(3),
             login_retry_delay: self.cfg.backend_login_retry_delay,
-            hold_set: Arc::new(tokio::sync::Notify::new()),
+            wake_timer: Arc::new(tokio::sync::Notify::new()),
             metrics: Arc::clone(&self.metrics),
         });
-        self.metrics.max_database_connections_allowed.increment(self.cfg.max_backend_connections as f64);
+        // Every pool's size, up to the cap on all of them.
+        let allowed = (map.len() + 1).saturating_mul(self.cfg.max_backend_connections);
+        let allowed = self.cfg.max_total_backend_connections.map_or(allowed, |cap| cap.min(allowed));
+        self.metrics.max_database_connections_allowed.set(allowed as f64);
+        self.budget.join(Arc::downgrade(&entry));
         spawn_janitor(Arc::downgrade(&entry), store.subscribe(), self.cfg.clone());
-        spawn_queue_timer(Arc::downgrade(&entry), Arc::clone(&entry.hold_set));
+        spawn_queue_timer(Arc::downgrade(&entry), Arc::clone(&entry.wake_timer));
         map.insert(key.clone(), Arc::clone(&entry));
         entry
     }

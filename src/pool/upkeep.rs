@@ -1,6 +1,8 @@
 //! A pool's two background tasks. The queue timer ends the waits whose borrow timeout passed
 //! and lifts the hold on new logins that a failed one set (see `PoolEntry::login_failed`),
-//! handing its room to the front of the queue. The janitor, every second and whenever the
+//! handing its room to the front of the queue; for a pool blocked by the cap across pools
+//! (`budget`) it takes room as it frees up and closes another pool's idle connection to free
+//! some. The janitor, every second and whenever the
 //! credential changes, checks that a changed credential logs in (so older connections can
 //! retire), closes idle connections that expired or retired, and keeps `min_idle` warm. Both
 //! hold only a weak reference and stop when the pool is gone. Must not: serve clients (the
@@ -37,6 +39,9 @@ impl PoolEntry {
                 // that succeeds lets the next waiting client open another (`login_succeeded`).
                 self.offer_free_room(&mut st);
             }
+            if st.budget_blocked {
+                self.tend_blocked(&mut st);
+            }
             let front = st.waiting.front().map(|(deadline, _)| *deadline);
             match (front, st.login_hold) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -45,6 +50,30 @@ impl PoolEntry {
         };
         wakers.into_iter().for_each(Waker::wake);
         next
+    }
+
+    /// A pool blocked by the cap on all pools: takes what room there is (first blocked, first
+    /// served) for its waiting clients, and stops being blocked once it has no room of its own
+    /// left or no client waits but those opening connections of their own.
+    fn tend_blocked(&self, st: &mut super::State) {
+        loop {
+            if st.open >= self.max || st.held() || !self.needs_room(st) {
+                st.budget_blocked = false;
+                self.budget.unblock(self);
+                return;
+            }
+            if self.budget.take(self, 1) == 0 {
+                return;
+            }
+            if !Self::grant_room(st) {
+                self.budget.give_back(self);
+            }
+        }
+    }
+
+    /// Whether the pool is blocked by the cap on all pools (see `budget`).
+    pub(super) fn is_blocked(&self) -> bool {
+        lock(&self.state).budget_blocked
     }
 
     /// Closes idle connections that expired or whose login retired.
@@ -71,6 +100,7 @@ impl PoolEntry {
                 return;
             }
             let want = min_idle.saturating_sub(st.idle.len()).min(self.max.saturating_sub(st.open));
+            let want = self.budget.take(self, want);
             st.open += want;
             want
         };
@@ -94,19 +124,33 @@ impl PoolEntry {
 /// The queue timer: sleeps until the next borrow deadline or the end of a login hold, or until
 /// a new hold is set. An empty queue is looked at again a borrow timeout later: any client
 /// queued meanwhile has a deadline no sooner than that.
-pub(super) fn spawn_queue_timer(entry: Weak<PoolEntry>, hold_set: Arc<tokio::sync::Notify>) {
+pub(super) fn spawn_queue_timer(entry: Weak<PoolEntry>, wake: Arc<tokio::sync::Notify>) {
     tokio::spawn(async move {
+        let Some(budget) = entry.upgrade().map(|e| Arc::clone(&e.budget)) else { return };
         loop {
-            let (now, next, timeout) = {
+            // Listening before looking: room freed after the look still wakes this task.
+            let freed = budget.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let (now, next, timeout, blocked) = {
                 let Some(entry) = entry.upgrade() else { return };
                 let now = Instant::now();
-                (now, entry.tend_queue(now), entry.borrow_timeout)
+                let next = entry.tend_queue(now);
+                // Blocked: an idle connection of another pool is closed for it (its room
+                // comes back through `freed`); else a pool holding more than its share gives
+                // up its next released one (`Budget::wants_from`).
+                let blocked = entry.is_blocked();
+                if blocked {
+                    entry.budget.reclaim_idle(&entry);
+                }
+                (now, next, entry.borrow_timeout, blocked)
             };
             // (A zero borrow timeout must not spin.)
             let at = next.unwrap_or(now + timeout).max(now + Duration::from_millis(1));
             tokio::select! {
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
-                _ = hold_set.notified() => {}
+                _ = wake.notified() => {}
+                _ = &mut freed, if blocked => {}
             }
         }
     });
@@ -127,7 +171,12 @@ pub(super) fn spawn_janitor(
                 changed = credential.changed() => if changed.is_err() { return },
             }
             let Some(entry) = entry.upgrade() else { return };
-            entry.manager.probe_new_credential().await;
+            // (The probe's login counts against the cap on all pools: with no room there, the
+            // old connections keep serving until a later round finds some.)
+            if entry.manager.probe_due() && entry.budget.take(&entry, 1) == 1 {
+                entry.manager.probe_new_credential().await;
+                entry.budget.give_back(&entry);
+            }
             entry.evict_idle(cfg.backend_idle_timeout);
             entry.top_up(cfg.min_idle_backend_connections).await;
         }

@@ -74,13 +74,7 @@ impl Harness {
     }
 
     pub fn conn_str_with_password(&self, password: &str) -> String {
-        format!(
-            "host={} port={} user={} dbname={} password={password}",
-            self.addr.ip(),
-            self.addr.port(),
-            self.env.user,
-            self.env.database
-        )
+        self.conn_str_as(&self.env.user, password)
     }
 
     /// A libpq-style URL-less connection string for psql/pgbench (password via PGPASSWORD).
@@ -182,8 +176,18 @@ impl Harness {
 
     /// The pool of the dev role and database (created if no client has used it yet).
     pub fn dev_pool(&self) -> Arc<pgwarden::pool::PoolEntry> {
-        let user = &self.shared.users[&self.env.user];
-        self.shared.pools.entry(&pgwarden::pool::PoolKey::new(&self.env.user, &self.env.database), &user.store)
+        self.pool_of(&self.env.user)
+    }
+
+    /// The pool of `user` (one with a credential entry) and the dev database.
+    pub fn pool_of(&self, user: &str) -> Arc<pgwarden::pool::PoolEntry> {
+        let store = &self.shared.users[user].store;
+        self.shared.pools.entry(&pgwarden::pool::PoolKey::new(user, &self.env.database), store)
+    }
+
+    /// A connection string for `user` with `password`, to pgwarden.
+    pub fn conn_str_as(&self, user: &str, password: &str) -> String {
+        format!("host={} port={} user={user} dbname={} password={password}", self.addr.ip(), self.addr.port(), self.env.database)
     }
 
     /// A metric's value on the Prometheus page (unlabelled series only); 0 before it is first set.

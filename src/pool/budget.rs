@@ -1,0 +1,162 @@
+//! The cap on backend connections across every pool (`pool.max_total_backend_connections`:
+//! RDS Proxy's MaxConnectionsPercent as a count, PgBouncer's `max_db_connections` for the one
+//! server pgwarden fronts). A pool takes room here before it opens a connection and gives it
+//! back when the connection is gone, so the sum over pools never passes the cap, however many
+//! users and databases clients bring. A pool whose clients wait while it has room of its own
+//! but the cap has none is *blocked*; blocked pools get room in the order they blocked, and
+//! get it from the others: the queue timer of a blocked pool closes an idle connection
+//! anywhere (the longest idle first), and a pool with no waiting clients, or with at least
+//! two connections more than the first blocked pool, closes a connection released to it
+//! instead of reusing it. So pools under load end up sharing the cap evenly, and room never
+//! idles in one pool while another's clients wait. Without a cap, every step here is one
+//! relaxed atomic operation and nothing blocks. Must not: lock a pool while holding a lock of
+//! its own (pools lock their state first, then this).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use super::{PoolEntry, lock};
+
+pub(super) struct Budget {
+    /// `usize::MAX`: no cap.
+    max: usize,
+    open: AtomicUsize,
+    /// Pools waiting for room, first blocked first; `blocked_count` is its length, read
+    /// without the lock on every release.
+    blocked: Mutex<Vec<Weak<PoolEntry>>>,
+    blocked_count: AtomicUsize,
+    /// Every pool, for the idle connections a blocked one may reclaim.
+    members: Mutex<Vec<Weak<PoolEntry>>>,
+    /// Told (all listeners) whenever room comes back.
+    pub(super) freed: tokio::sync::Notify,
+}
+
+impl Budget {
+    pub(super) fn new(max: Option<usize>) -> Arc<Budget> {
+        Arc::new(Budget {
+            max: max.unwrap_or(usize::MAX),
+            open: AtomicUsize::new(0),
+            blocked: Mutex::new(Vec::new()),
+            blocked_count: AtomicUsize::new(0),
+            members: Mutex::new(Vec::new()),
+            freed: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub(super) fn capped(&self) -> bool {
+        self.max != usize::MAX
+    }
+
+    pub(super) fn join(&self, pool: Weak<PoolEntry>) {
+        lock(&self.members).push(pool);
+    }
+
+    /// Takes room for up to `n` connections of `pool`, returns how many. While pools are
+    /// blocked, only the first of them may take any.
+    pub(super) fn take(&self, pool: &PoolEntry, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        if !self.capped() {
+            pool.budget_held.fetch_add(n, Ordering::Relaxed);
+            return n;
+        }
+        if self.blocked_count.load(Ordering::Acquire) > 0 && !self.is_first_blocked(pool) {
+            return 0;
+        }
+        let mut open = self.open.load(Ordering::Relaxed);
+        loop {
+            let taken = n.min(self.max.saturating_sub(open));
+            if taken == 0 {
+                return 0;
+            }
+            match self.open.compare_exchange_weak(open, open + taken, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => {
+                    pool.budget_held.fetch_add(taken, Ordering::Relaxed);
+                    return taken;
+                }
+                Err(now) => open = now,
+            }
+        }
+    }
+
+    /// A connection of `pool` is gone (or was never opened): its room is free again.
+    pub(super) fn give_back(&self, pool: &PoolEntry) {
+        pool.budget_held.fetch_sub(1, Ordering::Relaxed);
+        if self.capped() {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// `pool` waits for room (its clients do); called under its state's lock, once per block.
+    pub(super) fn block(&self, pool: Weak<PoolEntry>) {
+        let mut blocked = lock(&self.blocked);
+        blocked.push(pool);
+        self.blocked_count.store(blocked.len(), Ordering::Release);
+        drop(blocked);
+        // The pools blocked before look again: one whose clients were served meanwhile by its
+        // own connections leaves the line instead of holding it up.
+        self.freed.notify_waiters();
+    }
+
+    /// `pool` waits no more (it got room, or its clients left); called under its state's lock.
+    pub(super) fn unblock(&self, pool: &PoolEntry) {
+        let mut blocked = lock(&self.blocked);
+        blocked.retain(|w| !std::ptr::eq(w.as_ptr(), pool));
+        self.blocked_count.store(blocked.len(), Ordering::Release);
+        drop(blocked);
+        // The next blocked pool may take what this one left.
+        self.freed.notify_waiters();
+    }
+
+    fn is_first_blocked(&self, pool: &PoolEntry) -> bool {
+        lock(&self.blocked).first().is_some_and(|w| std::ptr::eq(w.as_ptr(), pool))
+    }
+
+    /// Whether `pool` should close a connection released to it (holding `open` room, with
+    /// clients waiting or not) so that a blocked pool gets the room: always if it has nobody
+    /// waiting, else if it holds two or more connections than the first blocked pool. One
+    /// relaxed load when no pool is blocked.
+    pub(super) fn wants_from(&self, pool: &PoolEntry, waiters: bool) -> bool {
+        if self.blocked_count.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let blocked = lock(&self.blocked);
+        let Some(first) = blocked.iter().find(|w| !std::ptr::eq(w.as_ptr(), pool)).and_then(Weak::upgrade) else {
+            return false;
+        };
+        !waiters || pool.budget_held.load(Ordering::Relaxed) > first.budget_held.load(Ordering::Relaxed) + 1
+    }
+
+    /// For a blocked pool: closes the longest-idle connection of another pool, if any is idle.
+    /// Its room comes back through [`Budget::give_back`].
+    pub(super) fn reclaim_idle(&self, for_pool: &PoolEntry) -> bool {
+        let members: Vec<Arc<PoolEntry>> = lock(&self.members).iter().filter_map(Weak::upgrade).collect();
+        let mut oldest: Option<(Instant, &Arc<PoolEntry>)> = None;
+        for pool in members.iter().filter(|p| !std::ptr::eq(Arc::as_ptr(p), for_pool)) {
+            // (Idle connections are a stack: the bottom one has waited longest.)
+            let since = lock(&pool.state).idle.first().map(|c| c.last_active);
+            if let Some(since) = since
+                && oldest.is_none_or(|(t, _)| since < t)
+            {
+                oldest = Some((since, pool));
+            }
+        }
+        let Some((_, pool)) = oldest else { return false };
+        let conn = {
+            let mut st = lock(&pool.state);
+            if st.idle.is_empty() { None } else { Some(st.idle.remove(0)) }
+        };
+        match conn {
+            Some(conn) => {
+                tracing::debug!(from = %pool.key.user, to = %for_pool.key.user, "closing an idle backend: another pool's clients wait for room");
+                pool.metrics.backend_connections_rebalanced.increment(1);
+                pool.close_giving_room(conn);
+                true
+            }
+            None => false,
+        }
+    }
+}
