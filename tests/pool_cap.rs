@@ -15,11 +15,11 @@ use pgwarden::config::IamAuth;
 
 const SECOND: &str = "second";
 
-/// A harness with pools of 2 and a cap of 2 across them, and a second user.
-async fn capped() -> (Harness, String) {
+/// A harness with pools of `size` and a cap of 2 across them, and a second user.
+async fn capped(size: usize) -> (Harness, String) {
     let mut password = String::new();
     let h = Harness::start_full(false, |env, c| {
-        c.pool.max_backend_connections = 2;
+        c.pool.max_backend_connections = size;
         c.pool.max_total_backend_connections = Some(2);
         c.pool.borrow_timeout = Duration::from_secs(3);
         password = Harness::add_user(env, c, SECOND, IamAuth::Disabled);
@@ -45,13 +45,15 @@ async fn until_pg_backends_at_most(h: &Harness, n: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_pools_room_goes_to_another_users_waiting_client() {
-    let (h, password) = capped().await;
+    let (h, password) = capped(2).await;
     // The dev user's pool opens both connections the cap allows, then leaves them idle.
     let (a1, a2) = (h.client().await, h.client().await);
     a1.batch_execute("BEGIN; SELECT 1").await.unwrap();
     a2.batch_execute("BEGIN; SELECT 1").await.unwrap();
     a1.batch_execute("COMMIT").await.unwrap();
     a2.batch_execute("COMMIT").await.unwrap();
+    // (A backend goes back to its pool just after its client has the answer.)
+    h.until_metric("DatabaseConnectionsCurrentlyBorrowed", |v| v == 0.0).await;
     assert_eq!(h.shared.pools.total_open(), 2);
     // The second user's client gets one of them, closed for it, long before any idle timeout.
     let b = common::connect(&h.conn_str_as(SECOND, &password)).await.unwrap();
@@ -66,7 +68,8 @@ async fn an_idle_pools_room_goes_to_another_users_waiting_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_kept_busy_by_its_own_clients_still_shares_the_cap() {
-    let (h, password) = capped().await;
+    // (Pools larger than the cap: the busy pool blocks too, and must not win every turn.)
+    let (h, password) = capped(4).await;
     // Six dev clients keep the dev pool's two connections busy and its queue full: each
     // release has a dev client waiting for it.
     let stop = Arc::new(AtomicBool::new(false));
@@ -111,10 +114,10 @@ async fn a_pool_kept_busy_by_its_own_clients_still_shares_the_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_busy_pools_share_a_cap_smaller_than_any_two_of_them() {
+async fn three_busy_pools_share_a_cap_smaller_than_any_one_of_them() {
     let mut passwords = Vec::new();
     let h = Harness::start_full(false, |env, c| {
-        c.pool.max_backend_connections = 3;
+        c.pool.max_backend_connections = 4;
         c.pool.max_total_backend_connections = Some(3);
         c.pool.borrow_timeout = Duration::from_secs(5);
         for user in ["u1", "u2"] {

@@ -3,11 +3,11 @@
 //! server pgwarden fronts). A pool takes room here before it opens a connection and gives it
 //! back when the connection is gone, so the sum over pools never passes the cap, however many
 //! users and databases clients bring. A pool whose clients wait while it has room of its own
-//! but the cap has none is *blocked*; blocked pools get room in the order they blocked, and
-//! get it from the others: the queue timer of a blocked pool closes an idle connection
-//! anywhere (the longest idle first), and a pool with no waiting clients, or with at least
-//! two connections more than the first blocked pool, closes a connection released to it
-//! instead of reusing it. So pools under load end up sharing the cap evenly, and room never
+//! but the cap has none is *blocked*. Room that frees up goes to the blocked pool holding the
+//! least (the first blocked on a tie; one that took room and needs more goes to the back), and
+//! comes from the others: that pool's queue timer closes an idle connection anywhere (the
+//! longest idle first), and a pool with no waiting clients, or with at least two connections
+//! more than it, closes a connection released to it instead of reusing it. So pools under load end up sharing the cap evenly, and room never
 //! idles in one pool while another's clients wait. Without a cap, every step here is one
 //! relaxed atomic operation and nothing blocks. Must not: lock a pool while holding a lock of
 //! its own (pools lock their state first, then this).
@@ -63,6 +63,7 @@ impl Budget {
             return n;
         }
         if self.blocked_count.load(Ordering::Acquire) > 0 && !self.is_first_blocked(pool) {
+            // (Room that frees up goes to the neediest blocked pool.)
             return 0;
         }
         let mut open = self.open.load(Ordering::Relaxed);
@@ -111,28 +112,59 @@ impl Budget {
         self.freed.notify_waiters();
     }
 
-    fn is_first_blocked(&self, pool: &PoolEntry) -> bool {
-        lock(&self.blocked).first().is_some_and(|w| std::ptr::eq(w.as_ptr(), pool))
+    /// Whether `pool` is the blocked pool next in line: the one holding the least room, the
+    /// first blocked of those.
+    pub(super) fn is_first_blocked(&self, pool: &PoolEntry) -> bool {
+        self.neediest(None).is_some_and(|p| std::ptr::eq(Arc::as_ptr(&p), pool))
     }
 
-    /// Whether `pool` should close a connection released to it (holding `open` room, with
-    /// clients waiting or not) so that a blocked pool gets the room: always if it has nobody
-    /// waiting, else if it holds two or more connections than the first blocked pool. One
-    /// relaxed load when no pool is blocked.
+    /// The blocked pool (but `except`) holding the least room, the first blocked on a tie.
+    fn neediest(&self, except: Option<&PoolEntry>) -> Option<Arc<PoolEntry>> {
+        let blocked = lock(&self.blocked);
+        let mut best: Option<(usize, Arc<PoolEntry>)> = None;
+        for pool in blocked.iter().filter(|w| except.is_none_or(|e| !std::ptr::eq(w.as_ptr(), e))).filter_map(Weak::upgrade) {
+            let held = pool.budget_held.load(Ordering::Relaxed);
+            if best.as_ref().is_none_or(|(least, _)| held < *least) {
+                best = Some((held, pool));
+            }
+        }
+        best.map(|(_, pool)| pool)
+    }
+
+    /// `pool` got room and still needs more: it goes to the back of the line, so that blocked
+    /// pools holding as much take turns.
+    pub(super) fn to_back(&self, pool: &PoolEntry) {
+        let mut blocked = lock(&self.blocked);
+        if let Some(at) = blocked.iter().position(|w| std::ptr::eq(w.as_ptr(), pool))
+            && blocked.len() > 1
+        {
+            let me = blocked.remove(at);
+            blocked.push(me);
+            drop(blocked);
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Whether `pool` should close a connection released to it (with clients of its own
+    /// waiting or not) so that the neediest other blocked pool gets the room: always if none
+    /// of its own waits (idle, the connection would be reclaimed anyway), else if it holds two
+    /// or more connections than that pool, so shares even out. One relaxed load when no pool
+    /// is blocked.
     pub(super) fn wants_from(&self, pool: &PoolEntry, waiters: bool) -> bool {
         if self.blocked_count.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        let blocked = lock(&self.blocked);
-        let Some(first) = blocked.iter().find(|w| !std::ptr::eq(w.as_ptr(), pool)).and_then(Weak::upgrade) else {
-            return false;
-        };
-        !waiters || pool.budget_held.load(Ordering::Relaxed) > first.budget_held.load(Ordering::Relaxed) + 1
+        let Some(other) = self.neediest(Some(pool)) else { return false };
+        !waiters || pool.budget_held.load(Ordering::Relaxed) > other.budget_held.load(Ordering::Relaxed) + 1
     }
 
-    /// For a blocked pool: closes the longest-idle connection of another pool, if any is idle.
-    /// Its room comes back through [`Budget::give_back`].
+    /// For the blocked pool next in line: closes the longest-idle connection of another pool, if any
+    /// is idle (idle room is wasted room while clients wait). Its room comes back through
+    /// [`Budget::give_back`].
     pub(super) fn reclaim_idle(&self, for_pool: &PoolEntry) -> bool {
+        if !self.is_first_blocked(for_pool) {
+            return false;
+        }
         let members: Vec<Arc<PoolEntry>> = lock(&self.members).iter().filter_map(Weak::upgrade).collect();
         let mut oldest: Option<(Instant, &Arc<PoolEntry>)> = None;
         for pool in members.iter().filter(|p| !std::ptr::eq(Arc::as_ptr(p), for_pool)) {

@@ -97,7 +97,7 @@ struct State {
     open: usize,
     /// Waiting clients with their borrow deadlines. Every client waits the same borrow
     /// timeout, so deadlines come in queue order: one timer, for the front, serves them all.
-    waiting: VecDeque<(Instant, Waiter)>,
+    waiting: VecDeque<Queued>,
     /// A login failed while other connections were open: until then, no new one is started
     /// while any is (room that frees up stays free; the queue timer hands it on when the hold
     /// ends).
@@ -107,9 +107,15 @@ struct State {
     /// Clients wait, the pool has room of its own, and `max_total_backend_connections` has
     /// none (see [`budget`]): the queue timer looks for some.
     budget_blocked: bool,
-    /// Clients opening a connection of their own (they wait in the queue meanwhile): the
-    /// waiting clients that need room from the budget are the others.
-    opening: usize,
+}
+
+/// A client's place in the queue.
+struct Queued {
+    /// Its borrow deadline.
+    deadline: Instant,
+    waiter: Waiter,
+    /// It is opening a connection of its own meanwhile (it needs no room from the budget).
+    opening: bool,
 }
 
 impl State {
@@ -160,22 +166,6 @@ enum Step<'p, 'r> {
     /// Open a connection in room counted for it, waiting in the queue in this place meanwhile.
     Open(Waiter, Option<Request<'r>>),
     Done(Result<(Lease<'p>, Presented), PoolError>),
-}
-
-/// Counts a client opening a connection (`State::opening`) while it lives.
-struct Opener<'p>(&'p PoolEntry);
-
-impl<'p> Opener<'p> {
-    fn new(pool: &'p PoolEntry) -> Self {
-        lock(&pool.state).opening += 1;
-        Opener(pool)
-    }
-}
-
-impl Drop for Opener<'_> {
-    fn drop(&mut self) {
-        lock(&self.0.state).opening -= 1;
-    }
 }
 
 /// Whichever came first to a client opening a connection.
@@ -233,16 +223,18 @@ impl PoolEntry {
                     None => {
                         let w = new_waiter();
                         let start = Instant::now();
-                        st.waiting.push_back((start + self.borrow_timeout, Arc::clone(&w)));
-                        if st.open < self.max && !st.held() {
-                            if self.budget.take(self, 1) == 1 {
-                                st.open += 1;
-                                Grant::Open(w, start)
-                            } else {
-                                self.block(&mut st);
-                                Grant::Wait(w, start)
-                            }
+                        let has_room = st.open < self.max && !st.held();
+                        // (Blocked, room goes to the clients queued first, by the queue timer.)
+                        let opens = has_room && !st.budget_blocked && self.budget.take(self, 1) == 1;
+                        let deadline = start + self.borrow_timeout;
+                        st.waiting.push_back(Queued { deadline, waiter: Arc::clone(&w), opening: opens });
+                        if opens {
+                            st.open += 1;
+                            Grant::Open(w, start)
                         } else {
+                            if has_room {
+                                self.block(&mut st);
+                            }
                             Grant::Wait(w, start)
                         }
                     }
@@ -292,7 +284,7 @@ impl PoolEntry {
             // connection if one comes first.
             Some(Err(())) => {
                 let request = waiting.into_request();
-                Step::Open(self.queue_at_front(&mut lock(&self.state), start), request)
+                Step::Open(self.queue_at_front(&mut lock(&self.state), start, true), request)
             }
             None => {
                 self.metrics.borrow_timeouts.increment(1);
@@ -314,7 +306,6 @@ impl PoolEntry {
     /// the login.
     async fn open_or_take<'p, 'r>(self: &'p Arc<Self>, w: Waiter, start: Instant, request: Option<Request<'r>>) -> Step<'p, 'r> {
         let mut login = self.spawn_login();
-        let _opening = Opener::new(self);
         let mut waiting = Waiting::new(self, w, request);
         let mut timed_out = false;
         loop {
@@ -335,7 +326,7 @@ impl PoolEntry {
                     let w = {
                         let mut st = lock(&self.state);
                         self.pass_room_on(&mut st);
-                        self.queue_at_front(&mut st, start)
+                        self.queue_at_front(&mut st, start, true)
                     };
                     waiting = Waiting::new(self, w, waiting.into_request());
                 }
@@ -362,7 +353,7 @@ impl PoolEntry {
                             if timed_out || st.live.load(Ordering::Relaxed) == 0 {
                                 return Step::Done(Err(PoolError::Backend(e)));
                             }
-                            let w = self.queue_at_front(&mut st, start);
+                            let w = self.queue_at_front(&mut st, start, false);
                             // (Room free and no hold on it: connections came up since the failure.)
                             self.offer_free_room(&mut st);
                             Step::Wait(w, waiting.into_request())
@@ -428,7 +419,7 @@ impl PoolEntry {
                     return self.close_giving_room(conn);
                 }
                 match st.waiting.pop_front() {
-                    Some(waiting) => waiting,
+                    Some(queued) => (queued.deadline, queued.waiter),
                     None => return st.idle.push(conn),
                 }
             };
@@ -490,10 +481,10 @@ impl PoolEntry {
         tokio::spawn(conn.close());
     }
 
-    /// Whether more clients wait than open connections of their own (room is given to one
-    /// waiting client per connection; one opening will be served by its login).
-    fn needs_room(&self, st: &State) -> bool {
-        st.waiting.iter().filter(|(_, w)| matches!(*lock(w), Wait::Waiting(..))).count() > st.opening
+    /// Whether a client waits that is not opening a connection of its own (one that is will
+    /// be served by its login, or by a release and pass its login on).
+    fn needs_room(st: &State) -> bool {
+        st.waiting.iter().any(|q| !q.opening && matches!(*lock(&q.waiter), Wait::Waiting(..)))
     }
 
     /// Clients wait, and the pool's room is held up by the cap on all pools: the queue timer
@@ -507,10 +498,11 @@ impl PoolEntry {
     }
 
     /// A new place at the front of the queue for a client that queued at `start` (its borrow
-    /// deadline unchanged): one that went to open a connection and waits again meanwhile.
-    fn queue_at_front(&self, st: &mut State, start: Instant) -> Waiter {
+    /// deadline unchanged): one that went to open a connection and waits again meanwhile
+    /// (`opening`), or whose login failed.
+    fn queue_at_front(&self, st: &mut State, start: Instant, opening: bool) -> Waiter {
         let w = new_waiter();
-        st.waiting.push_front((start + self.borrow_timeout, Arc::clone(&w)));
+        st.waiting.push_front(Queued { deadline: start + self.borrow_timeout, waiter: Arc::clone(&w), opening });
         w
     }
 
@@ -556,7 +548,7 @@ impl PoolEntry {
             return;
         }
         if self.budget.take(self, 1) == 0 {
-            if self.needs_room(st) {
+            if Self::needs_room(st) {
                 self.block(st);
             }
             return;
@@ -569,7 +561,7 @@ impl PoolEntry {
     /// Gives room already taken from the budget to the longest-waiting client (counted as open
     /// for it); false if nobody waits after all.
     fn grant_room(st: &mut State) -> bool {
-        while let Some((_, w)) = st.waiting.pop_front() {
+        while let Some(Queued { waiter: w, .. }) = st.waiting.pop_front() {
             let mut w = lock(&w);
             if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *w, Wait::Gone) {
                 *w = Wait::MayOpen(deposit);
@@ -592,7 +584,7 @@ impl PoolEntry {
 
     /// Clients waiting for a connection now (PgBouncer's `cl_waiting`).
     pub fn waiting(&self) -> usize {
-        lock(&self.state).waiting.iter().filter(|(_, w)| matches!(*lock(w), Wait::Waiting(..))).count()
+        lock(&self.state).waiting.iter().filter(|q| matches!(*lock(&q.waiter), Wait::Waiting(..))).count()
     }
 
     /// The newest credential generation a backend of this pool has logged in with.
@@ -714,7 +706,6 @@ impl Pools {
                 login_hold: None,
                 live,
                 budget_blocked: false,
-                opening: 0,
             }),
             max: self.cfg.max_backend_connections,
             budget: Arc::clone(&self.budget),

@@ -25,8 +25,8 @@ impl PoolEntry {
         let mut wakers = Vec::new();
         let next = {
             let mut st = lock(&self.state);
-            while st.waiting.front().is_some_and(|(deadline, _)| *deadline <= now) {
-                let Some((_, w)) = st.waiting.pop_front() else { break };
+            while st.waiting.front().is_some_and(|q| q.deadline <= now) {
+                let Some(super::Queued { waiter: w, .. }) = st.waiting.pop_front() else { break };
                 let mut slot = lock(&w);
                 if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *slot, Wait::Gone) {
                     *slot = Wait::TimedOut(deposit);
@@ -42,7 +42,7 @@ impl PoolEntry {
             if st.budget_blocked {
                 self.tend_blocked(&mut st);
             }
-            let front = st.waiting.front().map(|(deadline, _)| *deadline);
+            let front = st.waiting.front().map(|q| q.deadline);
             match (front, st.login_hold) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -57,7 +57,7 @@ impl PoolEntry {
     /// left or no client waits but those opening connections of their own.
     fn tend_blocked(&self, st: &mut super::State) {
         loop {
-            if st.open >= self.max || st.held() || !self.needs_room(st) {
+            if st.open >= self.max || st.held() || !Self::needs_room(st) {
                 st.budget_blocked = false;
                 self.budget.unblock(self);
                 return;
@@ -67,6 +67,12 @@ impl PoolEntry {
             }
             if !Self::grant_room(st) {
                 self.budget.give_back(self);
+            } else if Self::needs_room(st) {
+                // Still short: the next room goes to the next blocked pool.
+                self.budget.to_back(self);
+                if !self.budget.is_first_blocked(self) {
+                    return;
+                }
             }
         }
     }
