@@ -329,6 +329,15 @@ async fn discard_all_between_transactions_resets_the_session_without_pinning() {
     assert_eq!(common::sqlstate(&gone).as_deref(), Some("26000"), "prepared before it: gone, as PostgreSQL says");
     let tenant = "SHOW statement_timeout; SHOW application_name; SELECT coalesce(current_setting('app.tenant', true), '')";
     assert_eq!(values(&a, tenant).await, ["5s", "mine", ""], "back to what it logged in with");
+    // Behind a request not yet answered (where it runs, unless that request opened a
+    // transaction block), it is taken to run.
+    let again = a.prepare("SELECT $1::int - 1").await.unwrap();
+    let (first, discarded) = tokio::join!(a.batch_execute("SET statement_timeout = '9s'"), a.batch_execute("DISCARD ALL"));
+    first.unwrap();
+    discarded.unwrap();
+    let gone = a.query_one(&again, &[&1i32]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&gone).as_deref(), Some("26000"));
+    assert_eq!(values(&a, "SHOW statement_timeout").await, ["5s"]);
     // Not pinned: another client gets the only backend, clean.
     let b = h.client().await;
     assert_eq!(values(&b, "SHOW statement_timeout; SELECT coalesce(current_setting('app.tenant', true), '')").await, ["0", ""]);

@@ -148,9 +148,9 @@ impl Relay<'_> {
                         frontend_tag::PARSE => {
                             let sql = f.body.split(|&b| b == 0).nth(1).unwrap_or_default();
                             let may_set = session_state::may_pin(sql);
-                            // (A DISCARD ALL there pins; where it runs is not followed, and
-                            // it does run where drivers send it: alone, between transactions.)
-                            rw.sql(may_set, session_state::drops_statements_looked(sql, may_set, true));
+                            // (A DISCARD ALL there pins; when its Execute comes is not
+                            // followed, and drivers send it between transactions.)
+                            rw.sql(may_set, session_state::drops_statements_looked(sql, may_set, false));
                             let named = f.body.first().is_some_and(|&b| b != 0);
                             let effects = if named { session_state::parse_effects(sql, t.pin_variable_sets) } else { Default::default() };
                             rw.parse(f.body, effects, may_set, out)
@@ -169,7 +169,7 @@ impl Relay<'_> {
                     // (Not read past SQL_READ_LIMIT: settings unsure; the session pins, see `Tracker`.)
                     let sql = f.body.strip_suffix(b"\0").unwrap_or(f.body);
                     let may = session_state::may_pin(sql);
-                    rw.sql(f.body.is_empty() || may, session_state::drops_statements_looked(sql, may, t.idle()));
+                    rw.sql(f.body.is_empty() || may, session_state::drops_statements_looked(sql, may, t.in_block()));
                     rw.ready(false, rw.pipeline.untracked_unsynced());
                     // (The first look is taken once, for the Tracker too.)
                     query_look = Some(may);

@@ -90,7 +90,7 @@ impl Tracker {
     /// Books a Query (`body` as for [`Self::client_message`]); `looked`: what the first look
     /// ([`session_state::may_pin`]) already said of its SQL, if it was taken.
     pub(super) fn client_query(&mut self, body: &[u8], looked: Option<bool>) -> bool {
-        let (idle, known) = (self.idle(), self.pending == 0 && !self.unsynced);
+        let in_block = self.in_block();
         self.pending += 1;
         if self.pins_session.is_none() {
             match body.split_last() {
@@ -98,7 +98,7 @@ impl Tracker {
                 Some((0, sql)) => {
                     let may = looked.unwrap_or_else(|| session_state::may_pin(sql));
                     let effects = session_state::session_effects_looked(sql, self.pin_variable_sets, may);
-                    self.note_effects(&effects.discard_all_judged(idle, known));
+                    self.note_effects(&effects.discard_all_judged(in_block));
                 }
                 // Malformed: the database refuses it.
                 Some(_) => {}
@@ -109,10 +109,10 @@ impl Tracker {
         true
     }
 
-    /// Whether a Query booked now starts outside a transaction block: the last ReadyForQuery
-    /// said idle and nothing sent since is unanswered.
-    pub(super) fn idle(&self) -> bool {
-        self.pending == 0 && !self.unsynced && self.status == TxStatus::Idle
+    /// Whether a Query booked now is known to start inside a transaction block: nothing sent
+    /// since the last ReadyForQuery is unanswered, and it said so.
+    pub(super) fn in_block(&self) -> bool {
+        self.pending == 0 && !self.unsynced && self.status != TxStatus::Idle
     }
 
     /// The client's Terminate, at `start` in its chunk (`None`: it began in an earlier chunk,

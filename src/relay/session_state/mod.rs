@@ -36,8 +36,7 @@ pub enum PinReason {
     HoldCursor,
     Listen,
     Load,
-    /// `DEALLOCATE` or `DISCARD ALL` in a Parse; `DISCARD ALL` behind requests not yet
-    /// answered (where it may run or fail).
+    /// `DEALLOCATE` or `DISCARD ALL` in a Parse.
     Discard,
     AdvisoryLock,
     /// A statement longer than the proxy reads: what it does is unknown.
@@ -116,18 +115,13 @@ pub struct SessionEffects {
 }
 
 impl SessionEffects {
-    /// What a `DISCARD ALL` alone in its Query did: as read if the session was `idle` (outside
-    /// a transaction, nothing else in flight); nothing if it surely failed (in a transaction,
-    /// `known`); pinned if that is not known (requests ahead of it may have opened one).
-    pub fn discard_all_judged(mut self, idle: bool, known: bool) -> Self {
-        if !self.discards_all || idle {
-            return self;
-        }
-        if known {
-            return SessionEffects::default();
-        }
-        self.pin = self.pin.or(Some(PinReason::Discard));
-        self
+    /// What a `DISCARD ALL` alone in its Query did: nothing if the session is known to be in
+    /// a transaction block (`in_block`: it fails, 25001 or 25P02), else as read. Behind
+    /// requests not yet answered it is taken to run: drivers send it between transactions,
+    /// and forgetting statements that are still there costs a 26000 where keeping ones that
+    /// are gone would cost the session (42P05 at their next Parse).
+    pub fn discard_all_judged(self, in_block: bool) -> Self {
+        if self.discards_all && in_block { SessionEffects::default() } else { self }
     }
 }
 
@@ -184,17 +178,18 @@ pub fn parse_effects(sql: &[u8], sets_pin: bool) -> SessionEffects {
 }
 
 /// Whether `sql` drops prepared statements the proxy keeps: `Some(true)` if a statement drops
-/// them all (`DEALLOCATE [PREPARE] ALL`; `DISCARD ALL` alone in a Query run by an `idle`
-/// session, see [`SessionEffects::discards_all`]), `Some(false)` if one may drop one of them
-/// (`DEALLOCATE pgwarden_3`; a `DISCARD ALL` that may not run: the proxy's copies are closed,
-/// which costs nothing if they are still there), `None` if none does. Read with the lexer, so
+/// them all (`DEALLOCATE [PREPARE] ALL`; `DISCARD ALL` alone in a Query of a session not
+/// known to be `in_block`, see [`SessionEffects::discard_all_judged`]), `Some(false)` if one
+/// may drop one of them (`DEALLOCATE pgwarden_3`; a `DISCARD ALL` that fails: the proxy's
+/// copies are closed, which costs nothing if they are still there), `None` if none does.
+/// Statements after a `DISCARD ALL` that is not alone never run. Read with the lexer, so
 /// comments and strings do not count.
-pub fn drops_statements(sql: &[u8], idle: bool) -> Option<bool> {
-    drops_statements_looked(sql, may_pin(sql), idle)
+pub fn drops_statements(sql: &[u8], in_block: bool) -> Option<bool> {
+    drops_statements_looked(sql, may_pin(sql), in_block)
 }
 
 /// [`drops_statements`] of text whose first look ([`may_pin`]) said `may`.
-pub(super) fn drops_statements_looked(sql: &[u8], may: bool, idle: bool) -> Option<bool> {
+pub(super) fn drops_statements_looked(sql: &[u8], may: bool, in_block: bool) -> Option<bool> {
     if !may {
         return None;
     }
@@ -205,7 +200,9 @@ pub(super) fn drops_statements_looked(sql: &[u8], may: bool, idle: bool) -> Opti
     let mut statement = Statement::default();
     let mut judge = |statement: &Statement<'_>, drops: &mut Option<bool>| {
         statements += usize::from(statement.seen > 0);
-        if statement.is_discard_all() {
+        if discards_all {
+            // (Not alone, it failed: what follows it never ran.)
+        } else if statement.is_discard_all() {
             discards_all = true;
         } else if let Some(all) = statement.drop_target() {
             *drops = Some(all || drops.unwrap_or(false));
@@ -221,7 +218,7 @@ pub(super) fn drops_statements_looked(sql: &[u8], may: bool, idle: bool) -> Opti
     }
     judge(&statement, &mut drops);
     if discards_all {
-        drops = Some(drops.unwrap_or(false) || (idle && statements == 1));
+        drops = Some(drops.unwrap_or(false) || (!in_block && statements == 1));
     }
     drops
 }
@@ -390,7 +387,7 @@ impl<'a> Statement<'a> {
     fn drop_target(&self) -> Option<bool> {
         let is_at = |i: usize, keyword: &[u8]| self.word(i).is_some_and(|w| is(w, keyword));
         if is_at(0, b"discard") {
-            return is_at(1, b"all").then_some(true);
+            return self.is_discard_all().then_some(true);
         }
         if !is_at(0, b"deallocate") {
             return None;
@@ -403,8 +400,9 @@ impl<'a> Statement<'a> {
         }
     }
 
+    /// `DISCARD ALL`, and nothing more (anything more is a syntax error: nothing runs).
     fn is_discard_all(&self) -> bool {
-        self.first_word_is(b"discard") && self.word(1).is_some_and(|w| is(w, b"all"))
+        self.seen == 2 && self.first_word_is(b"discard") && self.word(1).is_some_and(|w| is(w, b"all"))
     }
 
     fn first_word_is(&self, keyword: &[u8]) -> bool {

@@ -175,17 +175,17 @@ fn may_pin_never_clears_a_pinning_statement() {
 
 #[test]
 fn drops_statements_reads_deallocate_and_discard_all_only_as_statements() {
-    assert_eq!(drops_statements(b"DEALLOCATE ALL", true), Some(true));
-    assert_eq!(drops_statements(b"select 1; deallocate prepare all", true), Some(true));
-    assert_eq!(drops_statements(b"DISCARD ALL", true), Some(true));
-    assert_eq!(drops_statements(b"DEALLOCATE s1", true), None, "not one of the proxy's");
-    assert_eq!(drops_statements(b"DEALLOCATE PREPARE PGWARDEN_3", true), Some(false));
-    assert_eq!(drops_statements(b"DEALLOCATE \"pgwarden_3\"", true), Some(false), "quoted: not read, so maybe");
-    assert_eq!(drops_statements(b"DEALLOCATE prepare", true), None);
-    assert_eq!(drops_statements(b"DEALLOCATE s1; DISCARD ALL", true), Some(false), "DISCARD ALL fails there");
-    assert_eq!(drops_statements(b"DISCARD PLANS", true), None);
-    assert_eq!(drops_statements(b"SELECT 'x; DISCARD ALL' /* ; deallocate all */", true), None);
-    assert_eq!(drops_statements(b"SELECT discarded FROM t", true), None);
+    assert_eq!(drops_statements(b"DEALLOCATE ALL", false), Some(true));
+    assert_eq!(drops_statements(b"select 1; deallocate prepare all", false), Some(true));
+    assert_eq!(drops_statements(b"DISCARD ALL", false), Some(true));
+    assert_eq!(drops_statements(b"DEALLOCATE s1", false), None, "not one of the proxy's");
+    assert_eq!(drops_statements(b"DEALLOCATE PREPARE PGWARDEN_3", false), Some(false));
+    assert_eq!(drops_statements(b"DEALLOCATE \"pgwarden_3\"", false), Some(false), "quoted: not read, so maybe");
+    assert_eq!(drops_statements(b"DEALLOCATE prepare", false), None);
+    assert_eq!(drops_statements(b"DEALLOCATE s1; DISCARD ALL", false), Some(false), "DISCARD ALL fails there");
+    assert_eq!(drops_statements(b"DISCARD PLANS", false), None);
+    assert_eq!(drops_statements(b"SELECT 'x; DISCARD ALL' /* ; deallocate all */", false), None);
+    assert_eq!(drops_statements(b"SELECT discarded FROM t", false), None);
     let effects = session_effects(b"DEALLOCATE pgwarden_1", true);
     assert_eq!((effects.pin, effects.drops_statements), (None, true), "in a Query: followed, in order");
     assert_eq!(parse_effects(b"DEALLOCATE ALL", true).pin, Some(PinReason::Discard), "in a Parse: pinned");
@@ -198,12 +198,13 @@ fn drops_statements_reads_deallocate_and_discard_all_only_as_statements() {
 /// statements too; elsewhere only the proxy's copies are closed (at no cost if still there).
 #[test]
 fn drops_statements_counts_discard_all_where_it_runs() {
-    assert_eq!(drops_statements(b"  discard ALL ; ", true), Some(true));
-    assert_eq!(drops_statements(b"DISCARD ALL", false), Some(false), "in a transaction it fails");
-    assert_eq!(drops_statements(b"DISCARD ALL; SELECT 1", true), Some(false), "an implicit block: it fails");
-    assert_eq!(drops_statements(b"DEALLOCATE ALL; DISCARD ALL", true), Some(true), "the first runs before the second fails");
-    assert_eq!(drops_statements(b"DEALLOCATE ALL", false), Some(true), "DEALLOCATE runs in a transaction");
-    assert_eq!(drops_statements(b"DISCARD TEMP", true), None);
+    assert_eq!(drops_statements(b"  discard ALL ; ", false), Some(true));
+    assert_eq!(drops_statements(b"DISCARD ALL", true), Some(false), "known in a transaction block: it fails");
+    assert_eq!(drops_statements(b"DISCARD ALL; SELECT 1", false), Some(false), "an implicit block: it fails");
+    assert_eq!(drops_statements(b"DEALLOCATE ALL; DISCARD ALL", false), Some(true), "the first runs before the second fails");
+    assert_eq!(drops_statements(b"DISCARD ALL; DEALLOCATE ALL", false), Some(false), "the first fails: the second never runs");
+    assert_eq!(drops_statements(b"DEALLOCATE ALL", true), Some(true), "DEALLOCATE runs in a transaction");
+    assert_eq!(drops_statements(b"DISCARD TEMP", false), None);
 }
 
 /// `DISCARD ALL` alone is `RESET ALL` plus `DEALLOCATE ALL`, where it runs; the other
@@ -224,13 +225,15 @@ fn session_effects_follow_discard_all_alone() {
     for sql in ["DISCARD PLANS", "DISCARD SEQUENCES", "discard temp", "DISCARD TEMPORARY"] {
         assert_eq!(session_effects(sql.as_bytes(), true), SessionEffects::default(), "{sql}");
     }
-    // Judged by where it runs: idle, as read; in a transaction block (known), nothing; behind
-    // requests not yet answered, pinned.
-    assert_eq!(effects.clone().discard_all_judged(true, true), effects);
-    assert_eq!(effects.clone().discard_all_judged(false, true), SessionEffects::default());
-    assert_eq!(effects.clone().discard_all_judged(false, false).pin, Some(PinReason::Discard));
+    // Judged by where it runs: known to be in a transaction block, nothing; else as read.
+    assert_eq!(effects.clone().discard_all_judged(false), effects);
+    assert_eq!(effects.clone().discard_all_judged(true), SessionEffects::default());
     let reset = session_effects(b"RESET ALL", true);
-    assert_eq!(reset.clone().discard_all_judged(false, true), reset, "only DISCARD ALL is judged");
+    assert_eq!(reset.clone().discard_all_judged(true), reset, "only DISCARD ALL is judged");
+    // More than DISCARD ALL in the statement is a syntax error: nothing runs.
+    let odd = session_effects(b"DISCARD ALL x", true);
+    assert!(!odd.discards_all && !odd.resets_all);
+    assert_eq!(drops_statements(b"DISCARD ALL x", false), None);
     assert_eq!(parse_effects(b"DISCARD ALL", true).pin, Some(PinReason::Discard), "in a Parse: pinned");
 }
 
