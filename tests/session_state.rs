@@ -10,6 +10,24 @@ use std::time::Duration;
 use common::{Harness, first_column as values};
 use tokio_postgres::AsyncMessage;
 
+/// The first column of the DataRows a raw client gets up to its second ReadyForQuery.
+async fn text_rows_until_second_ready(raw: &mut common::RawClient) -> Vec<String> {
+    let (mut rows, mut ready) = (Vec::new(), 0);
+    while ready < 2 {
+        let m = raw.recv().await.expect("answers up to ReadyForQuery");
+        match m.tag {
+            b'D' => {
+                let len = i32::from_be_bytes(m.body[2..6].try_into().unwrap()) as usize;
+                rows.push(String::from_utf8(m.body[6..6 + len].to_vec()).unwrap());
+            }
+            b'Z' => ready += 1,
+            b'E' => panic!("error: {:?}", m.error_fields()),
+            _ => {}
+        }
+    }
+    rows
+}
+
 fn pins(h: &Harness, reason: &str) -> f64 {
     h.metric(&format!("pgwarden_session_pins{{reason=\"{reason}\"}}"))
 }
@@ -343,4 +361,46 @@ async fn discard_all_between_transactions_resets_the_session_without_pinning() {
     assert_eq!(values(&b, "SHOW statement_timeout; SELECT coalesce(current_setting('app.tenant', true), '')").await, ["0", ""]);
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
     assert_eq!(h.metric("pgwarden_borrow_timeouts"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_pipelined_behind_a_reset_runs_with_the_clients_startup_settings() {
+    // Npgsql sends DISCARD ALL in one write with the next command: that command must see the
+    // settings the client logged in with (its search_path, say), not the backend's own.
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    let startup = format!("{} application_name=mine options='-c search_path=app,public'", h.conn_str());
+    let a = common::connect(&startup).await.unwrap();
+    let show = "SELECT current_setting('application_name') || ' ' || current_setting('search_path')";
+    a.batch_execute("SET search_path = public").await.unwrap();
+    for reset in ["DISCARD ALL", "RESET ALL"] {
+        let (reset_done, shown) = tokio::join!(a.batch_execute(reset), values(&a, show));
+        reset_done.unwrap();
+        assert_eq!(shown, ["mine app,public"], "behind {reset}");
+        a.batch_execute("SET application_name = 'other'").await.unwrap();
+    }
+    // The same when the client waited for a backend and the pool sent its request on the
+    // hand-over (it stops after the reset), and when its statement names are rewritten.
+    // (The pool sends it only to a backend whose settings are the client's already.)
+    let holder = common::connect(&startup).await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let mut raw = common::RawClient::connect(h.addr).await;
+    let startup_params = [("client_encoding", "UTF8"), ("application_name", "mine"), ("options", "-c search_path=app,public")];
+    raw.login_with(&h.env.user, &h.env.database, h.env.password(), &startup_params).await;
+    raw.send(&[common::query_message("DISCARD ALL"), common::query_message(show)].concat()).await;
+    common::until_waiting(&h.dev_pool(), 1).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(text_rows_until_second_ready(&mut raw).await, ["mine app,public"], "handed over");
+    let named = a.prepare("SELECT current_setting('search_path')").await.unwrap();
+    a.batch_execute("SET search_path = public").await.unwrap();
+    let (reset_done, shown) = tokio::join!(a.batch_execute("DISCARD ALL"), a.query_one("SELECT current_setting('application_name')", &[]));
+    reset_done.unwrap();
+    assert_eq!(shown.unwrap().get::<_, String>(0), "mine", "tracked");
+    assert!(a.query_one(&named, &[]).await.is_err(), "gone with DISCARD ALL");
+    // A reset inside a transaction block: what follows it runs in the same transaction.
+    let (began, shown) = tokio::join!(a.batch_execute("BEGIN; RESET ALL"), values(&a, "SELECT 'inside'"));
+    began.unwrap();
+    assert_eq!(shown, ["inside"]);
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(values(&a, show).await, ["mine app,public"]);
+    assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
 }

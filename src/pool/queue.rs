@@ -81,9 +81,12 @@ fn presendable(buf: &[u8], at_boundary: bool, max_body: usize) -> Presend {
     // relay scans the same bytes again with the session's own).
     let mut terminated = false;
     let mut named = false;
-    let is_parse = |tag, _| tag == frontend_tag::PARSE;
-    let _ = MessageScanner::new(max_body).feed(buf, is_parse, |f| {
-        terminated |= f.tag == frontend_tag::TERMINATE;
+    let mut after_reset = false;
+    let wants_body = |tag, _| tag == frontend_tag::PARSE || tag == frontend_tag::QUERY;
+    let _ = MessageScanner::new(max_body).feed(buf, wants_body, |f| {
+        // What follows a settings reset waits for its answer (the relay's `reset_hold`).
+        terminated |= f.tag == frontend_tag::TERMINATE || after_reset;
+        after_reset = f.tag == frontend_tag::QUERY && may_reset(f.body);
         // A named statement's Parse is the relay's to rewrite (or to pin for): nothing is sent.
         named |= f.tag == frontend_tag::PARSE && f.body.first() != Some(&0);
         if !terminated {
@@ -104,6 +107,14 @@ pub(super) type Waiter = Arc<Mutex<Wait>>;
 /// A client's new place in the queue, nothing in it yet.
 pub(super) fn new_waiter() -> Waiter {
     Arc::new(Mutex::new(Wait::Waiting(None, None)))
+}
+
+/// Whether a Query's text starts with `RESET` or `DISCARD` (a first look: the relay reads it
+/// properly).
+fn may_reset(body: &[u8]) -> bool {
+    let sql = body.trim_ascii_start();
+    let starts = |word: &[u8]| sql.get(..word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word));
+    starts(b"reset") || starts(b"discard")
 }
 
 /// Writes a waiting client's request to the connection it is handed, if the connection's

@@ -153,10 +153,20 @@ struct Relay<'a> {
     now: u64,
     /// Bytes after `to_client`'s chunk held back (the start of a message the relay may drop).
     backend_held: usize,
-    /// Tracked: the client's buffer holds back a message this long, not to be read before.
+    /// The client's buffer holds back a message this long (tracked), or all it holds
+    /// (`usize::MAX`, see `reset_hold`): not to be read before.
     client_need: usize,
     /// The session keeps this backend (it may hold the client's SQL-level statements).
     session_pinned: bool,
+    /// A Query that resets the client's settings (`RESET ALL`, `DISCARD ALL`: Npgsql sends its
+    /// next command right behind it) was sent: what the client sent after it stays in its
+    /// buffer until the answer, so that the transaction ends there and the session puts the
+    /// client's startup settings back on the backend before the rest runs (in the next one).
+    /// Released at the answer if the transaction goes on.
+    reset_hold: bool,
+    /// Bytes at the start of the client's buffer the pool already sent (the relay's first
+    /// chunk only): a hold cannot start before them.
+    presented: usize,
 }
 
 
@@ -192,6 +202,8 @@ pub async fn relay(
         now: 0,
         backend_held: 0,
         client_need: 0,
+        reset_hold: false,
+        presented: presented.len,
         session_pinned,
         t: Tracker {
             pending: 0,
@@ -210,6 +222,7 @@ pub async fn relay(
             client_mid_message,
             awaits_reply: false,
             copy_in: false,
+            reset_cut: false,
         },
     };
     if r.client.tracked.is_some() {
@@ -222,17 +235,25 @@ pub async fn relay(
     if let Err(e) = r.take_client_chunk() {
         return r.end(Outcome::ClientProtocol(e), client_tls);
     }
+    r.presented = 0;
     if presented.len > 0 {
         r.max_statements = limits.max_prepared_statements;
         r.to_backend.sent = presented.len.min(r.to_backend.end);
         if !r.to_backend.busy() {
-            // All of it is out: as if the relay had written it.
-            r.client.buf.clear();
+            // All of it is out: as if the relay had written it (what a hold keeps stays).
+            drop_front(&mut r.client.buf, r.to_backend.end);
             r.to_backend = Forward::default();
         }
     }
     let outcome = std::future::poll_fn(|cx| r.poll(cx)).await;
     r.end(outcome, client_tls)
+}
+
+/// Where the client's chunk is cut after a Query ending at `end` that was just booked: right
+/// after it if it resets the settings and runs (`Tracker::reset_cut`), unless the pool already
+/// sent bytes past it (`presented`).
+fn reset_cut(t: &mut Tracker, end: usize, presented: usize) -> Option<usize> {
+    (std::mem::take(&mut t.reset_cut) && end >= presented).then_some(end)
 }
 
 /// Removes the first `n` bytes of `buf` (all of it, usually: no copy then).
@@ -279,6 +300,14 @@ impl Relay<'_> {
                         self.to_client = Forward::default();
                         if self.settled() && self.t.status == TxStatus::Idle {
                             return Poll::Ready(Outcome::TransactionDone);
+                        }
+                        if self.reset_hold && self.t.pending == 0 && !self.to_backend.busy() {
+                            // The reset answered inside a transaction block: the rest goes on here.
+                            self.reset_hold = false;
+                            self.client_need = 0;
+                            if let Err(e) = self.take_client_chunk() {
+                                return Poll::Ready(Outcome::ClientProtocol(e));
+                            }
                         }
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(Outcome::ClientGone),
@@ -345,10 +374,12 @@ impl Relay<'_> {
             return self.take_client_chunk_tracked();
         }
         let buf = &self.client.buf;
-        if buf.is_empty() {
+        if buf.is_empty() || buf.len() < self.client_need {
             return Ok(());
         }
         let t = &mut self.t;
+        let presented = self.presented;
+        let mut cut = None;
         // A client's first named statement starts tracking (see `prepared`) if nothing is in
         // flight that tracking would not know of.
         let may_track = self.max_statements > 0 && t.pending == 0 && !t.unsynced && !t.client_mid_message;
@@ -360,7 +391,7 @@ impl Relay<'_> {
         let mut last_tag = 0u8;
         let reads_sql = |tag, len| (tag == frontend_tag::QUERY || tag == frontend_tag::PARSE) && len <= SQL_READ_LIMIT;
         self.client.scanner.feed(buf, reads_sql, |f| {
-            if terminate || track {
+            if terminate || track || cut.is_some() {
                 return;
             }
             last_tag = f.tag;
@@ -374,6 +405,7 @@ impl Relay<'_> {
                 return;
             }
             requests += u64::from(t.client_message(f.tag, f.body, false));
+            cut = reset_cut(t, f.end, presented);
         })?;
         if track {
             // Read again from the chunk's start, tracked.
@@ -395,9 +427,21 @@ impl Relay<'_> {
             self.t.drops_statements = false;
             self.backend.statements.forget_all();
         }
+        if let Some(at) = cut {
+            forward_to = at;
+            self.hold_after_reset();
+        }
         self.after_client_chunk(requests, last_tag, terminate, false);
         self.to_backend = Forward { sent: 0, end: forward_to, flushing: false };
         Ok(())
+    }
+
+    /// What follows a settings reset in the client's buffer waits for its answer (see
+    /// `reset_hold`); it starts at a message boundary, where a new scanner reads it later.
+    fn hold_after_reset(&mut self) {
+        self.client.scanner = MessageScanner::new(self.client.scanner.max_body());
+        self.client_need = usize::MAX;
+        self.reset_hold = true;
     }
 
     /// Books what a client chunk asked for once it is scanned.

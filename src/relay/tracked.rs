@@ -118,8 +118,10 @@ impl Relay<'_> {
             frontend_tag::QUERY => len <= SQL_READ_LIMIT,
             _ => false,
         };
+        let presented = self.presented;
+        let mut cut = None;
         self.client.scanner.feed(buf, wants_body, |f| {
-            if terminate || failed.is_some() {
+            if terminate || failed.is_some() || cut.is_some() {
                 return;
             }
             last_tag = f.tag;
@@ -203,15 +205,21 @@ impl Relay<'_> {
                 None => t.client_message(f.tag, f.body, true),
             };
             requests += u64::from(request);
+            cut = super::reset_cut(t, f.end, presented);
         })?;
         if let Some(e) = failed {
             return Err(e);
         }
         // (Forgotten in order, by the Rewriter.)
         self.t.drops_statements = false;
-        // A statement message not yet whole waits for the rest.
+        // A statement message not yet whole waits for the rest; so does everything after a
+        // settings reset (`Relay::reset_hold`).
         let mut held = None;
-        if !terminate
+        if let Some(at) = cut {
+            forward_to = at;
+            held = Some(at);
+            self.hold_after_reset();
+        } else if !terminate
             && let Some((start, frontend_tag::PARSE | frontend_tag::BIND | frontend_tag::DESCRIBE | frontend_tag::CLOSE, missing)) =
                 self.client.scanner.partial()
         {

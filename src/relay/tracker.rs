@@ -43,6 +43,9 @@ pub(super) struct Tracker {
     /// The backend started a COPY from the client and waits for its data (it ignores a Sync
     /// meanwhile): the relay never waits on the backend alone then.
     pub(super) copy_in: bool,
+    /// The Query just booked resets the session's settings (`RESET ALL`, `DISCARD ALL`) and
+    /// runs: what the client sent after it waits for its answer (see `Relay::reset_hold`).
+    pub(super) reset_cut: bool,
 }
 
 impl Tracker {
@@ -97,8 +100,9 @@ impl Tracker {
                 // The SQL runs to the NUL that ends the body.
                 Some((0, sql)) => {
                     let may = looked.unwrap_or_else(|| session_state::may_pin(sql));
-                    let effects = session_state::session_effects_looked(sql, self.pin_variable_sets, may);
-                    self.note_effects(&effects.discard_all_judged(in_block));
+                    let effects = session_state::session_effects_looked(sql, self.pin_variable_sets, may).discard_all_judged(in_block);
+                    self.reset_cut = effects.resets_all && !in_block;
+                    self.note_effects(&effects);
                 }
                 // Malformed: the database refuses it.
                 Some(_) => {}

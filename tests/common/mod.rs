@@ -412,8 +412,15 @@ impl RawClient {
 
     /// Startup + SCRAM login as `user`; returns the messages after AuthenticationOk.
     pub async fn login(&mut self, user: &str, database: &str, password: &str) -> Vec<Msg> {
+        self.login_with(user, database, password, &[]).await
+    }
+
+    /// [`RawClient::login`] with more startup parameters.
+    pub async fn login_with(&mut self, user: &str, database: &str, password: &str, more: &[(&str, &str)]) -> Vec<Msg> {
         use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-        self.send(&startup_packet(196_608, &[("user", user), ("database", database)])).await;
+        let mut params = vec![("user", user), ("database", database)];
+        params.extend_from_slice(more);
+        self.send(&startup_packet(196_608, &params)).await;
         let m = self.recv().await.unwrap();
         assert_eq!(m.tag, b'R');
         let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
