@@ -7,6 +7,8 @@ mod common;
 
 use std::time::Duration;
 
+use bytes::BytesMut;
+
 use common::{Harness, first_column as values};
 use tokio_postgres::AsyncMessage;
 
@@ -403,4 +405,36 @@ async fn what_is_pipelined_behind_a_reset_runs_with_the_clients_startup_settings
     a.batch_execute("COMMIT").await.unwrap();
     assert_eq!(values(&a, show).await, ["mine app,public"]);
     assert_eq!(h.metric_total("pgwarden_session_pins"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_with_more_behind_it_or_among_other_statements_never_stalls() {
+    let h = Harness::start_with(|c| c.pool.max_backend_connections = 1).await;
+    h.client().await.batch_execute("CREATE TABLE copied (x int)").await.unwrap();
+    let mut raw = common::RawClient::connect(h.addr).await;
+    raw.login(&h.env.user, &h.env.database, h.env.password()).await;
+    // A reset alone, with a query and more data behind it in one write.
+    let pipelined = [common::query_message("RESET ALL"), common::query_message("SELECT 'after'")].concat();
+    raw.send(&pipelined).await;
+    let rows = tokio::time::timeout(Duration::from_secs(10), text_rows_until_second_ready(&mut raw)).await;
+    assert_eq!(rows.expect("stalled: pipelined"), ["after"]);
+    // A reset among other statements, one of them a COPY from the client.
+    raw.send(&common::query_message("RESET ALL; COPY copied FROM STDIN")).await;
+    let copy_in = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = raw.recv().await.expect("an answer");
+            assert_ne!(m.tag, b'E', "{:?}", m.error_fields());
+            if m.tag == b'G' {
+                break;
+            }
+        }
+    });
+    copy_in.await.expect("stalled: COPY's start");
+    let mut data = BytesMut::new();
+    postgres_protocol::message::frontend::CopyData::new(&b"7\n"[..]).unwrap().write(&mut data);
+    postgres_protocol::message::frontend::copy_done(&mut data);
+    data.extend_from_slice(&common::query_message("SELECT count(*)::text FROM copied"));
+    raw.send(&data).await;
+    let rows = tokio::time::timeout(Duration::from_secs(10), text_rows_until_second_ready(&mut raw)).await;
+    assert_eq!(rows.expect("stalled: COPY's end"), ["1"]);
 }

@@ -159,10 +159,11 @@ struct Relay<'a> {
     /// The session keeps this backend (it may hold the client's SQL-level statements).
     session_pinned: bool,
     /// A Query that resets the client's settings (`RESET ALL`, `DISCARD ALL`: Npgsql sends its
-    /// next command right behind it) was sent: what the client sent after it stays in its
-    /// buffer until the answer, so that the transaction ends there and the session puts the
-    /// client's startup settings back on the backend before the rest runs (in the next one).
-    /// Released at the answer if the transaction goes on.
+    /// next command right behind it) was sent alone (`Tracker::reset_cut`): what the client
+    /// sent after it stays in its buffer, and nothing more is read, until the answer, so that
+    /// the transaction ends there and the session puts the client's startup settings back on
+    /// the backend before the rest runs (in the next one). Released at the answer if the
+    /// transaction does not end there.
     reset_hold: bool,
     /// Bytes at the start of the client's buffer the pool already sent (the relay's first
     /// chunk only): a hold cannot start before them.
@@ -301,14 +302,7 @@ impl Relay<'_> {
                         if self.settled() && self.t.status == TxStatus::Idle {
                             return Poll::Ready(Outcome::TransactionDone);
                         }
-                        if self.reset_hold && self.t.pending == 0 && !self.to_backend.busy() {
-                            // The reset answered inside a transaction block: the rest goes on here.
-                            self.reset_hold = false;
-                            self.client_need = 0;
-                            if let Err(e) = self.take_client_chunk() {
-                                return Poll::Ready(Outcome::ClientProtocol(e));
-                            }
-                        }
+
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(Outcome::ClientGone),
                     Poll::Pending => client_full = true,
@@ -316,6 +310,16 @@ impl Relay<'_> {
             }
 
             // Client → backend: the same, until the client's Terminate.
+            if !self.to_backend.busy() && self.reset_hold && self.t.pending == 0 && !self.to_client.busy() {
+                // The reset is answered and the transaction did not end there (the answer came
+                // with more of the backend's stream, say): what waited goes on in this one.
+                self.reset_hold = false;
+                self.client_need = 0;
+                progressed = true;
+                if let Err(e) = self.take_client_chunk() {
+                    return Poll::Ready(Outcome::ClientProtocol(e));
+                }
+            }
             if !self.to_backend.busy() {
                 if self.terminate {
                     self.client.buf.clear();
@@ -328,7 +332,8 @@ impl Relay<'_> {
                     // asks. (Not after COPY data: the backend answers nothing until its end.)
                     client_dry = true;
                 }
-                if !client_dry {
+                if !client_dry && !self.reset_hold {
+                    // (Held, nothing more is read: the hold ends with the backend's answer.)
                     match self.client.stream.poll_read_some(cx, &mut self.client.buf) {
                         Poll::Ready(Ok(n)) if n > 0 => {
                             progressed = true;

@@ -43,8 +43,10 @@ pub(super) struct Tracker {
     /// The backend started a COPY from the client and waits for its data (it ignores a Sync
     /// meanwhile): the relay never waits on the backend alone then.
     pub(super) copy_in: bool,
-    /// The Query just booked resets the session's settings (`RESET ALL`, `DISCARD ALL`) and
-    /// runs: what the client sent after it waits for its answer (see `Relay::reset_hold`).
+    /// The Query just booked is one statement that resets the session's settings (`RESET
+    /// ALL`, `DISCARD ALL`), sent with nothing else in flight outside a transaction block: what
+    /// the client sent after it waits for its answer, the next ReadyForQuery (see
+    /// `Relay::reset_hold`).
     pub(super) reset_cut: bool,
 }
 
@@ -94,6 +96,7 @@ impl Tracker {
     /// ([`session_state::may_pin`]) already said of its SQL, if it was taken.
     pub(super) fn client_query(&mut self, body: &[u8], looked: Option<bool>) -> bool {
         let in_block = self.in_block();
+        let alone = self.pending == 0 && !self.unsynced && !in_block;
         self.pending += 1;
         if self.pins_session.is_none() {
             match body.split_last() {
@@ -101,7 +104,7 @@ impl Tracker {
                 Some((0, sql)) => {
                     let may = looked.unwrap_or_else(|| session_state::may_pin(sql));
                     let effects = session_state::session_effects_looked(sql, self.pin_variable_sets, may).discard_all_judged(in_block);
-                    self.reset_cut = effects.resets_all && !in_block;
+                    self.reset_cut = effects.resets_all && effects.single && alone;
                     self.note_effects(&effects);
                 }
                 // Malformed: the database refuses it.

@@ -112,6 +112,9 @@ pub struct SessionEffects {
     /// says what it did ([`SessionEffects::discard_all_judged`]). With more statements it
     /// never runs (an implicit transaction block), and is not counted.
     pub discards_all: bool,
+    /// The text is one statement. Known only where the text was read to its end: false when
+    /// the first look found nothing worth reading or a pin stopped the reading.
+    pub single: bool,
 }
 
 impl SessionEffects {
@@ -158,6 +161,7 @@ pub(super) fn session_effects_looked(sql: &[u8], sets_pin: bool, may: bool) -> S
     }
     statements += usize::from(statement.seen > 0);
     statement.judge_head(sets_pin, &mut effects);
+    effects.single = statements == 1;
     if effects.discards_all {
         // Alone, it is RESET ALL with DEALLOCATE ALL; among others, an implicit transaction
         // block, where it fails: nothing but the proxy's copies closed (at no cost).

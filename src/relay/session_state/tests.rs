@@ -1,5 +1,9 @@
 use super::*;
 
+/// What one statement that leaves nothing behind is read as.
+const ONE_STATEMENT: SessionEffects =
+    SessionEffects { pin: None, sets: Vec::new(), after_reset: Vec::new(), resets_all: false, drops_statements: false, discards_all: false, single: true };
+
 fn pin_reason(sql: &[u8], sets_pin: bool) -> Option<PinReason> {
     session_effects(sql, sets_pin).pin
 }
@@ -189,7 +193,7 @@ fn drops_statements_reads_deallocate_and_discard_all_only_as_statements() {
     let effects = session_effects(b"DEALLOCATE pgwarden_1", true);
     assert_eq!((effects.pin, effects.drops_statements), (None, true), "in a Query: followed, in order");
     assert_eq!(parse_effects(b"DEALLOCATE ALL", true).pin, Some(PinReason::Discard), "in a Parse: pinned");
-    assert_eq!(session_effects(b"DEALLOCATE s1", true), SessionEffects::default(), "nothing of the proxy's");
+    assert_eq!(session_effects(b"DEALLOCATE s1", true), ONE_STATEMENT, "nothing of the proxy's");
     assert!(session_effects(b"DISCARD ALL", true).drops_statements);
     assert!(!session_effects(b"DISCARD PLANS", true).drops_statements);
 }
@@ -223,8 +227,9 @@ fn session_effects_follow_discard_all_alone() {
     }
     assert_eq!(session_effects(b"SET a.b = 1; DISCARD ALL", true).after_reset, ["a.b"], "what was set before still counts");
     for sql in ["DISCARD PLANS", "DISCARD SEQUENCES", "discard temp", "DISCARD TEMPORARY"] {
-        assert_eq!(session_effects(sql.as_bytes(), true), SessionEffects::default(), "{sql}");
+        assert_eq!(session_effects(sql.as_bytes(), true), ONE_STATEMENT, "{sql}");
     }
+    assert!(!session_effects(b"SELECT 1; SELECT 2", true).single);
     // Judged by where it runs: known to be in a transaction block, nothing; else as read.
     assert_eq!(effects.clone().discard_all_judged(false), effects);
     assert_eq!(effects.clone().discard_all_judged(true), SessionEffects::default());
