@@ -7,9 +7,10 @@
 //! least (the first blocked on a tie; one that took room and needs more goes to the back), and
 //! comes from the others: that pool's queue timer closes an idle connection anywhere (the
 //! longest idle first), and a pool with no waiting clients, or with at least two connections
-//! more than it, closes a connection released to it instead of reusing it. So pools under load end up sharing the cap evenly, and room never
-//! idles in one pool while another's clients wait. Without a cap, every step here is one
-//! relaxed atomic operation and nothing blocks. Must not: lock a pool while holding a lock of
+//! more than it, closes a connection released to it instead of reusing it. So pools under
+//! load end up sharing the cap evenly, and room never idles in one pool while another's
+//! clients wait. Without a cap, every step here is one relaxed atomic operation and nothing
+//! blocks. Must not: lock a pool while holding a lock of
 //! its own (pools lock their state first, then this).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,8 +23,8 @@ pub(super) struct Budget {
     /// `usize::MAX`: no cap.
     max: usize,
     open: AtomicUsize,
-    /// Pools waiting for room, first blocked first; `blocked_count` is its length, read
-    /// without the lock on every release.
+    /// Pools waiting for room, in the order they blocked (see [`Budget::is_first_blocked`]);
+    /// `blocked_count` is its length, read without the lock on every release.
     blocked: Mutex<Vec<Weak<PoolEntry>>>,
     blocked_count: AtomicUsize,
     /// Every pool, for the idle connections a blocked one may reclaim.
@@ -53,7 +54,7 @@ impl Budget {
     }
 
     /// Takes room for up to `n` connections of `pool`, returns how many. While pools are
-    /// blocked, only the first of them may take any.
+    /// blocked, only the one next in line may take any.
     pub(super) fn take(&self, pool: &PoolEntry, n: usize) -> usize {
         if n == 0 {
             return 0;

@@ -52,9 +52,10 @@ impl PoolEntry {
         next
     }
 
-    /// A pool blocked by the cap on all pools: takes what room there is (first blocked, first
-    /// served) for its waiting clients, and stops being blocked once it has no room of its own
-    /// left or no client waits but those opening connections of their own.
+    /// A pool blocked by the cap on all pools: takes what room there is while it is next in
+    /// line (`Budget::is_first_blocked`) for its waiting clients, and stops being blocked once
+    /// it has no room of its own left or no client waits but those opening connections of
+    /// their own.
     fn tend_blocked(&self, st: &mut super::State) {
         loop {
             if st.open >= self.max || st.held() || !Self::needs_room(st) {

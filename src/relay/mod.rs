@@ -302,7 +302,6 @@ impl Relay<'_> {
                         if self.settled() && self.t.status == TxStatus::Idle {
                             return Poll::Ready(Outcome::TransactionDone);
                         }
-
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(Outcome::ClientGone),
                     Poll::Pending => client_full = true,
