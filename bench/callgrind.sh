@@ -9,6 +9,7 @@
 #   SYSTEM=pgbouncer bench/callgrind.sh
 #   TX=20000 CLIENTS=8 POOL=4 bench/callgrind.sh
 #   PGBENCH_ARGS="-M extended" bench/callgrind.sh
+#   KEEP=1 bench/callgrind.sh          # keep the dumps, for callgrind_annotate
 #
 # Two counted runs, TX/4 and then TX transactions (new clients each, pool warmed first); the
 # difference of the two is divided by the difference in transactions, so client logins
@@ -34,7 +35,7 @@ cleanup() {
   [[ -n $VG ]] && kill -INT "$VG" 2>/dev/null
   [[ -n $DEV && $DEV != "$VG" ]] && kill -INT "$DEV" 2>/dev/null
   wait 2>/dev/null
-  rm -rf "$OUT"
+  if [[ ${KEEP:-0} == 1 ]]; then echo "dumps kept in $OUT" >&2; else rm -rf "$OUT"; fi
 }
 trap cleanup EXIT
 as_owner() { "$@"; }   # who may talk to the valgrind'ed process

@@ -14,6 +14,8 @@
 //! ```
 //!
 //! `stream` gives both sides one byte-stream type (TCP or TLS); `tls` configures both sides.
+//! `reload` applies a changed configuration file on SIGHUP (credential entries, pool size and
+//! timing) without dropping a client.
 //!
 //! `protocol` is sans-io and depends on nothing else here; `session` is the only module that
 //! sees the whole flow and the only one that decides what a client is told.
@@ -34,6 +36,7 @@ pub mod periodic;
 pub mod pool;
 pub mod protocol;
 pub mod relay;
+pub mod reload;
 pub mod rotation;
 pub mod session;
 pub mod shutdown;

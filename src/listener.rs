@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
@@ -17,7 +17,7 @@ use crate::audit::AuditLog;
 use crate::auth::UserEntry;
 use crate::auth::iam::{IamVerifier, KeyringLoadError};
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, CredentialConfig, SourceConfig};
 use crate::credentials::aws::SecretsManagerSource;
 use crate::credentials::file::FileSource;
 use crate::credentials::{CredentialError, CredentialSource, CredentialStore};
@@ -28,9 +28,13 @@ use crate::tls::{BackendTls, ClientTls, TlsError};
 
 /// State shared by every session, built once at start-up.
 pub struct Shared {
+    /// The configuration pgwarden started with: what a reload cannot change is read from
+    /// here (see `reload` for what it can).
     pub config: Config,
-    /// Configured database users, by the name clients log in with.
-    pub users: HashMap<String, UserEntry>,
+    /// Configured database users, by the name clients log in with; replaced by a reload.
+    users: RwLock<Arc<HashMap<String, Arc<UserEntry>>>>,
+    /// The configuration as the last reload left it (= `config` until one).
+    pub(crate) running: tokio::sync::Mutex<Config>,
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
@@ -63,6 +67,44 @@ pub enum StartError {
     Audit(#[source] std::io::Error),
 }
 
+impl Shared {
+    /// The configured user clients log in as `name`, if there is one.
+    pub fn user(&self, name: &str) -> Option<Arc<UserEntry>> {
+        self.users.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    /// Every configured user, as the last reload left them.
+    pub(crate) fn users(&self) -> Arc<HashMap<String, Arc<UserEntry>>> {
+        Arc::clone(&self.users.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The configuration as the last reload left it.
+    pub async fn running_config(&self) -> Config {
+        self.running.lock().await.clone()
+    }
+
+    pub(crate) fn replace_users(&self, users: HashMap<String, Arc<UserEntry>>) {
+        *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
+    }
+}
+
+/// Loads one credential entry (its first fetch must succeed) and starts its refresh loop, which
+/// ends when the entry and the pools using its store are gone.
+pub(crate) async fn load_user(c: &CredentialConfig, metrics: &Arc<Metrics>) -> Result<UserEntry, StartError> {
+    let source: Arc<dyn CredentialSource> = match &c.source {
+        SourceConfig::File { path } => Arc::new(FileSource::new(path.clone())),
+        SourceConfig::Aws { secret_id, region, endpoint_url } => {
+            let client = crate::credentials::aws::client(endpoint_url.as_deref(), region.as_deref()).await;
+            Arc::new(SecretsManagerSource::new(client, secret_id.clone()))
+        }
+    };
+    let store = CredentialStore::load(source, Some(Arc::clone(metrics)))
+        .await
+        .map_err(|source| StartError::Credential { user: c.user.clone(), source })?;
+    store.spawn_refresh_loop(c.refresh_interval);
+    Ok(UserEntry::new(c.user.clone(), store, c.iam_auth))
+}
+
 pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -84,18 +126,7 @@ impl Server {
         }
         let mut users = HashMap::new();
         for c in &config.credentials {
-            let source: Arc<dyn CredentialSource> = match &c.source {
-                SourceConfig::File { path } => Arc::new(FileSource::new(path.clone())),
-                SourceConfig::Aws { secret_id, region, endpoint_url } => {
-                    let client = crate::credentials::aws::client(endpoint_url.as_deref(), region.as_deref()).await;
-                    Arc::new(SecretsManagerSource::new(client, secret_id.clone()))
-                }
-            };
-            let store = CredentialStore::load(source, Some(Arc::clone(&metrics)))
-                .await
-                .map_err(|source| StartError::Credential { user: c.user.clone(), source })?;
-            store.spawn_refresh_loop(c.refresh_interval);
-            users.insert(c.user.clone(), UserEntry::new(c.user.clone(), store, c.iam_auth));
+            users.insert(c.user.clone(), Arc::new(load_user(c, &metrics).await?));
         }
         let tls = match &config.tls {
             Some(t) => {
@@ -123,8 +154,9 @@ impl Server {
         let pools = Pools::new(config.database.clone(), backend_tls, config.pool.clone(), Arc::clone(&metrics));
         let cancels = Arc::new(CancelRegistry::default());
         let shared = Arc::new(Shared {
+            running: tokio::sync::Mutex::new(config.clone()),
             config,
-            users,
+            users: RwLock::new(Arc::new(users)),
             pools,
             cancels,
             metrics,

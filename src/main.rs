@@ -83,7 +83,8 @@ enum Cmd {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGWARDEN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    // stderr: stdout is the audit log's default (`audit.output = "stdout"`), one JSON line each.
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
 }
 
 /// A single worker runs a current-thread event loop (no hand-offs between threads).
@@ -98,10 +99,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Cmd::Serve { config } => {
-            let config = Config::from_file(&config)?;
+        Cmd::Serve { config: path } => {
+            let config = Config::from_file(&path)?;
             runtime(config.worker_threads)?.block_on(async {
                 let server = Server::bind(config).await?;
+                pgwarden::reload::spawn_on_sighup(server.shared(), path)?;
                 server.run(pgwarden::shutdown::signal(), pgwarden::shutdown::signal()).await;
                 Ok(())
             })

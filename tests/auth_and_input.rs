@@ -40,14 +40,14 @@ async fn unknown_user_gets_rds_proxy_no_credentials_error() {
 async fn rotated_credential_file_is_picked_up_for_clients_and_backends() {
     let h = Harness::start().await;
     let old = h.env.password().to_owned();
-    let mut changes = h.shared.users["dev"].store.subscribe();
+    let mut changes = h.shared.user("dev").unwrap().store.subscribe();
     h.admin("ALTER ROLE dev PASSWORD 'rotated-Pa55word'");
     let secret = serde_json::json!({"AWSCURRENT": {"username": "dev", "password": "rotated-Pa55word"}});
     let tmp = h.env.secret_path.with_extension("tmp");
     pgwarden::dev::write_private(&tmp, secret.to_string().as_bytes()).unwrap();
     std::fs::rename(&tmp, &h.env.secret_path).unwrap();
     tokio::time::timeout(Duration::from_secs(10), changes.changed()).await.expect("reload within a few ticks").unwrap();
-    assert_eq!(h.shared.users["dev"].store.snapshot().generation.0, 2);
+    assert_eq!(h.shared.user("dev").unwrap().store.snapshot().generation.0, 2);
     let c = common::connect(&h.conn_str_with_password("rotated-Pa55word")).await.expect("new password works");
     assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     let err = common::connect(&h.conn_str_with_password(&old)).await.err().expect("old password refused");
@@ -58,7 +58,7 @@ async fn rotated_credential_file_is_picked_up_for_clients_and_backends() {
 async fn malformed_credential_file_keeps_last_good_credential() {
     let h = Harness::start().await;
     std::fs::write(&h.env.secret_path, "{\"AWSCURRENT\": {\"username\": \"dev\"").unwrap();
-    let store = &h.shared.users["dev"].store;
+    let store = h.shared.user("dev").unwrap().store.clone();
     let err = store.refresh().await.expect_err("malformed JSON is refused");
     assert!(!err.to_string().contains(h.env.password()));
     assert_eq!(store.snapshot().generation.0, 1);

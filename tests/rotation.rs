@@ -78,9 +78,9 @@ impl Rig {
 
     /// Waits until the proxy's snapshot of `app`'s credential satisfies `pred`.
     async fn until_credential(&self, pred: impl Fn(&pgwarden::credentials::CredentialSet) -> bool) {
-        let mut rx = self.h.shared.users["app"].store.subscribe();
+        let mut rx = self.h.shared.user("app").unwrap().store.subscribe();
         if tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| pred(s))).await.is_err() {
-            let s = self.h.shared.users["app"].store.snapshot();
+            let s = self.h.shared.user("app").unwrap().store.snapshot();
             panic!(
                 "proxy never saw the change; it holds generation {} (current {}, pending {:?}, previous {:?})",
                 s.generation.0,
@@ -210,8 +210,8 @@ async fn rotate_under_load(strategy: Strategy) {
     rig.until_credential(|s| s.secret.pending.is_none() && s.secret.previous.is_some()).await;
     // Once a backend has logged in with the final credential, the older ones retire as they
     // come back to the pool (never mid-transaction).
-    let generation = rig.h.shared.users["app"].store.snapshot().generation;
-    let pool = rig.h.shared.pools.entry(&pgwarden::pool::PoolKey::new("app", "dev"), &rig.h.shared.users["app"].store);
+    let generation = rig.h.shared.user("app").unwrap().store.snapshot().generation;
+    let pool = rig.h.shared.pools.entry(&pgwarden::pool::PoolKey::new("app", "dev"), &rig.h.shared.user("app").unwrap().store);
     let mut logins = pool.newest_login();
     tokio::time::timeout(Duration::from_secs(30), logins.wait_for(|l| l.is_some_and(|(g, _)| g >= generation))).await.unwrap().unwrap();
     load.progress(300).await;
@@ -224,7 +224,7 @@ async fn rotate_under_load(strategy: Strategy) {
     assert!(after.iter().all(|b| !before.contains(b)), "old backends still open: {before:?} / {after:?}");
     let user = if strategy == Strategy::Alternating { ":app_clone" } else { ":app" };
     assert!(after.iter().all(|b| b.ends_with(user)), "{after:?}");
-    let new_password = rig.h.shared.users["app"].store.snapshot().secret.current.password.clone();
+    let new_password = rig.h.shared.user("app").unwrap().store.snapshot().secret.current.password.clone();
     assert_ne!(new_password.expose_secret(), "initial-Pa55word-0123456789abcdef");
 }
 
@@ -241,7 +241,7 @@ async fn alternating_users_rotation_under_load_fails_no_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_secrets_manager_keeps_the_cached_credential_until_it_returns() {
     let rig = rig(Strategy::Single).await;
-    let mut health = rig.h.shared.users["app"].store.health();
+    let mut health = rig.h.shared.user("app").unwrap().store.health();
     rig.moto.pause();
     tokio::time::timeout(Duration::from_secs(60), health.wait_for(|h| h.consecutive_failures >= 1)).await.unwrap().unwrap();
     assert!(rig.h.shared.metrics.render().contains("pgwarden_credential_stale 1"));
@@ -260,7 +260,7 @@ async fn unreachable_secrets_manager_keeps_the_cached_credential_until_it_return
 #[tokio::test]
 async fn malformed_or_incomplete_secret_keeps_the_last_good_credential() {
     let rig = rig(Strategy::Single).await;
-    let store = Arc::clone(&rig.h.shared.users["app"].store);
+    let store = Arc::clone(&rig.h.shared.user("app").unwrap().store);
     for bad in ["{not json", r#"{"username": "app"}"#, r#"{"username": "app", "password": 42}"#] {
         rig.sm.put_secret_value().secret_id(SECRET).secret_string(bad).send().await.unwrap();
         let err = store.refresh().await.expect_err("a bad secret is refused");
@@ -329,7 +329,7 @@ async fn dev_file_rotation_under_load_fails_no_transaction() {
     }
     let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&h.env.secret_path).unwrap()).unwrap();
     let new = file["AWSCURRENT"]["password"].as_str().unwrap().to_owned();
-    let store = &h.shared.users["dev"].store;
+    let store = h.shared.user("dev").unwrap().store.clone();
     let mut rx = store.subscribe();
     let caught_up = rx.wait_for(|s| s.secret.pending.is_none() && s.secret.current.password.expose_secret() == new);
     tokio::time::timeout(Duration::from_secs(30), caught_up).await.unwrap().unwrap();

@@ -36,7 +36,7 @@ pub enum BackendTlsMode {
     VerifyFull,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatabaseConfig {
     pub host: String,
     pub port: u16,
@@ -51,7 +51,7 @@ pub struct DatabaseConfig {
 }
 
 /// Client-facing TLS.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -72,7 +72,7 @@ pub enum IamAuth {
     Optional,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyringSourceConfig {
     File { path: PathBuf },
     /// The same JSON as the AWSCURRENT `SecretString` of a Secrets Manager secret, read with
@@ -81,7 +81,7 @@ pub enum KeyringSourceConfig {
 }
 
 /// IAM token verification.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IamConfig {
     /// `host:port` names clients put in their tokens (the proxy's endpoint names). A bare host
     /// means the listen port.
@@ -103,7 +103,7 @@ pub enum AuditTarget {
     Off,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolConfig {
     /// Backend connections per (user, database) pool.
     pub max_backend_connections: usize,
@@ -132,14 +132,14 @@ pub struct PoolConfig {
     pub max_prepared_statements: usize,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceConfig {
     File { path: PathBuf },
     /// AWS Secrets Manager, through the standard credential chain and region.
     Aws { secret_id: String, region: Option<String>, endpoint_url: Option<String> },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CredentialConfig {
     /// The database user clients log in as.
     pub user: String,
@@ -148,7 +148,7 @@ pub struct CredentialConfig {
     pub iam_auth: IamAuth,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub listen: SocketAddr,
     /// Threads serving clients: 1 runs a single-threaded event loop (like PgBouncer).

@@ -300,15 +300,17 @@ impl CredentialStore {
         Ok(true)
     }
 
-    /// Refreshes every `interval` until the process ends.
+    /// Refreshes every `interval` until the store is dropped (a reload removed its user and
+    /// the last pool using it is gone).
     pub fn spawn_refresh_loop(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let store = Arc::clone(self);
+        let store = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tick.tick().await;
+                let Some(store) = store.upgrade() else { return };
                 if let Err(e) = store.refresh().await {
                     tracing::warn!(source = %store.source.describe(), error = %e, "credential refresh failed; keeping the last good credential");
                 }

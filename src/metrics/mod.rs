@@ -57,6 +57,9 @@ pub struct Metrics {
     pub backend_connections_rebalanced: Counter,
     pub credential_refresh_failures: Counter,
     pub keyring_reload_failures: Counter,
+    /// Reloads of the configuration file (SIGHUP) applied, and refused.
+    pub config_reloads: Counter,
+    pub config_reload_failures: Counter,
     /// 1 while the last refresh of some credential failed (serving the last good one).
     pub credential_stale_sources: Gauge,
     /// Sessions pinned, by reason (in `PinReason::ALL` order).
@@ -114,6 +117,7 @@ impl Metrics {
             describe_counter!("pgwarden_credential_refresh_failures", "Credential refreshes that failed (last good credential kept).");
             describe_gauge!("pgwarden_credential_stale", "1 while the last credential refresh failed.");
             describe_counter!("pgwarden_keyring_reload_failures", "IAM keyring reloads that failed (last good keyring kept).");
+            describe_counter!("pgwarden_config_reloads", "Reloads of the configuration file (SIGHUP), by result.");
             Metrics {
                 handle,
                 client_connections: gauge!("ClientConnections"),
@@ -156,6 +160,8 @@ impl Metrics {
                 backend_connections_rebalanced: counter!("pgwarden_backend_connections_rebalanced"),
                 credential_refresh_failures: counter!("pgwarden_credential_refresh_failures"),
                 keyring_reload_failures: counter!("pgwarden_keyring_reload_failures"),
+                config_reloads: counter!("pgwarden_config_reloads", "result" => "applied"),
+                config_reload_failures: counter!("pgwarden_config_reloads", "result" => "refused"),
                 credential_stale_sources: gauge!("pgwarden_credential_stale"),
                 session_pins: PinReason::ALL.map(|r| counter!("pgwarden_session_pins", "reason" => r.label())),
                 prepared_client_parses: counter!("pgwarden_prepared_statements", "event" => "client_parse"),

@@ -20,7 +20,8 @@ pub struct BackendManager {
     tls: Option<Arc<BackendTls>>,
     database: String,
     store: Arc<CredentialStore>,
-    cfg: PoolConfig,
+    /// The pool settings, a reload's new ones included.
+    settings: tokio::sync::watch::Receiver<PoolConfig>,
     metrics: Arc<Metrics>,
     server_params: OnceLock<Vec<(String, String)>>,
     /// The newest credential a backend logged in with. Connections that logged in with an
@@ -47,7 +48,7 @@ impl BackendManager {
         tls: Option<Arc<BackendTls>>,
         database: String,
         store: Arc<CredentialStore>,
-        cfg: PoolConfig,
+        settings: tokio::sync::watch::Receiver<PoolConfig>,
         metrics: Arc<Metrics>,
     ) -> BackendManager {
         BackendManager {
@@ -55,7 +56,7 @@ impl BackendManager {
             tls,
             database,
             store,
-            cfg,
+            settings,
             metrics,
             server_params: OnceLock::new(),
             newest_working: tokio::sync::watch::Sender::new(None),
@@ -146,7 +147,7 @@ impl BackendManager {
 
     fn staggered_lifetime(&self) -> Option<Duration> {
         // Up to 10% shorter, so connections opened together do not all retire together.
-        self.cfg.backend_max_lifetime.map(|l| l.mul_f64(1.0 - rand::random::<f64>() * 0.1))
+        self.settings.borrow().backend_max_lifetime.map(|l| l.mul_f64(1.0 - rand::random::<f64>() * 0.1))
     }
 
     pub(super) async fn open(&self) -> Result<BackendConn, BackendError> {

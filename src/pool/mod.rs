@@ -11,7 +11,8 @@
 //! `backend_login_retry_delay`. Room across pools (`max_total_backend_connections`) is the
 //! [`budget`]'s, taken before a connection opens. [`manager`] opens connections and says which must retire;
 //! [`queue`] is a client's place in the queue; [`upkeep`] runs the queue timer and the janitor
-//! (idle eviction, `min_idle`). Must not: authenticate clients or touch client sockets.
+//! (idle eviction, `min_idle`); [`pools`] finds or creates the pool of a (user, database) and
+//! applies a reload. Must not: authenticate clients or touch client sockets.
 //!
 //! Built here rather than on deadpool (which pgwarden used first): a checkout is on every
 //! transaction's path, and deadpool's (semaphore, async recycle hooks, object metrics, moves of
@@ -28,12 +29,13 @@
 
 mod budget;
 mod manager;
+mod pools;
 mod queue;
 mod upkeep;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -41,16 +43,14 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::backend::{BackendConn, BackendError};
-use crate::config::{DatabaseConfig, PoolConfig};
-use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
+use crate::credentials::{Generation, LoginFingerprint};
 use crate::metrics::Metrics;
 use crate::protocol::SqlState;
-use crate::tls::BackendTls;
 use budget::Budget;
 use manager::BackendManager;
 pub use queue::{Presented, Request};
 use queue::{Wait, Waiter, Waiting, new_waiter, presend};
-use upkeep::{spawn_janitor, spawn_queue_timer};
+pub use pools::Pools;
 
 /// Which pool a client's transactions go to. Every field that changes what a backend may do
 /// is part of the key.
@@ -126,6 +126,25 @@ impl State {
     }
 }
 
+/// A duration a reload may change while the pool runs; each read takes the value current then.
+struct LiveDuration(AtomicU64);
+
+impl LiveDuration {
+    fn new(d: Duration) -> LiveDuration {
+        let live = LiveDuration(AtomicU64::new(0));
+        live.set(d);
+        live
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+
+    fn set(&self, d: Duration) {
+        self.0.store(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -137,13 +156,15 @@ pub struct PoolEntry {
     me: Weak<PoolEntry>,
     manager: BackendManager,
     state: Mutex<State>,
-    max: usize,
+    /// Its size, borrow timeout and login retry delay: a reload changes them in place
+    /// (`Pools::reconfigure`).
+    max: AtomicUsize,
     /// The room across all pools, and how much of it this one holds (= `State::open`).
     budget: Arc<Budget>,
     budget_held: AtomicUsize,
-    borrow_timeout: Duration,
+    borrow_timeout: LiveDuration,
     open_timeout: Duration,
-    login_retry_delay: Duration,
+    login_retry_delay: LiveDuration,
     /// Tells the queue timer to look again: a login hold was set, or the pool blocked.
     wake_timer: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
@@ -204,6 +225,11 @@ impl Drop for PendingLogin<'_> {
 }
 
 impl PoolEntry {
+    /// The pool's size now (see `Pools::reconfigure`).
+    fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
     /// Borrows a backend: an idle one if there is one, else the first to come of a new one (if
     /// the pool has room) and one released by another client; else the client waits its turn,
     /// up to the borrow timeout.
@@ -223,10 +249,10 @@ impl PoolEntry {
                     None => {
                         let w = new_waiter();
                         let start = Instant::now();
-                        let has_room = st.open < self.max && !st.held();
+                        let has_room = st.open < self.max() && !st.held();
                         // (Blocked, room goes to the clients queued first, by the queue timer.)
                         let opens = has_room && !st.budget_blocked && self.budget.take(self, 1) == 1;
-                        let deadline = start + self.borrow_timeout;
+                        let deadline = start + self.borrow_timeout.get();
                         st.waiting.push_back(Queued { deadline, waiter: Arc::clone(&w), opening: opens });
                         if opens {
                             st.open += 1;
@@ -411,6 +437,11 @@ impl PoolEntry {
         loop {
             let (deadline, w) = {
                 let mut st = lock(&self.state);
+                if st.open > self.max() {
+                    // A reload made the pool smaller than what it has open.
+                    drop(st);
+                    return self.close(conn);
+                }
                 if self.budget.wants_from(self, !st.waiting.is_empty()) {
                     // Another pool's clients wait for room this one holds more than its share of.
                     drop(st);
@@ -428,7 +459,7 @@ impl PoolEntry {
             if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *slot, Wait::Gone) {
                 // Recorded here: the client may only run again once the backend answered.
                 let now = Instant::now();
-                let queued_at = deadline.checked_sub(self.borrow_timeout).unwrap_or(now);
+                let queued_at = deadline.checked_sub(self.borrow_timeout.get()).unwrap_or(now);
                 self.metrics.database_connections_borrow_latency.record(now.saturating_duration_since(queued_at));
                 let sent = deposit.as_ref().map_or(0, |d| presend(&conn, d));
                 if let (Some(d), true) = (&deposit, sent > 0) {
@@ -467,7 +498,8 @@ impl PoolEntry {
     fn pass_room_on(&self, st: &mut State) {
         st.open -= 1;
         self.budget.give_back(self);
-        self.let_one_open(st);
+        // (Not past the pool's size, which a reload may have made smaller than what is open.)
+        self.offer_free_room(st);
     }
 
     /// Closes a connection whose room goes to a blocked pool, not to this one's clients.
@@ -502,7 +534,7 @@ impl PoolEntry {
     /// (`opening`), or whose login failed.
     fn queue_at_front(&self, st: &mut State, start: Instant, opening: bool) -> Waiter {
         let w = new_waiter();
-        st.waiting.push_front(Queued { deadline: start + self.borrow_timeout, waiter: Arc::clone(&w), opening });
+        st.waiting.push_front(Queued { deadline: start + self.borrow_timeout.get(), waiter: Arc::clone(&w), opening });
         w
     }
 
@@ -516,12 +548,13 @@ impl PoolEntry {
         let mut st = lock(&self.state);
         st.open -= 1;
         self.budget.give_back(self);
-        if st.live.load(Ordering::Relaxed) > 0 && !self.login_retry_delay.is_zero() {
-            st.login_hold = Some(Instant::now() + self.login_retry_delay);
+        let retry_delay = self.login_retry_delay.get();
+        if st.live.load(Ordering::Relaxed) > 0 && !retry_delay.is_zero() {
+            st.login_hold = Some(Instant::now() + retry_delay);
             drop(st);
             self.wake_timer.notify_one();
         } else {
-            self.let_one_open(&mut st);
+            self.offer_free_room(&mut st);
         }
     }
 
@@ -535,7 +568,8 @@ impl PoolEntry {
     /// Room the pool has free (below its size) goes to the longest-waiting client, hold
     /// permitting.
     fn offer_free_room(&self, st: &mut State) {
-        if st.open < self.max {
+        // (Also where a reload that made the pool larger lets waiting clients open more.)
+        if st.open < self.max() {
             self.let_one_open(st);
         }
     }
@@ -634,96 +668,26 @@ impl Lease<'_> {
     }
 }
 
+impl Drop for PoolEntry {
+    /// A pool is dropped once a reload took it out of use (`Pools::retire_user`) and its last
+    /// session ended, or at exit: its idle connections say goodbye and give their room back.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.state.get_mut().unwrap_or_else(|p| p.into_inner()).idle);
+        let runtime = tokio::runtime::Handle::try_current();
+        for conn in idle {
+            self.budget.give_back(self);
+            if let Ok(runtime) = &runtime {
+                runtime.spawn(conn.close());
+            }
+        }
+    }
+}
+
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         self.pool.metrics.database_connections_currently_borrowed.decrement();
         if let Some(conn) = self.conn.take() {
             self.pool.close(conn);
         }
-    }
-}
-
-/// All pools, created on first use.
-pub struct Pools {
-    target: DatabaseConfig,
-    tls: Option<Arc<BackendTls>>,
-    cfg: PoolConfig,
-    metrics: Arc<Metrics>,
-    map: Mutex<HashMap<PoolKey, Arc<PoolEntry>>>,
-    budget: Arc<Budget>,
-}
-
-impl Pools {
-    pub fn new(target: DatabaseConfig, tls: Option<Arc<BackendTls>>, cfg: PoolConfig, metrics: Arc<Metrics>) -> Pools {
-        let budget = Budget::new(cfg.max_total_backend_connections);
-        Pools { target, tls, cfg, metrics, map: Mutex::new(HashMap::new()), budget }
-    }
-
-    /// Backend connections open or being opened, all pools together (what
-    /// `max_total_backend_connections` caps).
-    pub fn total_open(&self) -> usize {
-        lock(&self.map).values().map(|e| e.budget_held.load(Ordering::Relaxed)).sum()
-    }
-
-    /// Closes every idle backend of every pool politely (Terminate first), for shutdown.
-    pub async fn close_idle(&self) {
-        let entries: Vec<Arc<PoolEntry>> = lock(&self.map).values().cloned().collect();
-        let mut closing = tokio::task::JoinSet::new();
-        for entry in entries {
-            let idle = std::mem::take(&mut lock(&entry.state).idle);
-            for conn in idle {
-                entry.forget_one();
-                closing.spawn(conn.close());
-            }
-        }
-        // Each close gives up after a second of its own.
-        while closing.join_next().await.is_some() {}
-    }
-
-    /// The pool for `key`, created (with its janitor) if this is its first client.
-    pub fn entry(&self, key: &PoolKey, store: &Arc<CredentialStore>) -> Arc<PoolEntry> {
-        let mut map = lock(&self.map);
-        if let Some(e) = map.get(key) {
-            return Arc::clone(e);
-        }
-        let manager = BackendManager::new(
-            self.target.clone(),
-            self.tls.clone(),
-            key.database.clone(),
-            Arc::clone(store),
-            self.cfg.clone(),
-            Arc::clone(&self.metrics),
-        );
-        let live = Arc::clone(&manager.live);
-        let entry = Arc::new_cyclic(|me| PoolEntry {
-            key: key.clone(),
-            me: me.clone(),
-            manager,
-            state: Mutex::new(State {
-                idle: Vec::new(),
-                open: 0,
-                waiting: VecDeque::new(),
-                login_hold: None,
-                live,
-                budget_blocked: false,
-            }),
-            max: self.cfg.max_backend_connections,
-            budget: Arc::clone(&self.budget),
-            budget_held: AtomicUsize::new(0),
-            borrow_timeout: self.cfg.borrow_timeout,
-            open_timeout: self.target.connect_timeout.saturating_mul(3),
-            login_retry_delay: self.cfg.backend_login_retry_delay,
-            wake_timer: Arc::new(tokio::sync::Notify::new()),
-            metrics: Arc::clone(&self.metrics),
-        });
-        // Every pool's size, up to the cap on all of them.
-        let allowed = (map.len() + 1).saturating_mul(self.cfg.max_backend_connections);
-        let allowed = self.cfg.max_total_backend_connections.map_or(allowed, |cap| cap.min(allowed));
-        self.metrics.max_database_connections_allowed.set(allowed as f64);
-        self.budget.join(Arc::downgrade(&entry));
-        spawn_janitor(Arc::downgrade(&entry), store.subscribe(), self.cfg.clone());
-        spawn_queue_timer(Arc::downgrade(&entry), Arc::clone(&entry.wake_timer));
-        map.insert(key.clone(), Arc::clone(&entry));
-        entry
     }
 }

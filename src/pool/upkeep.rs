@@ -58,7 +58,7 @@ impl PoolEntry {
     /// their own.
     fn tend_blocked(&self, st: &mut super::State) {
         loop {
-            if st.open >= self.max || st.held() || !Self::needs_room(st) {
+            if st.open >= self.max() || st.held() || !Self::needs_room(st) {
                 st.budget_blocked = false;
                 self.budget.unblock(self);
                 return;
@@ -83,13 +83,16 @@ impl PoolEntry {
         lock(&self.state).budget_blocked
     }
 
-    /// Closes idle connections that expired or whose login retired.
+    /// Closes idle connections that expired or whose login retired, and (the longest idle
+    /// first) those a reload left the pool too small for.
     fn evict_idle(&self, idle_timeout: Option<Duration>) {
         let now = Instant::now();
         let evicted: Vec<Box<BackendConn>> = {
             let mut st = lock(&self.state);
-            let (keep, evicted) =
+            let (mut keep, mut evicted): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut st.idle).into_iter().partition(|c| !c.expired(now, idle_timeout) && !self.manager.is_retired(c));
+            let over = (st.open - evicted.len()).saturating_sub(self.max()).min(keep.len());
+            evicted.extend(keep.drain(..over));
             st.idle = keep;
             evicted
         };
@@ -106,7 +109,7 @@ impl PoolEntry {
             if st.held() {
                 return;
             }
-            let want = min_idle.saturating_sub(st.idle.len()).min(self.max.saturating_sub(st.open));
+            let want = min_idle.saturating_sub(st.idle.len()).min(self.max().saturating_sub(st.open));
             let want = self.budget.take(self, want);
             st.open += want;
             want
@@ -150,7 +153,7 @@ pub(super) fn spawn_queue_timer(entry: Weak<PoolEntry>, wake: Arc<tokio::sync::N
                 if blocked {
                     entry.budget.reclaim_idle(&entry);
                 }
-                (now, next, entry.borrow_timeout, blocked)
+                (now, next, entry.borrow_timeout.get(), blocked)
             };
             // (A zero borrow timeout must not spin.)
             let at = next.unwrap_or(now + timeout).max(now + Duration::from_millis(1));
@@ -167,7 +170,7 @@ pub(super) fn spawn_queue_timer(entry: Weak<PoolEntry>, wake: Arc<tokio::sync::N
 pub(super) fn spawn_janitor(
     entry: Weak<PoolEntry>,
     mut credential: tokio::sync::watch::Receiver<Arc<CredentialSet>>,
-    cfg: PoolConfig,
+    mut settings: tokio::sync::watch::Receiver<PoolConfig>,
 ) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -176,6 +179,7 @@ pub(super) fn spawn_janitor(
             tokio::select! {
                 _ = tick.tick() => {}
                 changed = credential.changed() => if changed.is_err() { return },
+                changed = settings.changed() => if changed.is_err() { return },
             }
             let Some(entry) = entry.upgrade() else { return };
             // (The probe's login counts against the cap on all pools: with no room there, the
@@ -184,8 +188,12 @@ pub(super) fn spawn_janitor(
                 entry.manager.probe_new_credential().await;
                 entry.budget.give_back(&entry);
             }
-            entry.evict_idle(cfg.backend_idle_timeout);
-            entry.top_up(cfg.min_idle_backend_connections).await;
+            let (idle_timeout, min_idle) = {
+                let cfg = settings.borrow_and_update();
+                (cfg.backend_idle_timeout, cfg.min_idle_backend_connections)
+            };
+            entry.evict_idle(idle_timeout);
+            entry.top_up(min_idle).await;
         }
     });
 }

@@ -54,7 +54,7 @@ pub async fn login(
         audit_refusal(shared, &attempt, tls, "TLS required");
         return Err(AuthError::TlsRequired.into());
     }
-    let Some(user) = shared.users.get(&startup.user) else {
+    let Some(user) = shared.user(&startup.user) else {
         shared.metrics.client_connections_setup_failed_auth.increment(1);
         audit_refusal(shared, &attempt, tls, "no credentials for the role");
         return Err(AuthError::UnknownUser(startup.user.clone()).into());
@@ -65,7 +65,7 @@ pub async fn login(
         let names: Vec<&str> = startup.unknown_protocol_options.iter().map(String::as_str).collect();
         messages::negotiate_protocol_version(&mut out, &names);
     }
-    authenticate(shared, client, user, &attempt, &mut out).await?;
+    authenticate(shared, client, &user, &attempt, &mut out).await?;
 
     let entry = shared.pools.entry(&PoolKey::new(&startup.user, &startup.database), &user.store);
     if entry.server_params().is_none() {

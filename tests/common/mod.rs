@@ -181,7 +181,7 @@ impl Harness {
 
     /// The pool of `user` (one with a credential entry) and the dev database.
     pub fn pool_of(&self, user: &str) -> Arc<pgwarden::pool::PoolEntry> {
-        let store = &self.shared.users[user].store;
+        let store = &self.shared.user(user).expect("a configured user").store.clone();
         self.shared.pools.entry(&pgwarden::pool::PoolKey::new(user, &self.env.database), store)
     }
 

@@ -1,0 +1,179 @@
+//! Reloading the configuration file while pgwarden serves: on SIGHUP, as PgBouncer reloads
+//! its file (RDS Proxy likewise applies a changed target group without a restart). A reload
+//! changes the credential entries (users added, removed, or pointed at another source) and the
+//! pools' size and timing: `max_backend_connections`, `min_idle_backend_connections`,
+//! `borrow_timeout`, `backend_idle_timeout`, `backend_max_lifetime`,
+//! `backend_login_retry_delay`. Everything else is bound at start (the listen address, the
+//! database, TLS, IAM, metrics, the audit log, the caps on clients and on all pools, and what
+//! each session reads once: `login_timeout`, `idle_client_timeout`, `max_message_bytes`,
+//! `session_pinning_filters`, `max_prepared_statements`): a changed value there is named in the
+//! log as needing a restart and the running one kept. A file that does not load, or a new
+//! credential whose first fetch fails, changes nothing. Connected clients are never dropped: a
+//! removed user's sessions run until they end, as RDS Proxy's do when a secret leaves it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError};
+use crate::listener::{Shared, StartError, load_user};
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Users whose credential entry changed (source, refresh interval or `iam_auth`): new
+    /// logins get new pools; the old ones serve their sessions until those end.
+    pub replaced: Vec<String>,
+    pub pool_changed: bool,
+    /// Changed keys a reload cannot apply (the running values stay).
+    pub needs_restart: Vec<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// Reloads from `path` on every SIGHUP until the process ends.
+pub fn spawn_on_sighup(shared: Arc<Shared>, path: PathBuf) -> std::io::Result<()> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let _ = reload_file(&shared, &path).await;
+        }
+    });
+    Ok(())
+}
+
+/// Reads `path` and applies it ([`reload`]), logging the outcome either way.
+pub async fn reload_file(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
+    let outcome = match Config::from_file(path) {
+        Ok(config) => reload(shared, config).await.map_err(ReloadError::from),
+        Err(e) => Err(e.into()),
+    };
+    match &outcome {
+        Ok(r) => {
+            shared.metrics.config_reloads.increment(1);
+            if !r.needs_restart.is_empty() {
+                tracing::warn!(keys = ?r.needs_restart, "changed settings take effect only after a restart; running values kept");
+            }
+            tracing::info!(path = %path.display(), added = ?r.added, removed = ?r.removed, replaced = ?r.replaced, pool_changed = r.pool_changed, "configuration reloaded");
+        }
+        Err(e) => {
+            shared.metrics.config_reload_failures.increment(1);
+            tracing::error!(path = %path.display(), error = %e, "configuration reload refused; nothing changed");
+        }
+    }
+    outcome
+}
+
+/// Applies `new` to a running proxy: see the module doc for what changes.
+pub async fn reload(shared: &Shared, new: Config) -> Result<Reloaded, StartError> {
+    // One reload at a time: the running configuration is what the next one compares with.
+    let mut running = shared.running.lock().await;
+    let mut report = Reloaded { needs_restart: restart_only_changes(&running, &new), ..Reloaded::default() };
+
+    // Every new or changed credential is fetched before anything changes.
+    let old_users = shared.users();
+    let mut users = HashMap::new();
+    for c in &new.credentials {
+        match running.credentials.iter().find(|o| o.user == c.user) {
+            Some(old) if old == c => {
+                if let Some(entry) = old_users.get(&c.user) {
+                    users.insert(c.user.clone(), Arc::clone(entry));
+                    continue;
+                }
+            }
+            Some(_) => report.replaced.push(c.user.clone()),
+            None => report.added.push(c.user.clone()),
+        }
+        users.insert(c.user.clone(), Arc::new(load_user(c, &shared.metrics).await?));
+    }
+    report.removed = running.credentials.iter().filter(|o| !users.contains_key(&o.user)).map(|o| o.user.clone()).collect();
+
+    shared.replace_users(users);
+    for user in report.replaced.iter().chain(&report.removed) {
+        shared.pools.retire_user(user);
+    }
+    let mut pool = running.pool.clone();
+    pool.max_backend_connections = new.pool.max_backend_connections;
+    pool.min_idle_backend_connections = new.pool.min_idle_backend_connections;
+    pool.borrow_timeout = new.pool.borrow_timeout;
+    pool.backend_idle_timeout = new.pool.backend_idle_timeout;
+    pool.backend_max_lifetime = new.pool.backend_max_lifetime;
+    pool.backend_login_retry_delay = new.pool.backend_login_retry_delay;
+    if pool != running.pool {
+        report.pool_changed = true;
+        shared.pools.reconfigure(&pool);
+        running.pool = pool;
+    }
+    running.credentials = new.credentials;
+    Ok(report)
+}
+
+/// The keys whose new value a reload cannot apply.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.pool, &new.pool);
+    [
+        ("listen", old.listen != new.listen),
+        ("worker_threads", old.worker_threads != new.worker_threads),
+        ("shutdown_timeout", old.shutdown_timeout != new.shutdown_timeout),
+        ("tcp_keepalive", old.tcp_keepalive != new.tcp_keepalive),
+        ("database", old.database != new.database),
+        ("metrics.listen", old.metrics_listen != new.metrics_listen),
+        ("tls", old.tls != new.tls),
+        ("iam", old.iam != new.iam),
+        ("audit.output", old.audit != new.audit),
+        ("pool.max_client_connections", a.max_client_connections != b.max_client_connections),
+        ("pool.max_total_backend_connections", a.max_total_backend_connections != b.max_total_backend_connections),
+        ("pool.login_timeout", a.login_timeout != b.login_timeout),
+        ("pool.idle_client_timeout", a.idle_client_timeout != b.idle_client_timeout),
+        ("pool.max_message_bytes", a.max_message_bytes != b.max_message_bytes),
+        ("pool.session_pinning_filters", a.pin_variable_sets != b.pin_variable_sets),
+        ("pool.max_prepared_statements", a.max_prepared_statements != b.max_prepared_statements),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra_pool: &str) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.json"), "{}").unwrap();
+        let text = format!(
+            "[database]\nhost = \"127.0.0.1\"\n[pool]\n{extra_pool}\n[[credentials]]\nuser = \"app\"\nsource = \"file\"\npath = \"app.json\"\n"
+        );
+        Config::from_toml(&text, Path::new("test.toml"), dir.path()).unwrap()
+    }
+
+    #[test]
+    fn live_pool_keys_need_no_restart() {
+        let old = config("");
+        let new = config("max_backend_connections = 7\nborrow_timeout = \"5s\"\nmin_idle_backend_connections = 2\nbackend_idle_timeout = \"1m\"\nbackend_max_lifetime = \"2h\"\nbackend_login_retry_delay = \"3s\"");
+        assert_ne!(old.pool, new.pool);
+        assert_eq!(restart_only_changes(&old, &new), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn bound_keys_are_named() {
+        let old = config("");
+        let new = config("max_message_bytes = 1024\nidle_client_timeout = \"1m\"\nmax_total_backend_connections = 9");
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            ["pool.max_total_backend_connections", "pool.idle_client_timeout", "pool.max_message_bytes"]
+        );
+        let mut moved = old.clone();
+        moved.database.port = 5433;
+        moved.listen = "127.0.0.1:7000".parse().unwrap();
+        assert_eq!(restart_only_changes(&old, &moved), ["listen", "database"]);
+    }
+}

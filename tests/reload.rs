@@ -1,0 +1,180 @@
+//! Reloading the configuration while pgwarden serves (`reload`, SIGHUP): users added and
+//! removed, pools made larger and smaller, a broken file or an unreadable new credential
+//! refused with nothing changed, and `pgwarden serve` reloading its file on SIGHUP. Connected
+//! clients keep working through every reload.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, first_column as values, sqlstate};
+use pgwarden::config::IamAuth;
+use pgwarden::reload::{ReloadError, reload, reload_file};
+
+/// The configuration the harness runs now.
+async fn running(h: &Harness) -> pgwarden::config::Config {
+    h.shared.running_config().await
+}
+
+#[tokio::test]
+async fn users_come_and_go_without_dropping_connected_clients() {
+    let h = Harness::start().await;
+    let old_client = h.client().await;
+    assert_eq!(values(&old_client, "SELECT current_user").await, [h.env.user.as_str()]);
+
+    let mut config = running(&h).await;
+    let password = Harness::add_user(&h.env, &mut config, "newcomer", IamAuth::Disabled);
+    let report = reload(&h.shared, config.clone()).await.unwrap();
+    assert_eq!((report.added.as_slice(), report.removed.len(), report.pool_changed), (&["newcomer".to_owned()][..], 0, false));
+    let newcomer = common::connect(&h.conn_str_as("newcomer", &password)).await.expect("the added user logs in");
+    assert_eq!(values(&newcomer, "SELECT current_user").await, ["newcomer"]);
+
+    // The dev user leaves the file: new logins are refused as RDS Proxy refuses a role it has
+    // no secret for; the session already open carries on.
+    config.credentials.retain(|c| c.user != h.env.user);
+    let report = reload(&h.shared, config).await.unwrap();
+    assert_eq!(report.removed, [h.env.user.clone()]);
+    let err = h.client_result().await.err().expect("a removed user cannot log in");
+    assert_eq!(sqlstate(&err).as_deref(), Some("28000"));
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("no credentials for the role"), "{err:?}");
+    assert_eq!(values(&old_client, "SELECT 40 + 2").await, ["42"]);
+    assert_eq!(values(&newcomer, "SELECT 1").await, ["1"]);
+    // Its last session gone, the old pool closes its connections (long before any idle timeout).
+    drop(old_client);
+    h.until_backends(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_larger_pool_serves_waiting_clients_and_a_smaller_one_closes_connections() {
+    let h = Harness::start_with(|c| c.pool.borrow_timeout = Duration::from_secs(60)).await;
+    // Five clients hold the pool's five connections in open transactions.
+    let mut holders = Vec::new();
+    for _ in 0..5 {
+        let c = h.client().await;
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        holders.push(c);
+    }
+    let waiting = h.client().await;
+    let query = tokio::spawn(async move { values(&waiting, "SELECT 'served'").await });
+    common::until_waiting(&h.dev_pool(), 1).await;
+
+    let mut config = running(&h).await;
+    config.pool.max_backend_connections = 7;
+    assert!(reload(&h.shared, config.clone()).await.unwrap().pool_changed);
+    let served = tokio::time::timeout(Duration::from_secs(20), query).await.expect("served without a release").unwrap();
+    assert_eq!(served, ["served"]);
+    assert_eq!(h.metric("MaxDatabaseConnectionsAllowed"), 7.0);
+
+    // Smaller than what is open: released connections close until the pool fits.
+    config.pool.max_backend_connections = 2;
+    reload(&h.shared, config).await.unwrap();
+    // The idle one goes at once; nothing closes under a client mid-transaction.
+    h.until_backends(5).await;
+    for c in &holders {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    h.until_backends(2).await;
+    // The two left still serve everyone, in turn.
+    let turns: Vec<_> = holders.into_iter().map(|c| tokio::spawn(async move { values(&c, "SELECT 7").await })).collect();
+    for turn in turns {
+        assert_eq!(turn.await.unwrap(), ["7"]);
+    }
+    assert_eq!(h.backend_count(), 2);
+}
+
+#[tokio::test]
+async fn a_reload_that_cannot_load_changes_nothing() {
+    let h = Harness::start().await;
+    let client = h.client().await;
+    let dir = h.env.cluster.dir();
+
+    // A syntax error: refused with the file's line, counted.
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, "listen = \"127.0.0.1:0\"\n[pool\n").unwrap();
+    let err = reload_file(&h.shared, &broken).await.expect_err("a broken file is refused");
+    assert!(matches!(err, ReloadError::Config(_)) && err.to_string().contains("broken.toml:2"), "{err}");
+    assert_eq!(h.metric("pgwarden_config_reloads{result=\"refused\"}"), 1.0);
+
+    // A new user whose credential cannot be read, beside a pool change: neither applies.
+    let mut config = running(&h).await;
+    config.pool.max_backend_connections = 9;
+    config.credentials.push(pgwarden::config::CredentialConfig {
+        user: "ghost".into(),
+        source: pgwarden::config::SourceConfig::File { path: dir.join("no-such-secret.json") },
+        refresh_interval: Duration::from_secs(1),
+        iam_auth: IamAuth::Disabled,
+    });
+    let err = reload(&h.shared, config).await.expect_err("an unreadable credential is refused");
+    assert!(err.to_string().starts_with("credentials for user ghost"), "{err}");
+    assert!(h.shared.user("ghost").is_none());
+    assert_eq!(running(&h).await.pool.max_backend_connections, 5);
+    assert_eq!(values(&client, "SELECT 1").await, ["1"]);
+    assert!(h.client_result().await.is_ok(), "the configured user still logs in");
+}
+
+/// `pgwarden serve` itself: a user added to its file logs in after a SIGHUP.
+#[tokio::test]
+async fn serve_reloads_its_file_on_sighup() {
+    use tokio::io::AsyncBufReadExt;
+    let h = Harness::start().await;
+    let dir = h.env.cluster.dir();
+    let port = pgwarden::devdb::free_port().unwrap();
+    let db = &h.env.config.database;
+    let base = format!(
+        "listen = \"127.0.0.1:{port}\"\n[database]\nhost = \"{}\"\nport = {}\ndbname = \"{}\"\n[audit]\noutput = \"off\"\n\
+         [[credentials]]\nuser = \"{}\"\nsource = \"file\"\npath = \"{}\"\n",
+        db.host,
+        db.port,
+        db.dbname,
+        h.env.user,
+        h.env.secret_path.display()
+    );
+    let path = dir.join("serve.toml");
+    std::fs::write(&path, &base).unwrap();
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(serve.stderr.take().unwrap()).lines();
+    let mut until_line = async |text: &str| {
+        let wait = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains(text) {
+                    return line;
+                }
+            }
+            panic!("pgwarden exited before logging {text:?}");
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait).await.unwrap_or_else(|_| panic!("no {text:?} in 30 s"))
+    };
+    until_line("accepting clients").await;
+    let conn_str = |user: &str, password: &str| format!("host=127.0.0.1 port={port} user={user} dbname={} password={password}", db.dbname);
+    let mut extra = h.env.config.clone();
+    let password = Harness::add_user(&h.env, &mut extra, "late", IamAuth::Disabled);
+    let err = common::connect(&conn_str("late", &password)).await.err().expect("not configured yet");
+    assert_eq!(sqlstate(&err).as_deref(), Some("28000"));
+
+    let late_path = source_of(&extra, "late");
+    std::fs::write(&path, format!("{base}[[credentials]]\nuser = \"late\"\nsource = \"file\"\npath = \"{}\"\n", late_path.display())).unwrap();
+    let pid = serve.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let line = until_line("configuration reloaded").await;
+    assert!(line.contains("late"), "{line}");
+    let late = common::connect(&conn_str("late", &password)).await.expect("the added user logs in after SIGHUP");
+    assert_eq!(values(&late, "SELECT current_user").await, ["late"]);
+    let _ = serve.kill().await;
+}
+
+/// Where `user`'s credential file is, in `config`.
+fn source_of(config: &pgwarden::config::Config, user: &str) -> std::path::PathBuf {
+    let entry = config.credentials.iter().find(|c| c.user == user).expect("configured");
+    match &entry.source {
+        pgwarden::config::SourceConfig::File { path } => path.clone(),
+        other => panic!("{other:?}"),
+    }
+}
