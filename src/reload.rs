@@ -4,17 +4,20 @@
 //! pools' size and timing: `max_backend_connections`, `min_idle_backend_connections`,
 //! `borrow_timeout`, `backend_idle_timeout`, `backend_max_lifetime`,
 //! `backend_login_retry_delay`. Everything else is bound at start (the listen address, the
-//! database, TLS, IAM, metrics, the audit log, the caps on clients and on all pools, and what
-//! each session reads once: `login_timeout`, `idle_client_timeout`, `max_message_bytes`,
+//! database, TLS, IAM, metrics, the audit log, the caps on clients and on all pools, and the
+//! session settings `login_timeout`, `idle_client_timeout`, `max_message_bytes`,
 //! `session_pinning_filters`, `max_prepared_statements`): a changed value there is named in the
-//! log as needing a restart and the running one kept. A file that does not load, or a new
-//! credential whose first fetch fails, changes nothing. Connected clients are never dropped: a
-//! removed user's sessions run until they end, as RDS Proxy's do when a secret leaves it.
+//! log as needing a restart and the running one kept (the session settings are read from the
+//! configuration pgwarden started with). A file that does not load, or a new credential whose
+//! first fetch fails, changes nothing. Connected clients are never dropped: a removed user's
+//! sessions run until they end. A new `backend_max_lifetime` applies to connections opened
+//! after the reload.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::auth::UserEntry;
 use crate::config::{Config, ConfigError};
 use crate::listener::{Shared, StartError, load_user};
 
@@ -23,9 +26,11 @@ use crate::listener::{Shared, StartError, load_user};
 pub struct Reloaded {
     pub added: Vec<String>,
     pub removed: Vec<String>,
-    /// Users whose credential entry changed (source, refresh interval or `iam_auth`): new
-    /// logins get new pools; the old ones serve their sessions until those end.
+    /// Users whose credential source or refresh interval changed: new logins get new pools;
+    /// the old ones serve their sessions until those end.
     pub replaced: Vec<String>,
+    /// Users whose `iam_auth` alone changed: new logins follow it; pools unchanged.
+    pub updated: Vec<String>,
     pub pool_changed: bool,
     /// Changed keys a reload cannot apply (the running values stay).
     pub needs_restart: Vec<&'static str>,
@@ -62,7 +67,15 @@ pub async fn reload_file(shared: &Shared, path: &Path) -> Result<Reloaded, Reloa
             if !r.needs_restart.is_empty() {
                 tracing::warn!(keys = ?r.needs_restart, "changed settings take effect only after a restart; running values kept");
             }
-            tracing::info!(path = %path.display(), added = ?r.added, removed = ?r.removed, replaced = ?r.replaced, pool_changed = r.pool_changed, "configuration reloaded");
+            tracing::info!(
+                path = %path.display(),
+                added = ?r.added,
+                removed = ?r.removed,
+                replaced = ?r.replaced,
+                updated = ?r.updated,
+                pool_changed = r.pool_changed,
+                "configuration reloaded"
+            );
         }
         Err(e) => {
             shared.metrics.config_reload_failures.increment(1);
@@ -81,24 +94,40 @@ pub async fn reload(shared: &Shared, new: Config) -> Result<Reloaded, StartError
     // Every new or changed credential is fetched before anything changes.
     let old_users = shared.users();
     let mut users = HashMap::new();
+    let mut superseded = Vec::new();
     for c in &new.credentials {
-        match running.credentials.iter().find(|o| o.user == c.user) {
-            Some(old) if old == c => {
-                if let Some(entry) = old_users.get(&c.user) {
-                    users.insert(c.user.clone(), Arc::clone(entry));
-                    continue;
-                }
+        let old = running.credentials.iter().find(|o| o.user == c.user).zip(old_users.get(&c.user));
+        let entry = match old {
+            Some((o, entry)) if o == c => Arc::clone(entry),
+            Some((o, entry)) if o.source == c.source && o.refresh_interval == c.refresh_interval => {
+                // Only `iam_auth` changed: the same credential, the same pools.
+                report.updated.push(c.user.clone());
+                Arc::new(UserEntry::new(c.user.clone(), Arc::clone(&entry.store), c.iam_auth))
             }
-            Some(_) => report.replaced.push(c.user.clone()),
-            None => report.added.push(c.user.clone()),
-        }
-        users.insert(c.user.clone(), Arc::new(load_user(c, &shared.metrics).await?));
+            Some((_, entry)) => {
+                report.replaced.push(c.user.clone());
+                superseded.push(Arc::clone(&entry.store));
+                Arc::new(load_user(c, &shared.metrics).await?)
+            }
+            None => {
+                report.added.push(c.user.clone());
+                Arc::new(load_user(c, &shared.metrics).await?)
+            }
+        };
+        users.insert(c.user.clone(), entry);
     }
-    report.removed = running.credentials.iter().filter(|o| !users.contains_key(&o.user)).map(|o| o.user.clone()).collect();
+    for (name, entry) in old_users.iter().filter(|(name, _)| !users.contains_key(*name)) {
+        report.removed.push(name.clone());
+        superseded.push(Arc::clone(&entry.store));
+    }
+    report.removed.sort();
 
+    // New logins find the new entries first; then the old stores' pools leave the registry
+    // (a login that began before is kept out of it: `Pools::entry`).
     shared.replace_users(users);
-    for user in report.replaced.iter().chain(&report.removed) {
-        shared.pools.retire_user(user);
+    superseded.iter().for_each(|store| store.supersede());
+    if !superseded.is_empty() {
+        shared.pools.retire_superseded();
     }
     let mut pool = running.pool.clone();
     pool.max_backend_connections = new.pool.max_backend_connections;

@@ -75,12 +75,73 @@ async fn a_larger_pool_serves_waiting_clients_and_a_smaller_one_closes_connectio
         c.batch_execute("COMMIT").await.unwrap();
     }
     h.until_backends(2).await;
-    // The two left still serve everyone, in turn.
-    let turns: Vec<_> = holders.into_iter().map(|c| tokio::spawn(async move { values(&c, "SELECT 7").await })).collect();
+    // The two left serve everyone, in turn: the pool never opens more meanwhile.
+    let turns: Vec<_> = holders
+        .into_iter()
+        .map(|c| tokio::spawn(async move { values(&c, "SELECT 7 FROM pg_sleep(0.05)").await }))
+        .collect();
+    let mut peak = 0;
+    while !turns.iter().all(|t| t.is_finished()) {
+        peak = peak.max(h.shared.pools.total_open());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     for turn in turns {
         assert_eq!(turn.await.unwrap(), ["7"]);
     }
-    assert_eq!(h.backend_count(), 2);
+    assert!(peak <= 2, "the pool opened {peak} connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_borrow_timeout_applies_to_clients_already_waiting() {
+    let h = Harness::start_with(|c| c.pool.borrow_timeout = Duration::from_secs(120)).await;
+    let mut holders = Vec::new();
+    for _ in 0..5 {
+        let c = h.client().await;
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        holders.push(c);
+    }
+    let waiting = h.client().await;
+    let query = tokio::spawn(async move { waiting.simple_query("SELECT 1").await.map(|_| ()) });
+    common::until_waiting(&h.dev_pool(), 1).await;
+    let mut config = running(&h).await;
+    config.pool.borrow_timeout = Duration::from_millis(300);
+    reload(&h.shared, config).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), query).await.expect("not the old 120 s").unwrap().unwrap_err();
+    assert_eq!(err.as_db_error().map(|e| e.message()), Some("Timed-out waiting to acquire database connection."));
+    // A client queueing now waits the new timeout too.
+    let late = h.client().await;
+    let err = tokio::time::timeout(Duration::from_secs(20), late.simple_query("SELECT 1")).await.expect("the new timeout").unwrap_err();
+    assert_eq!(err.as_db_error().map(|e| e.message()), Some("Timed-out waiting to acquire database connection."));
+    drop(holders);
+}
+
+#[tokio::test]
+async fn a_replaced_credential_entry_serves_new_logins_from_a_new_pool() {
+    let h = Harness::start().await;
+    let old_client = h.client().await;
+    let old_pool = h.dev_pool();
+    // iam_auth alone: the same credential and pool.
+    let mut config = running(&h).await;
+    let dev = config.credentials.iter().position(|c| c.user == h.env.user).unwrap();
+    assert_eq!(config.credentials[dev].iam_auth, IamAuth::Optional);
+    config.credentials[dev].iam_auth = IamAuth::Disabled;
+    let report = reload(&h.shared, config.clone()).await.unwrap();
+    assert_eq!((report.updated, report.replaced.len()), (vec![h.env.user.clone()], 0));
+    assert!(std::sync::Arc::ptr_eq(&old_pool, &h.dev_pool()));
+
+    // A new secret file with a new password: new logins use it, from a new pool.
+    h.admin(&format!("ALTER ROLE \"{}\" PASSWORD 'moved-Pa55word'", h.env.user));
+    let moved = h.env.cluster.dir().join("moved.json");
+    let secret = serde_json::json!({"username": h.env.user, "password": "moved-Pa55word"});
+    pgwarden::dev::write_private(&moved, secret.to_string().as_bytes()).unwrap();
+    config.credentials[dev].source = pgwarden::config::SourceConfig::File { path: moved };
+    let report = reload(&h.shared, config).await.unwrap();
+    assert_eq!(report.replaced, [h.env.user.clone()]);
+    let new_client = common::connect(&h.conn_str_with_password("moved-Pa55word")).await.expect("the new secret's password");
+    assert_eq!(values(&new_client, "SELECT 'new'").await, ["new"]);
+    assert!(!std::sync::Arc::ptr_eq(&old_pool, &h.dev_pool()));
+    // The session from before runs on, on the old pool's connection.
+    assert_eq!(values(&old_client, "SELECT 'old'").await, ["old"]);
 }
 
 #[tokio::test]
@@ -164,7 +225,7 @@ async fn serve_reloads_its_file_on_sighup() {
     let pid = serve.id().unwrap().to_string();
     assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     let line = until_line("configuration reloaded").await;
-    assert!(line.contains("late"), "{line}");
+    assert!(line.contains(r#"added=["late"]"#), "{line}");
     let late = common::connect(&conn_str("late", &password)).await.expect("the added user logs in after SIGHUP");
     assert_eq!(values(&late, "SELECT current_user").await, ["late"]);
     let _ = serve.kill().await;

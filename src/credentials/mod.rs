@@ -225,6 +225,8 @@ pub struct CredentialStore {
     /// Single flight for forced refreshes, and when the last one started.
     forced: tokio::sync::Mutex<Option<Instant>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// A reload removed or replaced the credential entry this store serves (`reload`).
+    superseded: std::sync::atomic::AtomicBool,
 }
 
 impl CredentialStore {
@@ -236,7 +238,24 @@ impl CredentialStore {
         let secret = source.fetch().await?;
         let (tx, _) = watch::channel(Arc::new(CredentialSet { generation: Generation(1), secret }));
         let (health, _) = watch::channel(RefreshHealth::default());
-        Ok(Arc::new(CredentialStore { source, tx, health, forced: tokio::sync::Mutex::new(None), metrics }))
+        Ok(Arc::new(CredentialStore {
+            source,
+            tx,
+            health,
+            forced: tokio::sync::Mutex::new(None),
+            metrics,
+            superseded: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Marks the store as no longer configured (a reload removed or replaced its entry): its
+    /// pools leave the registry and new logins never reach them (`Pools::retire_superseded`).
+    pub fn supersede(&self) {
+        self.superseded.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn health(&self) -> watch::Receiver<RefreshHealth> {

@@ -50,7 +50,10 @@ impl Budget {
     }
 
     pub(super) fn join(&self, pool: Weak<PoolEntry>) {
-        lock(&self.members).push(pool);
+        let mut members = lock(&self.members);
+        // (Pools a reload retired are gone once their sessions end.)
+        members.retain(|w| w.strong_count() > 0);
+        members.push(pool);
     }
 
     /// Takes room for up to `n` connections of `pool`, returns how many. While pools are
@@ -95,6 +98,7 @@ impl Budget {
     /// `pool` waits for room (its clients do); called under its state's lock, once per block.
     pub(super) fn block(&self, pool: Weak<PoolEntry>) {
         let mut blocked = lock(&self.blocked);
+        blocked.retain(|w| w.strong_count() > 0);
         blocked.push(pool);
         self.blocked_count.store(blocked.len(), Ordering::Release);
         drop(blocked);
@@ -106,7 +110,7 @@ impl Budget {
     /// `pool` waits no more (it got room, or its clients left); called under its state's lock.
     pub(super) fn unblock(&self, pool: &PoolEntry) {
         let mut blocked = lock(&self.blocked);
-        blocked.retain(|w| !std::ptr::eq(w.as_ptr(), pool));
+        blocked.retain(|w| !std::ptr::eq(w.as_ptr(), pool) && w.strong_count() > 0);
         self.blocked_count.store(blocked.len(), Ordering::Release);
         drop(blocked);
         // The next blocked pool may take what this one left.
@@ -121,7 +125,13 @@ impl Budget {
 
     /// The blocked pool (but `except`) holding the least room, the first blocked on a tie.
     fn neediest(&self, except: Option<&PoolEntry>) -> Option<Arc<PoolEntry>> {
-        let blocked = lock(&self.blocked);
+        let mut blocked = lock(&self.blocked);
+        if blocked.iter().any(|w| w.strong_count() == 0) {
+            // A pool dropped while blocked (a reload retired it, and its clients left): it
+            // must not hold up the line.
+            blocked.retain(|w| w.strong_count() > 0);
+            self.blocked_count.store(blocked.len(), Ordering::Release);
+        }
         let mut best: Option<(usize, Arc<PoolEntry>)> = None;
         for pool in blocked.iter().filter(|w| except.is_none_or(|e| !std::ptr::eq(w.as_ptr(), e))).filter_map(Weak::upgrade) {
             let held = pool.budget_held.load(Ordering::Relaxed);

@@ -67,6 +67,16 @@ impl BackendManager {
         }
     }
 
+    /// Whether this pool logs in with `store`.
+    pub(super) fn serves(&self, store: &Arc<CredentialStore>) -> bool {
+        Arc::ptr_eq(&self.store, store)
+    }
+
+    /// Whether a reload took this pool's credential entry away (see `Pools::retire_superseded`).
+    pub(super) fn superseded(&self) -> bool {
+        self.store.is_superseded()
+    }
+
     /// The parameters the backend reported at login, once any backend has logged in.
     pub(super) fn server_params(&self) -> Option<&[(String, String)]> {
         self.server_params.get().map(|v| v.as_slice())

@@ -669,7 +669,7 @@ impl Lease<'_> {
 }
 
 impl Drop for PoolEntry {
-    /// A pool is dropped once a reload took it out of use (`Pools::retire_user`) and its last
+    /// A pool is dropped once a reload took it out of use (`Pools::retire_superseded`) and its last
     /// session ended, or at exit: its idle connections say goodbye and give their room back.
     fn drop(&mut self) {
         let idle = std::mem::take(&mut self.state.get_mut().unwrap_or_else(|p| p.into_inner()).idle);

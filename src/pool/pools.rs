@@ -1,6 +1,6 @@
 //! The registry of pools: finds the pool of a (user, database), creating it with its queue
 //! timer and janitor on its first client; applies a reload's pool settings to every pool
-//! (`reconfigure`) and takes a removed or changed user's pools out of use (`retire_user`);
+//! (`reconfigure`) and takes a removed or changed user's pools out of use (`retire_superseded`);
 //! closes idle connections at shutdown. Must not: serve a checkout (`PoolEntry` does).
 
 use std::collections::{HashMap, VecDeque};
@@ -35,33 +35,44 @@ impl Pools {
         Pools { target, tls, settings, metrics, map: Mutex::new(HashMap::new()), budget }
     }
 
-    /// A reload's new pool settings. Every pool takes its new size, borrow timeout and login
-    /// retry delay at once (a larger size lets waiting clients open more connections now; a
-    /// smaller one closes released and idle connections until it holds), its janitor the new
-    /// idle timeout and `min_idle`, and connections opened from now on the new lifetime.
-    /// (`max_total_backend_connections` is not changed here: see `reload`.)
+    /// A reload's new pool settings. Every pool in use takes its new size, borrow timeout and
+    /// login retry delay at once (a larger size lets waiting clients open connections now; a
+    /// smaller one closes idle and released connections until it fits; waiting clients' deadlines
+    /// move by the change in the timeout), its janitor the new idle timeout and `min_idle`, and
+    /// connections opened from now on the new lifetime. (`max_total_backend_connections` is not
+    /// changed here: see `reload`.)
     pub fn reconfigure(&self, cfg: &PoolConfig) {
+        // Published first: a pool created from here on starts with the new settings.
+        self.settings.send_replace(cfg.clone());
         let entries: Vec<Arc<PoolEntry>> = lock(&self.map).values().cloned().collect();
         for entry in &entries {
             entry.max.store(cfg.max_backend_connections, Ordering::Relaxed);
-            entry.borrow_timeout.set(cfg.borrow_timeout);
             entry.login_retry_delay.set(cfg.backend_login_retry_delay);
             let mut st = lock(&entry.state);
+            let old_timeout = entry.borrow_timeout.get();
+            entry.borrow_timeout.set(cfg.borrow_timeout);
+            for q in st.waiting.iter_mut() {
+                q.deadline = (q.deadline + cfg.borrow_timeout).checked_sub(old_timeout).unwrap_or(q.deadline);
+            }
             for _ in st.open..cfg.max_backend_connections.min(st.open + st.waiting.len()) {
                 entry.offer_free_room(&mut st);
             }
+            drop(st);
+            // (Its next look may be sooner now.)
+            entry.wake_timer.notify_one();
         }
-        self.settings.send_replace(cfg.clone());
         self.publish_allowed(entries.len());
     }
 
-    /// Takes `user`'s pools out of use after a reload removed or replaced its credential
-    /// entry: clients that log in from now on get new pools (with the new credential source).
-    /// An old pool serves the sessions it has as before and closes its connections when the
-    /// last of them ends (see `Drop for PoolEntry`).
-    pub fn retire_user(&self, user: &str) {
+    /// Takes the pools whose credential entry a reload removed or replaced
+    /// ([`CredentialStore::supersede`]) out of the registry: clients that log in from now on get
+    /// new pools (with the new credential source). An old pool serves the sessions it has on
+    /// the connections it has (a replaced credential may no longer log in), keeps none warm
+    /// beyond them (`min_idle`), and closes them when its last session has ended (see
+    /// `Drop for PoolEntry`).
+    pub fn retire_superseded(&self) {
         let mut map = lock(&self.map);
-        map.retain(|k, _| k.user != user);
+        map.retain(|_, e| !e.manager.superseded());
         self.publish_allowed(map.len());
     }
 
@@ -94,10 +105,14 @@ impl Pools {
         while closing.join_next().await.is_some() {}
     }
 
-    /// The pool for `key`, created (with its janitor) if this is its first client.
+    /// The pool for `key` logging in with `store`, created (with its janitor) if this is its
+    /// first client. A login that began before a reload superseded `store` gets a pool of its
+    /// own, outside the registry, gone with its session.
     pub fn entry(&self, key: &PoolKey, store: &Arc<CredentialStore>) -> Arc<PoolEntry> {
         let mut map = lock(&self.map);
-        if let Some(e) = map.get(key) {
+        if let Some(e) = map.get(key)
+            && e.manager.serves(store)
+        {
             return Arc::clone(e);
         }
         let manager = BackendManager::new(
@@ -131,11 +146,15 @@ impl Pools {
             wake_timer: Arc::new(tokio::sync::Notify::new()),
             metrics: Arc::clone(&self.metrics),
         });
-        self.publish_allowed(map.len() + 1);
         self.budget.join(Arc::downgrade(&entry));
         spawn_janitor(Arc::downgrade(&entry), store.subscribe(), self.settings.subscribe());
         spawn_queue_timer(Arc::downgrade(&entry), Arc::clone(&entry.wake_timer));
+        if store.is_superseded() {
+            return entry;
+        }
+        // (Replacing the pool of a superseded store, if a login of the new entry came first.)
         map.insert(key.clone(), Arc::clone(&entry));
+        self.publish_allowed(map.len());
         entry
     }
 }

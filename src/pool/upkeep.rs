@@ -104,6 +104,10 @@ impl PoolEntry {
     /// Opens connections until `min_idle` are idle (within the pool's size, and not while a
     /// failed login holds new ones back).
     async fn top_up(&self, min_idle: usize) {
+        if self.manager.superseded() {
+            // Out of use since a reload: it serves the sessions it has, no more.
+            return;
+        }
         let want = {
             let mut st = lock(&self.state);
             if st.held() {
