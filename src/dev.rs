@@ -94,6 +94,7 @@ impl DevEnv {
                 pool: PoolConfig {
                     max_backend_connections: opts.pool_size,
                     max_total_backend_connections: None,
+                    max_connections_percent: None,
                     min_idle_backend_connections: 0,
                     borrow_timeout: Duration::from_secs(120),
                     login_timeout: Duration::from_secs(60),

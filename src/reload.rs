@@ -4,7 +4,8 @@
 //! pools' size and timing: `max_backend_connections`, `min_idle_backend_connections`,
 //! `borrow_timeout`, `backend_idle_timeout`, `backend_max_lifetime`,
 //! `backend_login_retry_delay`. Everything else is bound at start (the listen address, the
-//! database, TLS, IAM, metrics, the audit log, the caps on clients and on all pools, and the
+//! database, TLS, IAM, metrics, the audit log, the caps on clients and on all pools (count or
+//! `max_connections_percent`), and the
 //! session settings `login_timeout`, `idle_client_timeout`, `max_message_bytes`,
 //! `session_pinning_filters`, `max_prepared_statements`): a changed value there is named in the
 //! log as needing a restart and the running one kept (the session settings are read from the
@@ -160,6 +161,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("audit.output", old.audit != new.audit),
         ("pool.max_client_connections", a.max_client_connections != b.max_client_connections),
         ("pool.max_total_backend_connections", a.max_total_backend_connections != b.max_total_backend_connections),
+        ("pool.max_connections_percent", a.max_connections_percent != b.max_connections_percent),
         ("pool.login_timeout", a.login_timeout != b.login_timeout),
         ("pool.idle_client_timeout", a.idle_client_timeout != b.idle_client_timeout),
         ("pool.max_message_bytes", a.max_message_bytes != b.max_message_bytes),

@@ -164,3 +164,31 @@ async fn three_busy_pools_share_a_cap_smaller_than_any_one_of_them() {
     assert!(h.metric("pgwarden_backend_connections_rebalanced") >= 1.0);
     assert_eq!(h.metric("pgwarden_borrow_timeouts"), 0.0);
 }
+
+/// RDS Proxy's form of the cap: a percentage of the database's `max_connections` (300 in the
+/// test clusters), read at the first login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_percentage_of_max_connections_caps_all_pools() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_connections_percent = Some(1);
+        c.pool.borrow_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let max_connections: usize = h.admin("SHOW max_connections").parse().unwrap();
+    let cap = max_connections / 100;
+    assert!(cap < h.env.config.pool.max_backend_connections, "the cap, not the pool's size, must be what binds");
+    let mut holders = Vec::new();
+    for _ in 0..cap {
+        let c = h.client().await;
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        holders.push(c);
+    }
+    assert_eq!(h.metric("MaxDatabaseConnectionsAllowed"), cap as f64);
+    let waiting = h.client().await;
+    let query = tokio::spawn(async move { values(&waiting, "SELECT 'next'").await });
+    common::until_waiting(&h.dev_pool(), 1).await;
+    assert_eq!(h.shared.pools.total_open(), cap);
+    holders[0].batch_execute("COMMIT").await.unwrap();
+    assert_eq!(query.await.unwrap(), ["next"]);
+    assert_eq!(h.shared.pools.total_open(), cap);
+}

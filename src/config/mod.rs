@@ -110,6 +110,9 @@ pub struct PoolConfig {
     /// Backend connections across all pools (RDS Proxy's MaxConnectionsPercent as a count,
     /// PgBouncer's `max_db_connections`); `None`: only each pool's own cap.
     pub max_total_backend_connections: Option<usize>,
+    /// The same cap as a percentage of the database's `max_connections`, read at the first
+    /// backend login (RDS Proxy's MaxConnectionsPercent); exclusive with the count.
+    pub max_connections_percent: Option<u8>,
     pub min_idle_backend_connections: usize,
     pub borrow_timeout: Duration,
     /// Time a client has to finish startup and authentication.

@@ -137,6 +137,7 @@ fn default_connect_timeout() -> String {
 struct RawPool {
     max_backend_connections: usize,
     max_total_backend_connections: Option<usize>,
+    max_connections_percent: Option<u8>,
     min_idle_backend_connections: usize,
     borrow_timeout: String,
     login_timeout: String,
@@ -155,6 +156,7 @@ impl Default for RawPool {
         RawPool {
             max_backend_connections: 20,
             max_total_backend_connections: None,
+            max_connections_percent: None,
             min_idle_backend_connections: 0,
             borrow_timeout: "120s".into(),
             login_timeout: "60s".into(),
@@ -322,6 +324,15 @@ impl RawConfig {
         if p.max_total_backend_connections == Some(0) {
             return Err(invalid("pool.max_total_backend_connections", "must be at least 1 (leave it out for no cap across pools)"));
         }
+        if p.max_connections_percent.is_some_and(|pct| !(1..=100).contains(&pct)) {
+            return Err(invalid("pool.max_connections_percent", "must be between 1 and 100"));
+        }
+        if p.max_connections_percent.is_some() && p.max_total_backend_connections.is_some() {
+            return Err(invalid(
+                "pool.max_connections_percent",
+                "set it or pool.max_total_backend_connections, not both (both cap the connections of all pools)",
+            ));
+        }
         if p.min_idle_backend_connections > p.max_backend_connections {
             return Err(invalid("pool.min_idle_backend_connections", "must not exceed pool.max_backend_connections"));
         }
@@ -337,6 +348,7 @@ impl RawConfig {
         let pool = PoolConfig {
             max_backend_connections: p.max_backend_connections,
             max_total_backend_connections: p.max_total_backend_connections,
+            max_connections_percent: p.max_connections_percent,
             min_idle_backend_connections: p.min_idle_backend_connections,
             borrow_timeout: parse_duration("pool.borrow_timeout", &p.borrow_timeout)?,
             login_timeout: parse_duration("pool.login_timeout", &p.login_timeout)?,

@@ -43,6 +43,19 @@ fn max_total_backend_connections_is_off_by_default_and_never_zero() {
 }
 
 #[test]
+fn max_connections_percent_is_a_percentage_and_not_beside_a_count() {
+    let c = parse("[database]\nhost = \"db\"\n[pool]\nmax_connections_percent = 90\n").unwrap();
+    assert_eq!(c.pool.max_connections_percent, Some(90));
+    for bad in ["0", "101"] {
+        let err = parse(&format!("[database]\nhost = \"db\"\n[pool]\nmax_connections_percent = {bad}\n")).unwrap_err().to_string();
+        assert!(err.starts_with("pool.max_connections_percent: must be between 1 and 100"), "{err}");
+    }
+    let both = "[database]\nhost = \"db\"\n[pool]\nmax_connections_percent = 50\nmax_total_backend_connections = 9\n";
+    let err = parse(both).unwrap_err().to_string();
+    assert!(err.starts_with("pool.max_connections_percent: set it or pool.max_total_backend_connections"), "{err}");
+}
+
+#[test]
 fn session_pinning_filters_take_rds_proxys_one_filter() {
     let c = parse("[database]\nhost = \"db\"\n").unwrap();
     assert!(c.pool.pin_variable_sets, "SETs pin by default, as on RDS Proxy");

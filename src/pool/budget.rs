@@ -1,6 +1,8 @@
 //! The cap on backend connections across every pool (`pool.max_total_backend_connections`:
 //! RDS Proxy's MaxConnectionsPercent as a count, PgBouncer's `max_db_connections` for the one
-//! server pgwarden fronts). A pool takes room here before it opens a connection and gives it
+//! server pgwarden fronts), or as `pool.max_connections_percent` of the database's
+//! `max_connections` (RDS Proxy's own form), learnt at the first backend login and uncapped
+//! until then (that login is the first connection). A pool takes room here before it opens a connection and gives it
 //! back when the connection is gone, so the sum over pools never passes the cap, however many
 //! users and databases clients bring. A pool whose clients wait while it has room of its own
 //! but the cap has none is *blocked*. Room that frees up goes to the blocked pool holding the
@@ -20,8 +22,12 @@ use std::time::Instant;
 use super::{PoolEntry, lock};
 
 pub(super) struct Budget {
-    /// `usize::MAX`: no cap.
-    max: usize,
+    /// `usize::MAX`: no cap (yet, with a percentage).
+    max: AtomicUsize,
+    /// Whether room is counted: a cap is set, or will be once `percent` is applied.
+    counted: bool,
+    /// `pool.max_connections_percent`, applied by [`Budget::learn_database_max`].
+    percent: Option<u8>,
     open: AtomicUsize,
     /// Pools waiting for room, in the order they blocked (see [`Budget::is_first_blocked`]);
     /// `blocked_count` is its length, read without the lock on every release.
@@ -34,9 +40,11 @@ pub(super) struct Budget {
 }
 
 impl Budget {
-    pub(super) fn new(max: Option<usize>) -> Arc<Budget> {
+    pub(super) fn new(max: Option<usize>, percent: Option<u8>) -> Arc<Budget> {
         Arc::new(Budget {
-            max: max.unwrap_or(usize::MAX),
+            max: AtomicUsize::new(max.unwrap_or(usize::MAX)),
+            counted: max.is_some() || percent.is_some(),
+            percent,
             open: AtomicUsize::new(0),
             blocked: Mutex::new(Vec::new()),
             blocked_count: AtomicUsize::new(0),
@@ -46,7 +54,35 @@ impl Budget {
     }
 
     pub(super) fn capped(&self) -> bool {
-        self.max != usize::MAX
+        self.counted
+    }
+
+    /// The cap now, if there is one.
+    pub(super) fn cap(&self) -> Option<usize> {
+        Some(self.max.load(Ordering::Relaxed)).filter(|&m| m != usize::MAX)
+    }
+
+    /// Whether the cap waits for the database's `max_connections` (see
+    /// [`Budget::learn_database_max`]).
+    pub(super) fn needs_database_max(&self) -> bool {
+        self.percent.is_some() && self.cap().is_none()
+    }
+
+    /// Sets the cap from the database's `max_connections` (with `max_connections_percent`);
+    /// returns it.
+    pub(super) fn learn_database_max(&self, max_connections: usize) -> Option<usize> {
+        let percent = usize::from(self.percent?);
+        let cap = (max_connections.saturating_mul(percent) / 100).max(1);
+        if self.max.compare_exchange(usize::MAX, cap, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            tracing::info!(max_connections, percent, cap, "backend connections across all pools capped");
+            self.freed.notify_waiters();
+        }
+        self.cap()
+    }
+
+    /// Pools in the registry or still serving sessions.
+    pub(super) fn live_members(&self) -> usize {
+        lock(&self.members).iter().filter(|w| w.strong_count() > 0).count()
     }
 
     pub(super) fn join(&self, pool: Weak<PoolEntry>) {
@@ -72,7 +108,7 @@ impl Budget {
         }
         let mut open = self.open.load(Ordering::Relaxed);
         loop {
-            let taken = n.min(self.max.saturating_sub(open));
+            let taken = n.min(self.max.load(Ordering::Relaxed).saturating_sub(open));
             if taken == 0 {
                 return 0;
             }

@@ -416,9 +416,33 @@ impl PoolEntry {
 
     /// One backend login, bounded by the pool's open timeout.
     async fn open_within_timeout(&self) -> Result<Box<BackendConn>, BackendError> {
-        match tokio::time::timeout(self.open_timeout, self.manager.open()).await {
-            Ok(opened) => opened.map(Box::new),
+        let open = async {
+            let mut conn = self.manager.open().await?;
+            if self.budget.needs_database_max() {
+                self.learn_database_max(&mut conn).await;
+            }
+            Ok(Box::new(conn))
+        };
+        match tokio::time::timeout(self.open_timeout, open).await {
+            Ok(opened) => opened,
             Err(_) => Err(BackendError::Timeout),
+        }
+    }
+
+    /// `max_connections_percent`: reads the database's `max_connections` on a new connection
+    /// (one round trip, until it is known) and caps all pools with it.
+    async fn learn_database_max(&self, conn: &mut BackendConn) {
+        let row = conn.query_row("SHOW max_connections").await;
+        let max_connections = match &row {
+            Ok((_, Some(row))) => row.first().and_then(|v| v.as_deref()?.parse::<usize>().ok()),
+            _ => None,
+        };
+        match max_connections.and_then(|m| self.budget.learn_database_max(m)) {
+            Some(cap) => {
+                let allowed = self.budget.live_members().saturating_mul(self.max()).min(cap);
+                self.metrics.max_database_connections_allowed.set(allowed as f64);
+            }
+            None => tracing::warn!(result = ?row.map(|r| r.1), "could not read max_connections; all pools stay uncapped for now"),
         }
     }
 

@@ -30,7 +30,7 @@ pub struct Pools {
 
 impl Pools {
     pub fn new(target: DatabaseConfig, tls: Option<Arc<BackendTls>>, cfg: PoolConfig, metrics: Arc<Metrics>) -> Pools {
-        let budget = Budget::new(cfg.max_total_backend_connections);
+        let budget = Budget::new(cfg.max_total_backend_connections, cfg.max_connections_percent);
         let settings = tokio::sync::watch::Sender::new(cfg);
         Pools { target, tls, settings, metrics, map: Mutex::new(HashMap::new()), budget }
     }
@@ -80,7 +80,7 @@ impl Pools {
     fn publish_allowed(&self, pools: usize) {
         let cfg = self.settings.borrow();
         let allowed = pools.saturating_mul(cfg.max_backend_connections);
-        let allowed = cfg.max_total_backend_connections.map_or(allowed, |cap| cap.min(allowed));
+        let allowed = self.budget.cap().map_or(allowed, |cap| cap.min(allowed));
         self.metrics.max_database_connections_allowed.set(allowed as f64);
     }
 
