@@ -123,10 +123,11 @@ pub async fn reload(shared: &Shared, new: Config) -> Result<Reloaded, StartError
     }
     report.removed.sort();
 
-    // New logins find the new entries first; then the old stores' pools leave the registry
-    // (a login that began before is kept out of it: `Pools::entry`).
-    shared.replace_users(users);
+    // The old stores first: a login that began before the reload and reaches `Pools::entry`
+    // from now on is kept out of the registry. Then new logins find the new entries, and the
+    // old stores' pools leave the registry.
     superseded.iter().for_each(|store| store.supersede());
+    shared.replace_users(users);
     if !superseded.is_empty() {
         shared.pools.retire_superseded();
     }

@@ -192,3 +192,33 @@ async fn a_percentage_of_max_connections_caps_all_pools() {
     assert_eq!(query.await.unwrap(), ["next"]);
     assert_eq!(h.shared.pools.total_open(), cap);
 }
+
+/// A burst of clients at start, before any backend has told the cap: one connection opens to
+/// read `max_connections`, the rest wait for the cap, which is never passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_before_the_percentage_is_known_stays_within_it() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_connections_percent = Some(1);
+        c.pool.borrow_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let cap: usize = h.admin("SHOW max_connections").parse::<usize>().unwrap() / 100;
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let conn_str = h.conn_str();
+        burst.spawn(async move {
+            let client = common::connect(&conn_str).await.unwrap();
+            values(&client, &format!("SELECT '{i}' FROM pg_sleep(0.05)")).await == [i.to_string()]
+        });
+    }
+    let mut peak = 0;
+    while !burst.is_empty() {
+        peak = peak.max(h.shared.pools.total_open());
+        match tokio::time::timeout(Duration::from_millis(1), burst.join_next()).await {
+            Ok(Some(answered)) => assert!(answered.unwrap(), "each client its own answer"),
+            Ok(None) | Err(_) => {}
+        }
+    }
+    assert!(peak <= cap, "{peak} connections open or opening, cap {cap}");
+    assert_eq!(h.metric("MaxDatabaseConnectionsAllowed"), cap as f64);
+}

@@ -189,8 +189,16 @@ impl Config {
     }
 }
 
+/// The longest duration any key takes: deadlines are clock readings plus a duration, which a
+/// larger one would overflow. (Timeouts that can be turned off take "off".)
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value).map_err(|e| invalid(key, format!("invalid duration {value:?}: {e}")))
+    let d = humantime::parse_duration(value).map_err(|e| invalid(key, format!("invalid duration {value:?}: {e}")))?;
+    if d > MAX_DURATION {
+        return Err(invalid(key, format!("{value:?} is longer than 10 years")));
+    }
+    Ok(d)
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {

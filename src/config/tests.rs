@@ -43,6 +43,13 @@ fn max_total_backend_connections_is_off_by_default_and_never_zero() {
 }
 
 #[test]
+fn durations_longer_than_ten_years_are_refused_with_the_key() {
+    let err = parse("[database]\nhost = \"db\"\n[pool]\nborrow_timeout = \"500000000years\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("pool.borrow_timeout: \"500000000years\" is longer than 10 years"), "{err}");
+    assert!(parse("[database]\nhost = \"db\"\n[pool]\nborrow_timeout = \"3650days\"\n").is_ok());
+}
+
+#[test]
 fn max_connections_percent_is_a_percentage_and_not_beside_a_count() {
     let c = parse("[database]\nhost = \"db\"\n[pool]\nmax_connections_percent = 90\n").unwrap();
     assert_eq!(c.pool.max_connections_percent, Some(90));

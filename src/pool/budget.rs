@@ -1,8 +1,8 @@
 //! The cap on backend connections across every pool (`pool.max_total_backend_connections`:
 //! RDS Proxy's MaxConnectionsPercent as a count, PgBouncer's `max_db_connections` for the one
 //! server pgwarden fronts), or as `pool.max_connections_percent` of the database's
-//! `max_connections` (RDS Proxy's own form), learnt at the first backend login and uncapped
-//! until then (that login is the first connection). A pool takes room here before it opens a connection and gives it
+//! `max_connections` (RDS Proxy's own form), read on the first backend connection: until then
+//! that one connection is all the room there is. A pool takes room here before it opens a connection and gives it
 //! back when the connection is gone, so the sum over pools never passes the cap, however many
 //! users and databases clients bring. A pool whose clients wait while it has room of its own
 //! but the cap has none is *blocked*. Room that frees up goes to the blocked pool holding the
@@ -15,19 +15,21 @@
 //! blocks. Must not: lock a pool while holding a lock of
 //! its own (pools lock their state first, then this).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use super::{PoolEntry, lock};
 
 pub(super) struct Budget {
-    /// `usize::MAX`: no cap (yet, with a percentage).
+    /// The room: `usize::MAX` for no cap; 1 while a percentage waits for `max_connections`.
     max: AtomicUsize,
     /// Whether room is counted: a cap is set, or will be once `percent` is applied.
     counted: bool,
     /// `pool.max_connections_percent`, applied by [`Budget::learn_database_max`].
     percent: Option<u8>,
+    /// Whether `max` is final (always, without a percentage).
+    settled: AtomicBool,
     open: AtomicUsize,
     /// Pools waiting for room, in the order they blocked (see [`Budget::is_first_blocked`]);
     /// `blocked_count` is its length, read without the lock on every release.
@@ -42,9 +44,11 @@ pub(super) struct Budget {
 impl Budget {
     pub(super) fn new(max: Option<usize>, percent: Option<u8>) -> Arc<Budget> {
         Arc::new(Budget {
-            max: AtomicUsize::new(max.unwrap_or(usize::MAX)),
+            // (With a percentage: one connection, to read max_connections on.)
+            max: AtomicUsize::new(if percent.is_some() { 1 } else { max.unwrap_or(usize::MAX) }),
             counted: max.is_some() || percent.is_some(),
             percent,
+            settled: AtomicBool::new(percent.is_none()),
             open: AtomicUsize::new(0),
             blocked: Mutex::new(Vec::new()),
             blocked_count: AtomicUsize::new(0),
@@ -57,24 +61,34 @@ impl Budget {
         self.counted
     }
 
-    /// The cap now, if there is one.
+    /// The cap, once known, if there is one.
     pub(super) fn cap(&self) -> Option<usize> {
+        if !self.settled.load(Ordering::Acquire) {
+            return None;
+        }
         Some(self.max.load(Ordering::Relaxed)).filter(|&m| m != usize::MAX)
     }
 
     /// Whether the cap waits for the database's `max_connections` (see
     /// [`Budget::learn_database_max`]).
     pub(super) fn needs_database_max(&self) -> bool {
-        self.percent.is_some() && self.cap().is_none()
+        !self.settled.load(Ordering::Acquire)
     }
 
-    /// Sets the cap from the database's `max_connections` (with `max_connections_percent`);
-    /// returns it.
-    pub(super) fn learn_database_max(&self, max_connections: usize) -> Option<usize> {
+    /// Sets the cap from the database's `max_connections` (with `max_connections_percent`),
+    /// or lifts it (`None`: not readable); returns it.
+    pub(super) fn learn_database_max(&self, max_connections: Option<usize>) -> Option<usize> {
         let percent = usize::from(self.percent?);
-        let cap = (max_connections.saturating_mul(percent) / 100).max(1);
-        if self.max.compare_exchange(usize::MAX, cap, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            tracing::info!(max_connections, percent, cap, "backend connections across all pools capped");
+        let cap = max_connections.map_or(usize::MAX, |m| (m.saturating_mul(percent) / 100).max(1));
+        if !self.settled.swap(true, Ordering::AcqRel) {
+            self.max.store(cap, Ordering::Release);
+            match max_connections {
+                Some(max_connections) => {
+                    tracing::info!(max_connections, percent, cap, "backend connections across all pools capped")
+                }
+                None => tracing::warn!("could not read max_connections: pool.max_connections_percent caps nothing"),
+            }
+            // (Pools blocked on the one connection allowed meanwhile take the rest.)
             self.freed.notify_waiters();
         }
         self.cap()

@@ -419,7 +419,7 @@ impl PoolEntry {
         let open = async {
             let mut conn = self.manager.open().await?;
             if self.budget.needs_database_max() {
-                self.learn_database_max(&mut conn).await;
+                self.learn_database_max(&mut conn).await?;
             }
             Ok(Box::new(conn))
         };
@@ -429,21 +429,21 @@ impl PoolEntry {
         }
     }
 
-    /// `max_connections_percent`: reads the database's `max_connections` on a new connection
-    /// (one round trip, until it is known) and caps all pools with it.
-    async fn learn_database_max(&self, conn: &mut BackendConn) {
-        let row = conn.query_row("SHOW max_connections").await;
-        let max_connections = match &row {
-            Ok((_, Some(row))) => row.first().and_then(|v| v.as_deref()?.parse::<usize>().ok()),
-            _ => None,
-        };
-        match max_connections.and_then(|m| self.budget.learn_database_max(m)) {
-            Some(cap) => {
-                let allowed = self.budget.live_members().saturating_mul(self.max()).min(cap);
-                self.metrics.max_database_connections_allowed.set(allowed as f64);
-            }
-            None => tracing::warn!(result = ?row.map(|r| r.1), "could not read max_connections; all pools stay uncapped for now"),
+    /// `max_connections_percent`: reads the database's `max_connections` on the first new
+    /// connection (one round trip) and caps all pools with it. A connection that fails the
+    /// query fails as a login would (it may be mid-answer); an answer that is no number lifts
+    /// the cap, with a warning.
+    async fn learn_database_max(&self, conn: &mut BackendConn) -> Result<(), BackendError> {
+        let (status, row) = conn.query_row("SHOW max_connections").await?;
+        if status != crate::protocol::TxStatus::Idle {
+            return Err(crate::protocol::ProtocolError::Malformed("SHOW max_connections left a transaction open").into());
         }
+        let max_connections = row.as_ref().and_then(|r| r.first()?.as_deref()?.parse::<usize>().ok());
+        if let Some(cap) = self.budget.learn_database_max(max_connections) {
+            let allowed = self.budget.live_members().saturating_mul(self.max()).min(cap);
+            self.metrics.max_database_connections_allowed.set(allowed as f64);
+        }
+        Ok(())
     }
 
     fn record_borrow(&self, start: Instant) {

@@ -52,7 +52,8 @@ impl Pools {
             let old_timeout = entry.borrow_timeout.get();
             entry.borrow_timeout.set(cfg.borrow_timeout);
             for q in st.waiting.iter_mut() {
-                q.deadline = (q.deadline + cfg.borrow_timeout).checked_sub(old_timeout).unwrap_or(q.deadline);
+                // (Both timeouts are at most ten years: see `config`.)
+                q.deadline = q.deadline.checked_add(cfg.borrow_timeout).and_then(|d| d.checked_sub(old_timeout)).unwrap_or(q.deadline);
             }
             for _ in st.open..cfg.max_backend_connections.min(st.open + st.waiting.len()) {
                 entry.offer_free_room(&mut st);
