@@ -165,15 +165,21 @@ async fn three_busy_pools_share_a_cap_smaller_than_any_one_of_them() {
     assert_eq!(h.metric("pgwarden_borrow_timeouts"), 0.0);
 }
 
+/// A harness capped at 1% of PostgreSQL's `max_connections` (300 in the test clusters: 3,
+/// below the pool's size of 5).
+async fn capped_at_one_percent() -> Harness {
+    Harness::start_with(|c| {
+        c.pool.max_connections_percent = Some(1);
+        c.pool.borrow_timeout = Duration::from_secs(20);
+    })
+    .await
+}
+
 /// RDS Proxy's form of the cap: a percentage of the database's `max_connections` (300 in the
 /// test clusters), read at the first login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_percentage_of_max_connections_caps_all_pools() {
-    let h = Harness::start_with(|c| {
-        c.pool.max_connections_percent = Some(1);
-        c.pool.borrow_timeout = Duration::from_secs(20);
-    })
-    .await;
+    let h = capped_at_one_percent().await;
     let max_connections: usize = h.admin("SHOW max_connections").parse().unwrap();
     let cap = max_connections / 100;
     assert!(cap < h.env.config.pool.max_backend_connections, "the cap, not the pool's size, must be what binds");
@@ -197,11 +203,7 @@ async fn a_percentage_of_max_connections_caps_all_pools() {
 /// read `max_connections`, the rest wait for the cap, which is never passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_before_the_percentage_is_known_stays_within_it() {
-    let h = Harness::start_with(|c| {
-        c.pool.max_connections_percent = Some(1);
-        c.pool.borrow_timeout = Duration::from_secs(20);
-    })
-    .await;
+    let h = capped_at_one_percent().await;
     let cap: usize = h.admin("SHOW max_connections").parse::<usize>().unwrap() / 100;
     let mut burst = tokio::task::JoinSet::new();
     for i in 0..8 {

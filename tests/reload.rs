@@ -11,6 +11,17 @@ use common::{Harness, first_column as values, sqlstate};
 use pgwarden::config::IamAuth;
 use pgwarden::reload::{ReloadError, reload, reload_file};
 
+/// `n` clients, each inside an open transaction (holding a backend).
+async fn hold_in_transactions(h: &Harness, n: usize) -> Vec<tokio_postgres::Client> {
+    let mut holders = Vec::new();
+    for _ in 0..n {
+        let c = h.client().await;
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        holders.push(c);
+    }
+    holders
+}
+
 /// The configuration the harness runs now.
 async fn running(h: &Harness) -> pgwarden::config::Config {
     h.shared.running_config().await
@@ -49,12 +60,7 @@ async fn users_come_and_go_without_dropping_connected_clients() {
 async fn a_larger_pool_serves_waiting_clients_and_a_smaller_one_closes_connections() {
     let h = Harness::start_with(|c| c.pool.borrow_timeout = Duration::from_secs(60)).await;
     // Five clients hold the pool's five connections in open transactions.
-    let mut holders = Vec::new();
-    for _ in 0..5 {
-        let c = h.client().await;
-        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
-        holders.push(c);
-    }
+    let holders = hold_in_transactions(&h, 5).await;
     let waiting = h.client().await;
     let query = tokio::spawn(async move { values(&waiting, "SELECT 'served'").await });
     common::until_waiting(&h.dev_pool(), 1).await;
@@ -94,12 +100,7 @@ async fn a_larger_pool_serves_waiting_clients_and_a_smaller_one_closes_connectio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shorter_borrow_timeout_applies_to_clients_already_waiting() {
     let h = Harness::start_with(|c| c.pool.borrow_timeout = Duration::from_secs(120)).await;
-    let mut holders = Vec::new();
-    for _ in 0..5 {
-        let c = h.client().await;
-        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
-        holders.push(c);
-    }
+    let holders = hold_in_transactions(&h, 5).await;
     let waiting = h.client().await;
     let query = tokio::spawn(async move { waiting.simple_query("SELECT 1").await.map(|_| ()) });
     common::until_waiting(&h.dev_pool(), 1).await;
