@@ -44,7 +44,7 @@ async fn users_come_and_go_without_dropping_connected_clients() {
     // no secret for; the session already open carries on.
     config.credentials.retain(|c| c.user != h.env.user);
     let report = reload(&h.shared, config).await.unwrap();
-    assert_eq!(report.removed, [h.env.user.clone()]);
+    assert_eq!(report.removed, [h.env.user.as_str()]);
     let err = h.client_result().await.err().expect("a removed user cannot log in");
     assert_eq!(sqlstate(&err).as_deref(), Some("28000"));
     let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
@@ -137,7 +137,7 @@ async fn a_replaced_credential_entry_serves_new_logins_from_a_new_pool() {
     pgwarden::dev::write_private(&moved, secret.to_string().as_bytes()).unwrap();
     config.credentials[dev].source = pgwarden::config::SourceConfig::File { path: moved };
     let report = reload(&h.shared, config).await.unwrap();
-    assert_eq!(report.replaced, [h.env.user.clone()]);
+    assert_eq!(report.replaced, [h.env.user.as_str()]);
     let new_client = common::connect(&h.conn_str_with_password("moved-Pa55word")).await.expect("the new secret's password");
     assert_eq!(values(&new_client, "SELECT 'new'").await, ["new"]);
     assert!(!std::sync::Arc::ptr_eq(&old_pool, &h.dev_pool()));
