@@ -67,10 +67,10 @@ impl Pools {
 
     /// Takes the pools whose credential entry a reload removed or replaced
     /// ([`CredentialStore::supersede`]) out of the registry: clients that log in from now on get
-    /// new pools (with the new credential source). An old pool serves the sessions it has on
-    /// the connections it has (a replaced credential may no longer log in), keeps none warm
-    /// beyond them (`min_idle`), and closes them when its last session has ended (see
-    /// `Drop for PoolEntry`).
+    /// new pools (with the new credential source). An old pool keeps serving the sessions it
+    /// has (a connection it opens for them logs in with its old credential, which may no longer
+    /// work: keep the old password valid until they have gone), warms none (`min_idle`), and
+    /// closes its connections when its last session has ended (see `Drop for PoolEntry`).
     pub fn retire_superseded(&self) {
         let mut map = lock(&self.map);
         map.retain(|_, e| !e.manager.superseded());
