@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -17,7 +18,7 @@ use crate::audit::AuditLog;
 use crate::auth::UserEntry;
 use crate::auth::iam::{IamVerifier, KeyringLoadError};
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, CredentialConfig, SourceConfig};
+use crate::config::{Config, CredentialConfig, PoolConfig, SourceConfig};
 use crate::credentials::aws::SecretsManagerSource;
 use crate::credentials::file::FileSource;
 use crate::credentials::{CredentialError, CredentialSource, CredentialStore};
@@ -35,6 +36,8 @@ pub struct Shared {
     users: RwLock<Arc<HashMap<String, Arc<UserEntry>>>>,
     /// The configuration as the last reload left it (= `config` until one).
     pub(crate) running: tokio::sync::Mutex<Config>,
+    /// The session timeouts a reload changes, for clients that log in after it.
+    pub session_timeouts: SessionTimeouts,
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
@@ -65,6 +68,35 @@ pub enum StartError {
     Keyring(#[from] KeyringLoadError),
     #[error("audit.output: {0}")]
     Audit(#[source] std::io::Error),
+}
+
+/// `pool.login_timeout` and `pool.idle_client_timeout`, which a reload may change (nanoseconds;
+/// `u64::MAX`: off). A session reads them once, when it starts.
+pub struct SessionTimeouts {
+    login: AtomicU64,
+    idle_client: AtomicU64,
+}
+
+impl SessionTimeouts {
+    fn new(pool: &PoolConfig) -> SessionTimeouts {
+        let timeouts = SessionTimeouts { login: AtomicU64::new(0), idle_client: AtomicU64::new(0) };
+        timeouts.set(pool);
+        timeouts
+    }
+
+    pub(crate) fn set(&self, pool: &PoolConfig) {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.login.store(nanos(pool.login_timeout), Ordering::Relaxed);
+        self.idle_client.store(pool.idle_client_timeout.map_or(u64::MAX, nanos), Ordering::Relaxed);
+    }
+
+    pub fn login(&self) -> Duration {
+        Duration::from_nanos(self.login.load(Ordering::Relaxed))
+    }
+
+    pub fn idle_client(&self) -> Option<Duration> {
+        Some(self.idle_client.load(Ordering::Relaxed)).filter(|&n| n != u64::MAX).map(Duration::from_nanos)
+    }
 }
 
 impl Shared {
@@ -154,6 +186,7 @@ impl Server {
         let pools = Pools::new(config.database.clone(), backend_tls, config.pool.clone(), Arc::clone(&metrics));
         let cancels = Arc::new(CancelRegistry::default());
         let shared = Arc::new(Shared {
+            session_timeouts: SessionTimeouts::new(&config.pool),
             running: tokio::sync::Mutex::new(config.clone()),
             config,
             users: RwLock::new(Arc::new(users)),

@@ -1,13 +1,14 @@
 //! Reloading the configuration file while pgwarden serves: on SIGHUP, as PgBouncer reloads
 //! its file (RDS Proxy likewise applies a changed target group without a restart). A reload
-//! changes the credential entries (users added, removed, or pointed at another source) and the
+//! changes the credential entries (users added, removed, or pointed at another source), the
 //! pools' size and timing: `max_backend_connections`, `min_idle_backend_connections`,
 //! `borrow_timeout`, `backend_idle_timeout`, `backend_max_lifetime`,
-//! `backend_login_retry_delay`. Everything else is bound at start (the listen address, the
+//! `backend_login_retry_delay`, and the session timeouts `login_timeout` and
+//! `idle_client_timeout` (for clients that log in after the reload). Everything else is bound at start (the listen address, the
 //! database, TLS, IAM, metrics, the audit log, the caps on clients and on all pools (count or
 //! `max_connections_percent`), and the
-//! session settings `login_timeout`, `idle_client_timeout`, `max_message_bytes`,
-//! `session_pinning_filters`, `max_prepared_statements`): a changed value there is named in the
+//! session settings `max_message_bytes`, `session_pinning_filters`,
+//! `max_prepared_statements`): a changed value there is named in the
 //! log as needing a restart and the running one kept (the session settings are read from the
 //! configuration pgwarden started with). A file that does not load, or a new credential whose
 //! first fetch fails, changes nothing. Connected clients are never dropped: a removed user's
@@ -138,9 +139,12 @@ pub async fn reload(shared: &Shared, new: Config) -> Result<Reloaded, StartError
     pool.backend_idle_timeout = new.pool.backend_idle_timeout;
     pool.backend_max_lifetime = new.pool.backend_max_lifetime;
     pool.backend_login_retry_delay = new.pool.backend_login_retry_delay;
+    pool.login_timeout = new.pool.login_timeout;
+    pool.idle_client_timeout = new.pool.idle_client_timeout;
     if pool != running.pool {
         report.pool_changed = true;
         shared.pools.reconfigure(&pool);
+        shared.session_timeouts.set(&pool);
         running.pool = pool;
     }
     running.credentials = new.credentials;
@@ -163,8 +167,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("pool.max_client_connections", a.max_client_connections != b.max_client_connections),
         ("pool.max_total_backend_connections", a.max_total_backend_connections != b.max_total_backend_connections),
         ("pool.max_connections_percent", a.max_connections_percent != b.max_connections_percent),
-        ("pool.login_timeout", a.login_timeout != b.login_timeout),
-        ("pool.idle_client_timeout", a.idle_client_timeout != b.idle_client_timeout),
         ("pool.max_message_bytes", a.max_message_bytes != b.max_message_bytes),
         ("pool.session_pinning_filters", a.pin_variable_sets != b.pin_variable_sets),
         ("pool.max_prepared_statements", a.max_prepared_statements != b.max_prepared_statements),
@@ -190,7 +192,10 @@ mod tests {
     #[test]
     fn live_pool_keys_need_no_restart() {
         let old = config("");
-        let new = config("max_backend_connections = 7\nborrow_timeout = \"5s\"\nmin_idle_backend_connections = 2\nbackend_idle_timeout = \"1m\"\nbackend_max_lifetime = \"2h\"\nbackend_login_retry_delay = \"3s\"");
+        let new = config(
+            "max_backend_connections = 7\nborrow_timeout = \"5s\"\nmin_idle_backend_connections = 2\nbackend_idle_timeout = \"1m\"\n\
+             backend_max_lifetime = \"2h\"\nbackend_login_retry_delay = \"3s\"\nlogin_timeout = \"9s\"\nidle_client_timeout = \"off\"",
+        );
         assert_ne!(old.pool, new.pool);
         assert_eq!(restart_only_changes(&old, &new), Vec::<&str>::new());
     }
@@ -198,10 +203,10 @@ mod tests {
     #[test]
     fn bound_keys_are_named() {
         let old = config("");
-        let new = config("max_message_bytes = 1024\nidle_client_timeout = \"1m\"\nmax_total_backend_connections = 9");
+        let new = config("max_message_bytes = 1024\nmax_prepared_statements = 5\nmax_total_backend_connections = 9");
         assert_eq!(
             restart_only_changes(&old, &new),
-            ["pool.max_total_backend_connections", "pool.idle_client_timeout", "pool.max_message_bytes"]
+            ["pool.max_total_backend_connections", "pool.max_message_bytes", "pool.max_prepared_statements"]
         );
         let mut moved = old.clone();
         moved.database.port = 5433;

@@ -175,6 +175,21 @@ async fn a_reload_that_cannot_load_changes_nothing() {
     assert!(h.client_result().await.is_ok(), "the configured user still logs in");
 }
 
+#[tokio::test]
+async fn a_new_idle_client_timeout_applies_to_clients_that_log_in_after() {
+    let h = Harness::start().await;
+    let before = h.client().await;
+    let mut config = running(&h).await;
+    config.pool.idle_client_timeout = Some(Duration::from_millis(200));
+    let report = reload(&h.shared, config).await.unwrap();
+    assert!(report.pool_changed && report.needs_restart.is_empty(), "{report:?}");
+    let mut after = common::RawClient::connect(h.addr).await;
+    after.login(&h.env.user, &h.env.database, h.env.password()).await;
+    after.expect_fatal_then_close("57P05").await;
+    // (The client from before keeps the timeout it logged in with: 30 minutes.)
+    assert_eq!(values(&before, "SELECT 1").await, ["1"]);
+}
+
 /// `pgwarden serve` itself: a user added to its file logs in after a SIGHUP.
 #[tokio::test]
 async fn serve_reloads_its_file_on_sighup() {

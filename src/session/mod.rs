@@ -50,7 +50,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: S
         tracked: None,
     };
     let login = Box::pin(tokio::time::timeout(
-        shared.config.pool.login_timeout,
+        shared.session_timeouts.login(),
         startup::login(&shared, &mut client, peer, id),
     ))
     .await;
@@ -90,7 +90,7 @@ async fn transactions(
 ) -> Result<(), SessionError> {
     // One timer per session, re-armed lazily: it fires at most once per `idle_client_timeout`
     // while the client is busy, instead of being registered and cleared on every transaction.
-    let limit = shared.config.pool.idle_client_timeout;
+    let limit = shared.session_timeouts.idle_client();
     let mut idle_timer = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
     // Polled once per deadline: the timer keeps this task's waker until it fires, so later
     // waits read whether it has fired (an atomic load) instead of polling it again.
@@ -319,7 +319,7 @@ async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut cra
     use std::future::Future;
     use std::task::Poll;
     let mut drain = std::pin::pin!(shared.drain.started_wait());
-    let limit = shared.config.pool.idle_client_timeout;
+    let limit = shared.session_timeouts.idle_client();
     let mut idle = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = client.stream.poll_read_some(cx, &mut client.buf) {
