@@ -18,7 +18,7 @@ use crate::audit::AuditLog;
 use crate::auth::UserEntry;
 use crate::auth::iam::{IamVerifier, KeyringLoadError};
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, CredentialConfig, PoolConfig, SourceConfig};
+use crate::config::{Config, CredentialConfig, LiveDuration, PoolConfig, SourceConfig};
 use crate::credentials::aws::SecretsManagerSource;
 use crate::credentials::file::FileSource;
 use crate::credentials::{CredentialError, CredentialSource, CredentialStore};
@@ -70,32 +70,29 @@ pub enum StartError {
     Audit(#[source] std::io::Error),
 }
 
-/// `pool.login_timeout` and `pool.idle_client_timeout`, which a reload may change (nanoseconds;
-/// `u64::MAX`: off). A session reads them once, when it starts.
+/// `pool.login_timeout` and `pool.idle_client_timeout`, which a reload may change. A session
+/// reads them once, when it starts.
 pub struct SessionTimeouts {
-    login: AtomicU64,
-    idle_client: AtomicU64,
+    login: LiveDuration,
+    idle_client: LiveDuration,
 }
 
 impl SessionTimeouts {
     fn new(pool: &PoolConfig) -> SessionTimeouts {
-        let timeouts = SessionTimeouts { login: AtomicU64::new(0), idle_client: AtomicU64::new(0) };
-        timeouts.set(pool);
-        timeouts
+        SessionTimeouts { login: LiveDuration::new(Some(pool.login_timeout)), idle_client: LiveDuration::new(pool.idle_client_timeout) }
     }
 
     pub(crate) fn set(&self, pool: &PoolConfig) {
-        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 1);
-        self.login.store(nanos(pool.login_timeout), Ordering::Relaxed);
-        self.idle_client.store(pool.idle_client_timeout.map_or(u64::MAX, nanos), Ordering::Relaxed);
+        self.login.set(Some(pool.login_timeout));
+        self.idle_client.set(pool.idle_client_timeout);
     }
 
     pub fn login(&self) -> Duration {
-        Duration::from_nanos(self.login.load(Ordering::Relaxed))
+        self.login.get().unwrap_or_default()
     }
 
     pub fn idle_client(&self) -> Option<Duration> {
-        Some(self.idle_client.load(Ordering::Relaxed)).filter(|&n| n != u64::MAX).map(Duration::from_nanos)
+        self.idle_client.get()
     }
 }
 

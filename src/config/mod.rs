@@ -205,5 +205,29 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| invalid(key, format!("{value:?} is not an address like 127.0.0.1:6432")))
 }
 
+/// A duration setting a reload may change while it is in use (`reload`); each read takes the
+/// value current then. `None` is "off" (a key that takes "off").
+pub struct LiveDuration(std::sync::atomic::AtomicU64);
+
+impl LiveDuration {
+    /// (Nanoseconds; `u64::MAX` is off. Durations are at most ten years, see `parse_duration`.)
+    const OFF: u64 = u64::MAX;
+
+    pub fn new(d: Option<Duration>) -> LiveDuration {
+        let live = LiveDuration(std::sync::atomic::AtomicU64::new(Self::OFF));
+        live.set(d);
+        live
+    }
+
+    pub fn get(&self) -> Option<Duration> {
+        Some(self.0.load(std::sync::atomic::Ordering::Relaxed)).filter(|&n| n != Self::OFF).map(Duration::from_nanos)
+    }
+
+    pub fn set(&self, d: Option<Duration>) {
+        let nanos = d.map_or(Self::OFF, |d| u64::try_from(d.as_nanos()).unwrap_or(Self::OFF - 1).min(Self::OFF - 1));
+        self.0.store(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests;

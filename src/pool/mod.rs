@@ -35,7 +35,7 @@ mod upkeep;
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::backend::{BackendConn, BackendError};
+use crate::config::LiveDuration;
 use crate::credentials::{Generation, LoginFingerprint};
 use crate::metrics::Metrics;
 use crate::protocol::SqlState;
@@ -126,25 +127,6 @@ impl State {
     }
 }
 
-/// A duration a reload may change while the pool runs; each read takes the value current then.
-struct LiveDuration(AtomicU64);
-
-impl LiveDuration {
-    fn new(d: Duration) -> LiveDuration {
-        let live = LiveDuration(AtomicU64::new(0));
-        live.set(d);
-        live
-    }
-
-    fn get(&self) -> Duration {
-        Duration::from_nanos(self.0.load(Ordering::Relaxed))
-    }
-
-    fn set(&self, d: Duration) {
-        self.0.store(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -162,6 +144,7 @@ pub struct PoolEntry {
     /// The room across all pools, and how much of it this one holds (= `State::open`).
     budget: Arc<Budget>,
     budget_held: AtomicUsize,
+    /// (Never off.)
     borrow_timeout: LiveDuration,
     open_timeout: Duration,
     login_retry_delay: LiveDuration,
@@ -230,6 +213,11 @@ impl PoolEntry {
         self.max.load(Ordering::Relaxed)
     }
 
+    /// The borrow timeout now (see `Pools::reconfigure`).
+    fn borrow_timeout(&self) -> Duration {
+        self.borrow_timeout.get().unwrap_or_default()
+    }
+
     /// Borrows a backend: an idle one if there is one, else the first to come of a new one (if
     /// the pool has room) and one released by another client; else the client waits its turn,
     /// up to the borrow timeout.
@@ -252,7 +240,7 @@ impl PoolEntry {
                         let has_room = st.open < self.max() && !st.held();
                         // (Blocked, room goes to the clients queued first, by the queue timer.)
                         let opens = has_room && !st.budget_blocked && self.budget.take(self, 1) == 1;
-                        let deadline = start + self.borrow_timeout.get();
+                        let deadline = start + self.borrow_timeout();
                         st.waiting.push_back(Queued { deadline, waiter: Arc::clone(&w), opening: opens });
                         if opens {
                             st.open += 1;
@@ -483,7 +471,7 @@ impl PoolEntry {
             if let Wait::Waiting(waker, deposit) = std::mem::replace(&mut *slot, Wait::Gone) {
                 // Recorded here: the client may only run again once the backend answered.
                 let now = Instant::now();
-                let queued_at = deadline.checked_sub(self.borrow_timeout.get()).unwrap_or(now);
+                let queued_at = deadline.checked_sub(self.borrow_timeout()).unwrap_or(now);
                 self.metrics.database_connections_borrow_latency.record(now.saturating_duration_since(queued_at));
                 let sent = deposit.as_ref().map_or(0, |d| presend(&conn, d));
                 if let (Some(d), true) = (&deposit, sent > 0) {
@@ -558,7 +546,7 @@ impl PoolEntry {
     /// (`opening`), or whose login failed.
     fn queue_at_front(&self, st: &mut State, start: Instant, opening: bool) -> Waiter {
         let w = new_waiter();
-        st.waiting.push_front(Queued { deadline: start + self.borrow_timeout.get(), waiter: Arc::clone(&w), opening });
+        st.waiting.push_front(Queued { deadline: start + self.borrow_timeout(), waiter: Arc::clone(&w), opening });
         w
     }
 
@@ -572,7 +560,7 @@ impl PoolEntry {
         let mut st = lock(&self.state);
         st.open -= 1;
         self.budget.give_back(self);
-        let retry_delay = self.login_retry_delay.get();
+        let retry_delay = self.login_retry_delay.get().unwrap_or_default();
         if st.live.load(Ordering::Relaxed) > 0 && !retry_delay.is_zero() {
             st.login_hold = Some(Instant::now() + retry_delay);
             drop(st);

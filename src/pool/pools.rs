@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use super::budget::Budget;
 use super::manager::BackendManager;
 use super::upkeep::{spawn_janitor, spawn_queue_timer};
-use super::{LiveDuration, PoolEntry, PoolKey, State, lock};
-use crate::config::{DatabaseConfig, PoolConfig};
+use super::{PoolEntry, PoolKey, State, lock};
+use crate::config::{DatabaseConfig, LiveDuration, PoolConfig};
 use crate::credentials::CredentialStore;
 use crate::metrics::Metrics;
 use crate::tls::BackendTls;
@@ -47,10 +47,10 @@ impl Pools {
         let entries: Vec<Arc<PoolEntry>> = lock(&self.map).values().cloned().collect();
         for entry in &entries {
             entry.max.store(cfg.max_backend_connections, Ordering::Relaxed);
-            entry.login_retry_delay.set(cfg.backend_login_retry_delay);
+            entry.login_retry_delay.set(Some(cfg.backend_login_retry_delay));
             let mut st = lock(&entry.state);
-            let old_timeout = entry.borrow_timeout.get();
-            entry.borrow_timeout.set(cfg.borrow_timeout);
+            let old_timeout = entry.borrow_timeout();
+            entry.borrow_timeout.set(Some(cfg.borrow_timeout));
             for q in st.waiting.iter_mut() {
                 // (Both timeouts are at most ten years: see `config`.)
                 q.deadline = q.deadline.checked_add(cfg.borrow_timeout).and_then(|d| d.checked_sub(old_timeout)).unwrap_or(q.deadline);
@@ -141,9 +141,9 @@ impl Pools {
             max: AtomicUsize::new(cfg.max_backend_connections),
             budget: Arc::clone(&self.budget),
             budget_held: AtomicUsize::new(0),
-            borrow_timeout: LiveDuration::new(cfg.borrow_timeout),
+            borrow_timeout: LiveDuration::new(Some(cfg.borrow_timeout)),
             open_timeout: self.target.connect_timeout.saturating_mul(3),
-            login_retry_delay: LiveDuration::new(cfg.backend_login_retry_delay),
+            login_retry_delay: LiveDuration::new(Some(cfg.backend_login_retry_delay)),
             wake_timer: Arc::new(tokio::sync::Notify::new()),
             metrics: Arc::clone(&self.metrics),
         });

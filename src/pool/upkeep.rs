@@ -157,7 +157,7 @@ pub(super) fn spawn_queue_timer(entry: Weak<PoolEntry>, wake: Arc<tokio::sync::N
                 if blocked {
                     entry.budget.reclaim_idle(&entry);
                 }
-                (now, next, entry.borrow_timeout.get(), blocked)
+                (now, next, entry.borrow_timeout(), blocked)
             };
             // (A zero borrow timeout must not spin.)
             let at = next.unwrap_or(now + timeout).max(now + Duration::from_millis(1));
