@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 
 use crate::audit::AuditLog;
 use crate::auth::UserEntry;
@@ -24,6 +24,7 @@ use crate::credentials::file::FileSource;
 use crate::credentials::{CredentialError, CredentialSource, CredentialStore};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
+use crate::relay::RelayLimits;
 use crate::session::{self, SessionId};
 use crate::tls::{BackendTls, ClientTls, TlsError};
 
@@ -36,8 +37,10 @@ pub struct Shared {
     users: RwLock<Arc<HashMap<String, Arc<UserEntry>>>>,
     /// The configuration as the last reload left it (= `config` until one).
     pub(crate) running: tokio::sync::Mutex<Config>,
-    /// The session timeouts a reload changes, for clients that log in after it.
-    pub session_timeouts: SessionTimeouts,
+    /// Connected clients, against `pool.max_client_connections`.
+    pub(crate) client_slots: Arc<ClientSlots>,
+    /// The session settings a reload changes, for clients that connect after it.
+    pub session_defaults: SessionDefaults,
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
@@ -70,21 +73,28 @@ pub enum StartError {
     Audit(#[source] std::io::Error),
 }
 
-/// `pool.login_timeout` and `pool.idle_client_timeout`, which a reload may change. A session
-/// reads them once, when it starts.
-pub struct SessionTimeouts {
+/// What a session takes from the pool settings when it starts, which a reload changes for
+/// the sessions that start after it: `pool.login_timeout`, `pool.idle_client_timeout`, and the
+/// relay's limits (`max_message_bytes`, `max_prepared_statements`, `session_pinning_filters`).
+pub struct SessionDefaults {
     login: LiveDuration,
     idle_client: LiveDuration,
+    limits: RwLock<RelayLimits>,
 }
 
-impl SessionTimeouts {
-    fn new(pool: &PoolConfig) -> SessionTimeouts {
-        SessionTimeouts { login: LiveDuration::new(Some(pool.login_timeout)), idle_client: LiveDuration::new(pool.idle_client_timeout) }
+impl SessionDefaults {
+    fn new(pool: &PoolConfig) -> SessionDefaults {
+        SessionDefaults {
+            login: LiveDuration::new(Some(pool.login_timeout)),
+            idle_client: LiveDuration::new(pool.idle_client_timeout),
+            limits: RwLock::new(RelayLimits::of(pool)),
+        }
     }
 
     pub(crate) fn set(&self, pool: &PoolConfig) {
         self.login.set(Some(pool.login_timeout));
         self.idle_client.set(pool.idle_client_timeout);
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = RelayLimits::of(pool);
     }
 
     pub fn login(&self) -> Duration {
@@ -93,6 +103,10 @@ impl SessionTimeouts {
 
     pub fn idle_client(&self) -> Option<Duration> {
         self.idle_client.get()
+    }
+
+    pub fn limits(&self) -> RelayLimits {
+        *self.limits.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -134,11 +148,67 @@ pub(crate) async fn load_user(c: &CredentialConfig, metrics: &Arc<Metrics>) -> R
     Ok(UserEntry::new(c.user.clone(), store, c.iam_auth))
 }
 
+/// Connected clients, counted against `pool.max_client_connections`, which a reload changes:
+/// lowered below the count, new clients are turned away until enough have left (none is
+/// dropped). Only the accept loop takes a slot, so the check and the count cannot race.
+pub(crate) struct ClientSlots {
+    connected: AtomicUsize,
+    max: AtomicUsize,
+    /// Told when the last client leaves (for the shutdown drain).
+    emptied: Notify,
+}
+
+/// One connected client's place; given back when dropped.
+pub(crate) struct ClientSlot(Arc<ClientSlots>);
+
+impl ClientSlots {
+    fn new(max: usize) -> Arc<ClientSlots> {
+        Arc::new(ClientSlots { connected: AtomicUsize::new(0), max: AtomicUsize::new(max), emptied: Notify::new() })
+    }
+
+    /// A place for one more client, or the limit that leaves none.
+    fn take(self: &Arc<Self>) -> Result<ClientSlot, usize> {
+        let max = self.max.load(Ordering::Relaxed);
+        if self.connected.load(Ordering::Acquire) >= max {
+            return Err(max);
+        }
+        self.connected.fetch_add(1, Ordering::AcqRel);
+        Ok(ClientSlot(Arc::clone(self)))
+    }
+
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connected(&self) -> usize {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Completes once no client is connected.
+    async fn all_gone(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            emptied.as_mut().enable();
+            if self.connected() == 0 {
+                return;
+            }
+            emptied.await;
+        }
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if self.0.connected.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.emptied.notify_waiters();
+        }
+    }
+}
+
 pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
-    /// Caps concurrent clients; a permit lives as long as its session.
-    client_slots: Arc<Semaphore>,
 }
 
 impl Server {
@@ -179,11 +249,11 @@ impl Server {
             None => None,
         };
         let audit = AuditLog::open(&config.audit).map_err(StartError::Audit)?;
-        let client_slots = Arc::new(Semaphore::new(config.pool.max_client_connections));
         let pools = Pools::new(config.database.clone(), backend_tls, config.pool.clone(), Arc::clone(&metrics));
         let cancels = Arc::new(CancelRegistry::default());
         let shared = Arc::new(Shared {
-            session_timeouts: SessionTimeouts::new(&config.pool),
+            session_defaults: SessionDefaults::new(&config.pool),
+            client_slots: ClientSlots::new(config.pool.max_client_connections),
             running: tokio::sync::Mutex::new(config.clone()),
             config,
             users: RwLock::new(Arc::new(users)),
@@ -196,7 +266,7 @@ impl Server {
             audit,
             drain,
         });
-        Ok(Server { shared, listener, client_slots })
+        Ok(Server { shared, listener })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -227,17 +297,17 @@ impl Server {
                 }
             };
             let id = SessionId(next_id.fetch_add(1, Ordering::Relaxed));
-            match Arc::clone(&self.client_slots).try_acquire_owned() {
-                Ok(permit) => {
+            match self.shared.client_slots.take() {
+                Ok(slot) => {
                     let shared = Arc::clone(&self.shared);
                     tokio::spawn(async move {
                         session::run(shared, stream, peer, id).await;
-                        drop(permit);
+                        drop(slot);
                     });
                 }
-                Err(_) => {
+                Err(limit) => {
                     tracing::warn!(%peer, "client connection limit reached");
-                    tokio::spawn(session::refuse_too_many(stream, self.shared.config.pool.max_client_connections));
+                    tokio::spawn(session::refuse_too_many(stream, limit));
                 }
             }
         }
@@ -248,20 +318,16 @@ impl Server {
     /// waits for them: until the last one has gone, `shutdown_timeout` has passed, or `force`
     /// completes. Then says goodbye (Terminate) to the idle backends.
     async fn drain(self, force: impl Future<Output = ()>) {
-        let Server { shared, listener, client_slots } = self;
+        let Server { shared, listener } = self;
         drop(listener);
         shared.drain.start();
-        let capacity = shared.config.pool.max_client_connections;
-        let open = capacity.saturating_sub(client_slots.available_permits());
+        let slots = &shared.client_slots;
         let timeout = shared.config.shutdown_timeout;
-        tracing::info!(clients = open, ?timeout, "pgwarden stopped accepting clients; draining");
-        // Every permit back means every session has ended.
-        let all_gone = client_slots.acquire_many(u32::try_from(capacity).unwrap_or(u32::MAX));
+        tracing::info!(clients = slots.connected(), ?timeout, "pgwarden stopped accepting clients; draining");
         tokio::select! {
-            _ = all_gone => tracing::info!("every client has finished"),
+            _ = slots.all_gone() => tracing::info!("every client has finished"),
             _ = tokio::time::sleep(timeout) => {
-                let left = capacity.saturating_sub(client_slots.available_permits());
-                tracing::warn!(clients = left, "shutdown_timeout reached; closing the clients still connected");
+                tracing::warn!(clients = slots.connected(), "shutdown_timeout reached; closing the clients still connected");
             }
             _ = force => tracing::warn!("second signal: closing every client now"),
         }

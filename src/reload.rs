@@ -1,19 +1,15 @@
 //! Reloading the configuration file while pgwarden serves: on SIGHUP, as PgBouncer reloads
 //! its file (RDS Proxy likewise applies a changed target group without a restart). A reload
-//! changes the credential entries (users added, removed, or pointed at another source), the
-//! pools' size and timing: `max_backend_connections`, `min_idle_backend_connections`,
-//! `borrow_timeout`, `backend_idle_timeout`, `backend_max_lifetime`,
-//! `backend_login_retry_delay`, and the session timeouts `login_timeout` and
-//! `idle_client_timeout` (for clients that log in after the reload). Everything else is bound at start (the listen address, the
-//! database, TLS, IAM, metrics, the audit log, the caps on clients and on all pools (count or
-//! `max_connections_percent`), and the
-//! session settings `max_message_bytes`, `session_pinning_filters`,
-//! `max_prepared_statements`): a changed value there is named in the
-//! log as needing a restart and the running one kept (the session settings are read from the
-//! configuration pgwarden started with). A file that does not load, or a new credential whose
-//! first fetch fails, changes nothing. Connected clients are never dropped: a removed user's
-//! sessions run until they end. A new `backend_max_lifetime` applies to connections opened
-//! after the reload.
+//! changes the credential entries (users added, removed, or pointed at another source) and
+//! every `[pool]` key: the pools' size, timing and the cap on all of them at once (see
+//! `Pools::reconfigure`), `max_client_connections` for the next client, and what a session
+//! takes when it starts (`login_timeout`, `idle_client_timeout`, `max_message_bytes`,
+//! `session_pinning_filters`, `max_prepared_statements`: `SessionDefaults`) for clients that
+//! connect after. The rest is bound at start (the listen address, worker threads, the
+//! database, TLS, IAM, metrics, the audit log): a changed value there is named in the log as
+//! needing a restart and the running one kept. A file that does not load, or a new credential
+//! whose first fetch fails, changes nothing. Connected clients are never dropped: a removed
+//! user's sessions run until they end.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -132,19 +128,13 @@ pub async fn reload(shared: &Shared, new: Config) -> Result<Reloaded, StartError
     if !superseded.is_empty() {
         shared.pools.retire_superseded();
     }
-    let mut pool = running.pool.clone();
-    pool.max_backend_connections = new.pool.max_backend_connections;
-    pool.min_idle_backend_connections = new.pool.min_idle_backend_connections;
-    pool.borrow_timeout = new.pool.borrow_timeout;
-    pool.backend_idle_timeout = new.pool.backend_idle_timeout;
-    pool.backend_max_lifetime = new.pool.backend_max_lifetime;
-    pool.backend_login_retry_delay = new.pool.backend_login_retry_delay;
-    pool.login_timeout = new.pool.login_timeout;
-    pool.idle_client_timeout = new.pool.idle_client_timeout;
+    // Every `[pool]` key applies live.
+    let pool = new.pool;
     if pool != running.pool {
         report.pool_changed = true;
         shared.pools.reconfigure(&pool);
-        shared.session_timeouts.set(&pool);
+        shared.session_defaults.set(&pool);
+        shared.client_slots.set_max(pool.max_client_connections);
         running.pool = pool;
     }
     running.credentials = new.credentials;
@@ -153,7 +143,6 @@ pub async fn reload(shared: &Shared, new: Config) -> Result<Reloaded, StartError
 
 /// The keys whose new value a reload cannot apply.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let (a, b) = (&old.pool, &new.pool);
     [
         ("listen", old.listen != new.listen),
         ("worker_threads", old.worker_threads != new.worker_threads),
@@ -164,12 +153,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("tls", old.tls != new.tls),
         ("iam", old.iam != new.iam),
         ("audit.output", old.audit != new.audit),
-        ("pool.max_client_connections", a.max_client_connections != b.max_client_connections),
-        ("pool.max_total_backend_connections", a.max_total_backend_connections != b.max_total_backend_connections),
-        ("pool.max_connections_percent", a.max_connections_percent != b.max_connections_percent),
-        ("pool.max_message_bytes", a.max_message_bytes != b.max_message_bytes),
-        ("pool.session_pinning_filters", a.pin_variable_sets != b.pin_variable_sets),
-        ("pool.max_prepared_statements", a.max_prepared_statements != b.max_prepared_statements),
     ]
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))
@@ -190,11 +173,13 @@ mod tests {
     }
 
     #[test]
-    fn live_pool_keys_need_no_restart() {
+    fn every_pool_key_is_live() {
         let old = config("");
         let new = config(
             "max_backend_connections = 7\nborrow_timeout = \"5s\"\nmin_idle_backend_connections = 2\nbackend_idle_timeout = \"1m\"\n\
-             backend_max_lifetime = \"2h\"\nbackend_login_retry_delay = \"3s\"\nlogin_timeout = \"9s\"\nidle_client_timeout = \"off\"",
+             backend_max_lifetime = \"2h\"\nbackend_login_retry_delay = \"3s\"\nlogin_timeout = \"9s\"\nidle_client_timeout = \"off\"\n\
+             max_client_connections = 9\nmax_message_bytes = 1024\nmax_prepared_statements = 5\nmax_total_backend_connections = 9\n\
+             session_pinning_filters = [\"EXCLUDE_VARIABLE_SETS\"]",
         );
         assert_ne!(old.pool, new.pool);
         assert_eq!(restart_only_changes(&old, &new), Vec::<&str>::new());
@@ -203,14 +188,10 @@ mod tests {
     #[test]
     fn bound_keys_are_named() {
         let old = config("");
-        let new = config("max_message_bytes = 1024\nmax_prepared_statements = 5\nmax_total_backend_connections = 9");
-        assert_eq!(
-            restart_only_changes(&old, &new),
-            ["pool.max_total_backend_connections", "pool.max_message_bytes", "pool.max_prepared_statements"]
-        );
         let mut moved = old.clone();
         moved.database.port = 5433;
         moved.listen = "127.0.0.1:7000".parse().unwrap();
-        assert_eq!(restart_only_changes(&old, &moved), ["listen", "database"]);
+        moved.worker_threads += 1;
+        assert_eq!(restart_only_changes(&old, &moved), ["listen", "worker_threads", "database"]);
     }
 }

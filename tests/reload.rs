@@ -82,18 +82,7 @@ async fn a_larger_pool_serves_waiting_clients_and_a_smaller_one_closes_connectio
     }
     h.until_backends(2).await;
     // The two left serve everyone, in turn: the pool never opens more meanwhile.
-    let turns: Vec<_> = holders
-        .into_iter()
-        .map(|c| tokio::spawn(async move { values(&c, "SELECT 7 FROM pg_sleep(0.05)").await }))
-        .collect();
-    let mut peak = 0;
-    while !turns.iter().all(|t| t.is_finished()) {
-        peak = peak.max(h.shared.pools.total_open());
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    for turn in turns {
-        assert_eq!(turn.await.unwrap(), ["7"]);
-    }
+    let peak = concurrent_sleeps(&h, &holders).await;
     assert!(peak <= 2, "the pool opened {peak} connections");
 }
 
@@ -188,6 +177,78 @@ async fn a_new_idle_client_timeout_applies_to_clients_that_log_in_after() {
     after.expect_fatal_then_close("57P05").await;
     // (The client from before keeps the timeout it logged in with: 30 minutes.)
     assert_eq!(values(&before, "SELECT 1").await, ["1"]);
+}
+
+/// The settings a session takes when it connects: clients that connect after a reload get the
+/// new `max_message_bytes` and the new cap on clients; a client from before keeps its own.
+#[tokio::test]
+async fn session_limits_and_the_client_cap_apply_to_clients_that_connect_after() {
+    let h = Harness::start().await;
+    let before = h.client().await;
+    let mut config = running(&h).await;
+    config.pool.max_message_bytes = 1024;
+    config.pool.max_client_connections = 2;
+    let report = reload(&h.shared, config.clone()).await.unwrap();
+    assert!(report.pool_changed && report.needs_restart.is_empty(), "{report:?}");
+    let long = format!("SELECT length('{}')", "x".repeat(2000));
+    assert_eq!(values(&before, &long).await, ["2000"]);
+
+    let mut after = common::RawClient::connect(h.addr).await;
+    after.login(&h.env.user, &h.env.database, h.env.password()).await;
+    let err = h.client_result().await.err().expect("a third client is over max_client_connections");
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"));
+    config.pool.max_client_connections = 3;
+    reload(&h.shared, config).await.unwrap();
+    let third = h.client().await;
+    assert_eq!(values(&third, "SELECT 3").await, ["3"]);
+
+    after.send(&common::query_message(&long)).await;
+    after.expect_fatal_then_close("08P01").await;
+    assert_eq!(values(&before, &long).await, ["2000"]);
+}
+
+/// A cap on all pools set, lowered and changed to a percentage by reloads: nothing closes under
+/// a client mid-transaction, released connections close until the cap holds, and no more
+/// open after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_on_all_pools_set_by_reload_closes_connections_down_to_it() {
+    let h = Harness::start_with(|c| c.pool.borrow_timeout = Duration::from_secs(60)).await;
+    let holders = hold_in_transactions(&h, 4).await;
+    let mut config = running(&h).await;
+    config.pool.max_total_backend_connections = Some(2);
+    reload(&h.shared, config.clone()).await.unwrap();
+    assert_eq!(h.metric("MaxDatabaseConnectionsAllowed"), 2.0);
+    for c in &holders {
+        assert_eq!(values(c, "SELECT 'still in my transaction'").await, ["still in my transaction"]);
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    h.until_backends(2).await;
+    let peak = concurrent_sleeps(&h, &holders).await;
+    assert!(peak <= 2, "{peak} connections open or opening under a cap of 2");
+
+    // RDS Proxy's form instead: 1% of max_connections (300 in the test clusters), known since
+    // the first connection, so it binds at once.
+    config.pool.max_total_backend_connections = None;
+    config.pool.max_connections_percent = Some(1);
+    reload(&h.shared, config).await.unwrap();
+    assert_eq!(h.metric("MaxDatabaseConnectionsAllowed"), 3.0);
+    let peak = concurrent_sleeps(&h, &holders).await;
+    assert_eq!(peak, 3, "four clients at once under a cap of 3");
+}
+
+/// Every client in `clients` runs a short sleep at once; returns the most connections open or
+/// opening across pools meanwhile.
+async fn concurrent_sleeps(h: &Harness, clients: &[tokio_postgres::Client]) -> usize {
+    let turns = clients.iter().map(|c| values(c, "SELECT 7 FROM pg_sleep(0.1)"));
+    let mut all = std::pin::pin!(futures_util::future::join_all(turns));
+    let mut peak = 0;
+    loop {
+        peak = peak.max(h.shared.pools.total_open());
+        if let Ok(answers) = tokio::time::timeout(Duration::from_millis(1), all.as_mut()).await {
+            assert!(answers.iter().all(|a| a == &["7"]));
+            return peak;
+        }
+    }
 }
 
 /// `pgwarden serve` itself: a user added to its file logs in after a SIGHUP.

@@ -2,7 +2,8 @@
 //! RDS Proxy's MaxConnectionsPercent as a count, PgBouncer's `max_db_connections` for the one
 //! server pgwarden fronts), or as `pool.max_connections_percent` of the database's
 //! `max_connections` (RDS Proxy's own form), read on the first backend connection: until then
-//! that one connection is all the room there is. A pool takes room here before it opens a connection and gives it
+//! that one connection is all the room there is. A reload may set, change or lift the cap
+//! ([`Budget::set_form`]). A pool takes room here before it opens a connection and gives it
 //! back when the connection is gone, so the sum over pools never passes the cap, however many
 //! users and databases clients bring. A pool whose clients wait while it has room of its own
 //! but the cap has none is *blocked*. Room that frees up goes to the blocked pool holding the
@@ -11,8 +12,8 @@
 //! longest idle first), and a pool with no waiting clients, or with at least two connections
 //! more than it, closes a connection released to it instead of reusing it. So pools under
 //! load end up sharing the cap evenly, and room never idles in one pool while another's
-//! clients wait. Without a cap, every step here is one relaxed atomic operation and nothing
-//! blocks. Must not: lock a pool while holding a lock of
+//! clients wait. Room is counted with or without a cap (on each connection's open and close,
+//! never per transaction); without one nothing blocks. Must not: lock a pool while holding a lock of
 //! its own (pools lock their state first, then this).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,14 +23,18 @@ use std::time::Instant;
 use super::{PoolEntry, lock};
 
 pub(super) struct Budget {
-    /// The room: `usize::MAX` for no cap; 1 while a percentage waits for `max_connections`.
+    /// The room: `usize::MAX` for no cap; 1 while a percentage set at start waits for
+    /// `max_connections`.
     max: AtomicUsize,
-    /// Whether room is counted: a cap is set, or will be once `percent` is applied.
-    counted: bool,
-    /// `pool.max_connections_percent`, applied by [`Budget::learn_database_max`].
-    percent: Option<u8>,
-    /// Whether `max` is final (always, without a percentage).
+    /// How the cap is set, which a reload changes ([`Budget::set_form`]).
+    form: Mutex<Form>,
+    /// Whether `max` is final: not while a percentage waits for the database's
+    /// `max_connections`.
     settled: AtomicBool,
+    /// Whether `form.database_max` is set (read without the lock on every new connection).
+    database_max_read: AtomicBool,
+    /// Connections open or being opened, all pools together (counted with or without a cap,
+    /// so that a reload can set one).
     open: AtomicUsize,
     /// Pools waiting for room, in the order they blocked (see [`Budget::is_first_blocked`]);
     /// `blocked_count` is its length, read without the lock on every release.
@@ -41,14 +46,39 @@ pub(super) struct Budget {
     pub(super) freed: tokio::sync::Notify,
 }
 
+/// The cap as configured.
+#[derive(Default)]
+struct Form {
+    /// `pool.max_total_backend_connections`.
+    count: Option<usize>,
+    /// `pool.max_connections_percent`.
+    percent: Option<u8>,
+    /// The database's `max_connections`, once read (`Some(None)`: it was not a number).
+    database_max: Option<Option<usize>>,
+}
+
+impl Form {
+    /// The room this form gives, if it can tell (a percentage needs `database_max`).
+    fn room(&self) -> Option<usize> {
+        match (self.count, self.percent, self.database_max) {
+            (Some(count), _, _) => Some(count),
+            (None, Some(percent), Some(Some(m))) => Some((m.saturating_mul(usize::from(percent)) / 100).max(1)),
+            (None, Some(_), Some(None)) | (None, None, _) => Some(usize::MAX),
+            (None, Some(_), None) => None,
+        }
+    }
+}
+
 impl Budget {
     pub(super) fn new(max: Option<usize>, percent: Option<u8>) -> Arc<Budget> {
+        let form = Form { count: max, percent, database_max: None };
+        let room = form.room();
         Arc::new(Budget {
             // (With a percentage: one connection, to read max_connections on.)
-            max: AtomicUsize::new(if percent.is_some() { 1 } else { max.unwrap_or(usize::MAX) }),
-            counted: max.is_some() || percent.is_some(),
-            percent,
-            settled: AtomicBool::new(percent.is_none()),
+            max: AtomicUsize::new(room.unwrap_or(1)),
+            settled: AtomicBool::new(room.is_some()),
+            database_max_read: AtomicBool::new(false),
+            form: Mutex::new(form),
             open: AtomicUsize::new(0),
             blocked: Mutex::new(Vec::new()),
             blocked_count: AtomicUsize::new(0),
@@ -57,8 +87,20 @@ impl Budget {
         })
     }
 
-    pub(super) fn capped(&self) -> bool {
-        self.counted
+    /// A reload's cap: applies at once to connections opened from now on (and to released
+    /// ones, which close while more are open than it allows: [`Budget::over_cap`]). A
+    /// percentage needs the database's `max_connections`, read on the first connection pgwarden
+    /// opened; if none has been opened yet, the first one is all the room until it is read, as
+    /// at start.
+    pub(super) fn set_form(&self, count: Option<usize>, percent: Option<u8>) {
+        let mut form = lock(&self.form);
+        form.count = count;
+        form.percent = percent;
+        let room = form.room();
+        self.max.store(room.unwrap_or(1), Ordering::Release);
+        self.settled.store(room.is_some(), Ordering::Release);
+        drop(form);
+        self.freed.notify_waiters();
     }
 
     /// The cap, once known, if there is one.
@@ -69,28 +111,50 @@ impl Budget {
         Some(self.max.load(Ordering::Relaxed)).filter(|&m| m != usize::MAX)
     }
 
-    /// Whether the cap waits for the database's `max_connections` (see
-    /// [`Budget::learn_database_max`]).
-    pub(super) fn needs_database_max(&self) -> bool {
-        !self.settled.load(Ordering::Acquire)
+    /// More connections are open than the cap allows (a reload lowered it): a released one
+    /// closes instead of going back to the pool.
+    pub(super) fn over_cap(&self) -> bool {
+        self.excess() > 0
     }
 
-    /// Sets the cap from the database's `max_connections` (with `max_connections_percent`),
-    /// or lifts it (`None`: not readable); returns it.
+    /// How many more connections are open than the cap allows.
+    pub(super) fn excess(&self) -> usize {
+        self.open.load(Ordering::Relaxed).saturating_sub(self.max.load(Ordering::Relaxed))
+    }
+
+    /// Whether the database's `max_connections` is still to be read (on the first connection
+    /// opened; a reload may set a percentage of it later).
+    pub(super) fn needs_database_max(&self) -> bool {
+        !self.database_max_read.load(Ordering::Acquire)
+    }
+
+    /// Records the database's `max_connections` (`None`: not a number) and, with
+    /// `max_connections_percent`, sets the cap from it (lifts it if `None`); returns the cap.
     pub(super) fn learn_database_max(&self, max_connections: Option<usize>) -> Option<usize> {
-        let percent = usize::from(self.percent?);
-        let cap = max_connections.map_or(usize::MAX, |m| (m.saturating_mul(percent) / 100).max(1));
-        if !self.settled.swap(true, Ordering::AcqRel) {
-            self.max.store(cap, Ordering::Release);
-            match max_connections {
-                Some(max_connections) => {
-                    tracing::info!(max_connections, percent, cap, "backend connections across all pools capped")
-                }
-                None => tracing::warn!("could not read max_connections: pool.max_connections_percent caps nothing"),
-            }
-            // (Pools blocked on the one connection allowed meanwhile take the rest.)
-            self.freed.notify_waiters();
+        let mut form = lock(&self.form);
+        if form.database_max.is_some() {
+            // (Read on another connection meanwhile.)
+            drop(form);
+            return self.cap();
         }
+        form.database_max = Some(max_connections);
+        self.database_max_read.store(true, Ordering::Release);
+        let Some(percent) = form.percent.filter(|_| !self.settled.load(Ordering::Acquire)) else {
+            tracing::debug!(?max_connections, "the database's max_connections");
+            return self.cap();
+        };
+        let cap = form.room().unwrap_or(usize::MAX);
+        self.max.store(cap, Ordering::Release);
+        self.settled.store(true, Ordering::Release);
+        drop(form);
+        match max_connections {
+            Some(max_connections) => {
+                tracing::info!(max_connections, percent, cap, "backend connections across all pools capped")
+            }
+            None => tracing::warn!("could not read max_connections: pool.max_connections_percent caps nothing"),
+        }
+        // (Pools blocked on the one connection allowed meanwhile take the rest.)
+        self.freed.notify_waiters();
         self.cap()
     }
 
@@ -111,10 +175,6 @@ impl Budget {
     pub(super) fn take(&self, pool: &PoolEntry, n: usize) -> usize {
         if n == 0 {
             return 0;
-        }
-        if !self.capped() {
-            pool.budget_held.fetch_add(n, Ordering::Relaxed);
-            return n;
         }
         if self.blocked_count.load(Ordering::Acquire) > 0 && !self.is_first_blocked(pool) {
             // (Room that frees up goes to the neediest blocked pool.)
@@ -139,10 +199,8 @@ impl Budget {
     /// A connection of `pool` is gone (or was never opened): its room is free again.
     pub(super) fn give_back(&self, pool: &PoolEntry) {
         pool.budget_held.fetch_sub(1, Ordering::Relaxed);
-        if self.capped() {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            self.freed.notify_waiters();
-        }
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_waiters();
     }
 
     /// `pool` waits for room (its clients do); called under its state's lock, once per block.

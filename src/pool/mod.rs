@@ -417,10 +417,11 @@ impl PoolEntry {
         }
     }
 
-    /// `max_connections_percent`: reads the database's `max_connections` on the first new
-    /// connection (one round trip) and caps all pools with it. A connection that fails the
-    /// query fails as a login would (it may be mid-answer); an answer that is no number lifts
-    /// the cap, with a warning.
+    /// Reads the database's `max_connections` on the first connection pgwarden opens (one round
+    /// trip), for `max_connections_percent` (set at start or by a later reload), which caps all
+    /// pools with it. A connection that fails the query fails as a login would (it may be
+    /// mid-answer); an error or an answer that is no number lifts a percentage cap, with a
+    /// warning.
     async fn learn_database_max(&self, conn: &mut BackendConn) -> Result<(), BackendError> {
         let (status, row) = conn.query_row("SHOW max_connections").await?;
         if status != crate::protocol::TxStatus::Idle {
@@ -449,8 +450,8 @@ impl PoolEntry {
         loop {
             let (deadline, w) = {
                 let mut st = lock(&self.state);
-                if st.open > self.max() {
-                    // A reload made the pool smaller than what it has open.
+                if st.open > self.max() || self.budget.over_cap() {
+                    // A reload made the pool, or the cap on all pools, smaller than what is open.
                     drop(st);
                     return self.close(conn);
                 }

@@ -39,11 +39,13 @@ impl Pools {
     /// login retry delay at once (a larger size lets waiting clients open connections now; a
     /// smaller one closes idle and released connections until it fits; waiting clients' deadlines
     /// move by the change in the timeout), its janitor the new idle timeout and `min_idle`, and
-    /// connections opened from now on the new lifetime. (`max_total_backend_connections` is not
-    /// changed here: see `reload`.)
+    /// connections opened from now on the new lifetime. A new cap on all pools
+    /// (`max_total_backend_connections` or `max_connections_percent`) binds connections opened
+    /// from now on; while more are open than it allows, released and idle ones close.
     pub fn reconfigure(&self, cfg: &PoolConfig) {
         // Published first: a pool created from here on starts with the new settings.
         self.settings.send_replace(cfg.clone());
+        self.budget.set_form(cfg.max_total_backend_connections, cfg.max_connections_percent);
         let entries: Vec<Arc<PoolEntry>> = lock(&self.map).values().cloned().collect();
         for entry in &entries {
             entry.max.store(cfg.max_backend_connections, Ordering::Relaxed);

@@ -91,7 +91,9 @@ impl PoolEntry {
             let mut st = lock(&self.state);
             let (mut keep, mut evicted): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut st.idle).into_iter().partition(|c| !c.expired(now, idle_timeout) && !self.manager.is_retired(c));
-            let over = (st.open - evicted.len()).saturating_sub(self.max()).min(keep.len());
+            // Over the pool's size or the cap on all pools (a reload made one smaller).
+            let over = (st.open - evicted.len()).saturating_sub(self.max());
+            let over = over.max(self.budget.excess().saturating_sub(evicted.len())).min(keep.len());
             evicted.extend(keep.drain(..over));
             st.idle = keep;
             evicted

@@ -49,6 +49,31 @@ pub struct ClientSide {
     /// The client's named prepared statements and what goes with them, once it has one (see
     /// [`prepared`]).
     pub tracked: Option<Box<TrackedClient>>,
+    /// Taken when the session starts: a reload changes them for later sessions only.
+    pub limits: RelayLimits,
+}
+
+/// The pool settings a session's relay follows, as they were when the session started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// `pool.max_message_bytes`: the longest message body either side may send (at most 1 GiB).
+    pub max_message_bytes: u32,
+    /// `pool.max_prepared_statements` (0: named statements pin the session instead; at most
+    /// 100,000).
+    pub max_prepared_statements: u32,
+    /// Whether a SET the proxy does not follow pins (`pool.session_pinning_filters`).
+    pub pin_variable_sets: bool,
+}
+
+impl RelayLimits {
+    pub fn of(pool: &PoolConfig) -> RelayLimits {
+        // (Both bounded by `config`; the 32-bit fields keep an idle session small.)
+        RelayLimits {
+            max_message_bytes: u32::try_from(pool.max_message_bytes).unwrap_or(u32::MAX),
+            max_prepared_statements: u32::try_from(pool.max_prepared_statements).unwrap_or(u32::MAX),
+            pin_variable_sets: pool.pin_variable_sets,
+        }
+    }
 }
 
 impl ClientSide {
@@ -180,11 +205,11 @@ pub async fn relay(
     backend: &mut BackendConn,
     desired: &mut ClientSettings,
     metrics: &Metrics,
-    limits: &PoolConfig,
     presented: Presented,
     session_pinned: bool,
 ) -> RelayEnd {
-    let max_message = limits.max_message_bytes;
+    let limits = client.limits;
+    let max_message = limits.max_message_bytes as usize;
     let client_tls = client.stream.is_tls();
     let client_mid_message = !client.scanner.at_boundary();
     let client_drained = client.read_emptied_socket();
@@ -198,7 +223,7 @@ pub async fn relay(
         to_client: Forward::default(),
         terminate: false,
         client_drained,
-        max_statements: limits.max_prepared_statements,
+        max_statements: limits.max_prepared_statements as usize,
         tracked: false,
         now: 0,
         backend_held: 0,
@@ -238,7 +263,7 @@ pub async fn relay(
     }
     r.presented = 0;
     if presented.len > 0 {
-        r.max_statements = limits.max_prepared_statements;
+        r.max_statements = limits.max_prepared_statements as usize;
         r.to_backend.sent = presented.len.min(r.to_backend.end);
         if !r.to_backend.busy() {
             // All of it is out: as if the relay had written it (what a hold keeps stays).

@@ -43,14 +43,16 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: S
     shared.metrics.client_connections_received.increment(1);
     let _ = stream.set_nodelay(true);
     let _ = crate::net::set_keepalive(&stream, shared.config.tcp_keepalive);
+    let limits = shared.session_defaults.limits();
     let mut client = ClientSide {
         stream: Stream::Plain(stream),
         buf: BytesMut::new(),
-        scanner: MessageScanner::new(shared.config.pool.max_message_bytes),
+        scanner: MessageScanner::new(limits.max_message_bytes as usize),
         tracked: None,
+        limits,
     };
     let login = Box::pin(tokio::time::timeout(
-        shared.session_timeouts.login(),
+        shared.session_defaults.login(),
         startup::login(&shared, &mut client, peer, id),
     ))
     .await;
@@ -90,7 +92,7 @@ async fn transactions(
 ) -> Result<(), SessionError> {
     // One timer per session, re-armed lazily: it fires at most once per `idle_client_timeout`
     // while the client is busy, instead of being registered and cleared on every transaction.
-    let limit = shared.session_timeouts.idle_client();
+    let limit = shared.session_defaults.idle_client();
     let mut idle_timer = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
     // Polled once per deadline: the timer keeps this task's waker until it fires, so later
     // waits read whether it has fired (an atomic load) instead of polling it again.
@@ -189,7 +191,7 @@ async fn transaction(
     desired: &mut ClientSettings,
     cancel: &crate::cancel::CancelHandle,
 ) -> Result<Next, SessionError> {
-    let max_message = shared.config.pool.max_message_bytes;
+    let max_message = client.scanner.max_body();
     let (mut lease, mut presented) = checkout_with_settings(entry, desired, client, max_message, cancel).await?;
     if presented.len == 0 {
         // (Else the hand-over that sent the request pointed the key there already.)
@@ -200,8 +202,7 @@ async fn transaction(
     // session waits again (see follow_reset_all).
     let mut tell = BytesMut::new();
     let result = loop {
-        let limits = &shared.config.pool;
-        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, limits, std::mem::take(&mut presented), pinned.is_some()).await;
+        let end = relay::relay(client, lease.conn(), desired, &shared.metrics, std::mem::take(&mut presented), pinned.is_some()).await;
         let mut pins = end.pins_session;
         let done = matches!(end.outcome, Outcome::TransactionDone);
         let readback = if done && end.resets_all {
@@ -312,14 +313,15 @@ enum PinnedWake {
 
 /// A pinned session between transactions, its client silent. The relay would wait on both
 /// sockets by itself; this also hears the shutdown drain and keeps `idle_client_timeout`
-/// (a pinned client holds a backend: left idle, it must not hold it forever). Wakes when the
+/// (a pinned client holds a backend: left idle, it must not hold it forever; so the timeout is
+/// read anew each time, and a reload reaches pinned sessions too). Wakes when the
 /// client sends something (read into its buffer), when the backend does (a notification, or
 /// its end: the relay forwards or reports it), when the drain starts, or at the timeout.
 async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut crate::backend::BackendConn) -> PinnedWake {
     use std::future::Future;
     use std::task::Poll;
     let mut drain = std::pin::pin!(shared.drain.started_wait());
-    let limit = shared.session_timeouts.idle_client();
+    let limit = shared.session_defaults.idle_client();
     let mut idle = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = client.stream.poll_read_some(cx, &mut client.buf) {
