@@ -261,6 +261,20 @@ impl TempCluster {
         Ok(String::from_utf8_lossy(&check("psql", out)?.stdout).trim().to_owned())
     }
 
+    /// Restarts the server on the same port (fast shutdown: every connection to it is closed),
+    /// e.g. to apply a setting that needs a restart, as an instance resize does.
+    pub fn restart(&self) -> Result<(), DevDbError> {
+        let out = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .output()?;
+        check("pg_ctl restart", out).map(drop).map_err(|e| self.with_log(e))
+    }
+
     pub fn stop(&mut self) {
         if !self.running {
             return;

@@ -5,7 +5,8 @@
 //! `Pools::reconfigure`), `max_client_connections` for the next client, and what a session
 //! takes when it starts (`login_timeout`, `idle_client_timeout`, `max_message_bytes`,
 //! `session_pinning_filters`, `max_prepared_statements`: `SessionDefaults`) for clients that
-//! connect after. The rest is bound at start (the listen address, worker threads, the
+//! connect after. The database's `max_connections` is read again on the next connection
+//! opened (a percentage cap follows a resized instance). The rest is bound at start (the listen address, worker threads, the
 //! database, TLS, IAM, metrics, the audit log): a changed value there is named in the log as
 //! needing a restart and the running one kept. A file that does not load, or a new credential
 //! whose first fetch fails, changes nothing. Connected clients are never dropped: a removed
@@ -137,6 +138,7 @@ pub async fn reload(shared: &Shared, new: Config) -> Result<Reloaded, StartError
         shared.client_slots.set_max(pool.max_client_connections);
         running.pool = pool;
     }
+    shared.pools.reread_database_max();
     running.credentials = new.credentials;
     Ok(report)
 }

@@ -236,6 +236,33 @@ async fn a_cap_on_all_pools_set_by_reload_closes_connections_down_to_it() {
     assert_eq!(peak, 3, "four clients at once under a cap of 3");
 }
 
+/// An instance resized (PostgreSQL restarted with a larger `max_connections`) and a reload: the
+/// percentage cap follows the new `max_connections`, read on the next connection opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_percentage_cap_follows_a_resized_database_after_a_reload() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_connections_percent = Some(1);
+        c.pool.max_backend_connections = 10;
+        c.pool.borrow_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let clients = [h.client().await, h.client().await, h.client().await, h.client().await, h.client().await];
+    assert_eq!(concurrent_sleeps(&h, &clients).await, 3, "1% of 300");
+
+    h.admin("ALTER SYSTEM SET max_connections = 500");
+    let cluster = &h.env.cluster;
+    tokio::task::block_in_place(|| cluster.restart()).unwrap();
+    reload(&h.shared, running(&h).await).await.unwrap();
+    // The pool's connections died with the server while idle: no client sees that (the pool
+    // drops them at checkout and opens new ones, the first of which reads max_connections).
+    for c in &clients {
+        assert_eq!(values(c, "SELECT 'after the restart'").await, ["after the restart"]);
+    }
+    let clients = [h.client().await, h.client().await, h.client().await, h.client().await, h.client().await, h.client().await];
+    assert_eq!(concurrent_sleeps(&h, &clients).await, 5, "1% of 500");
+    assert_eq!(h.metric("MaxDatabaseConnectionsAllowed"), 5.0);
+}
+
 /// Every client in `clients` runs a short sleep at once; returns the most connections open or
 /// opening across pools meanwhile.
 async fn concurrent_sleeps(h: &Harness, clients: &[tokio_postgres::Client]) -> usize {

@@ -128,25 +128,39 @@ impl Budget {
         !self.database_max_read.load(Ordering::Acquire)
     }
 
-    /// Records the database's `max_connections` (`None`: not a number) and, with
-    /// `max_connections_percent`, sets the cap from it (lifts it if `None`); returns the cap.
-    pub(super) fn learn_database_max(&self, max_connections: Option<usize>) -> Option<usize> {
+    /// A reload asks for the database's `max_connections` again (the instance may have been
+    /// resized): the next connection opened reads it; the cap stays as it is meanwhile.
+    pub(super) fn reread_database_max(&self) {
+        self.database_max_read.store(false, Ordering::Release);
+    }
+
+    /// Records the database's `max_connections` (`None`: not a number; a number read before
+    /// outlives that) and, with `max_connections_percent`, sets the cap from it (lifts it if
+    /// there is no number); returns the cap.
+    pub(super) fn learn_database_max(&self, read: Option<usize>) -> Option<usize> {
         let mut form = lock(&self.form);
-        if form.database_max.is_some() {
+        if self.database_max_read.load(Ordering::Acquire) {
             // (Read on another connection meanwhile.)
             drop(form);
             return self.cap();
         }
-        form.database_max = Some(max_connections);
         self.database_max_read.store(true, Ordering::Release);
-        let Some(percent) = form.percent.filter(|_| !self.settled.load(Ordering::Acquire)) else {
-            tracing::debug!(?max_connections, "the database's max_connections");
+        form.database_max = match (form.database_max, read) {
+            (Some(Some(known)), None) => Some(Some(known)),
+            _ => Some(read),
+        };
+        let Some(percent) = form.percent else {
+            tracing::debug!(max_connections = ?read, "the database's max_connections");
             return self.cap();
         };
         let cap = form.room().unwrap_or(usize::MAX);
-        self.max.store(cap, Ordering::Release);
-        self.settled.store(true, Ordering::Release);
+        let before = self.max.swap(cap, Ordering::AcqRel);
+        let was_settled = self.settled.swap(true, Ordering::AcqRel);
+        let max_connections = form.database_max.flatten();
         drop(form);
+        if was_settled && before == cap {
+            return self.cap();
+        }
         match max_connections {
             Some(max_connections) => {
                 tracing::info!(max_connections, percent, cap, "backend connections across all pools capped")
@@ -309,5 +323,43 @@ impl Budget {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_percentage_follows_max_connections_read_again() {
+        let budget = Budget::new(None, Some(10));
+        assert!(budget.needs_database_max());
+        assert_eq!(budget.cap(), None, "one connection, to read max_connections on");
+        assert_eq!(budget.learn_database_max(Some(300)), Some(30));
+        assert!(!budget.needs_database_max());
+        // A second read racing the first changes nothing.
+        assert_eq!(budget.learn_database_max(Some(50)), Some(30));
+
+        budget.reread_database_max();
+        assert!(budget.needs_database_max());
+        assert_eq!(budget.learn_database_max(Some(500)), Some(50), "the instance was resized");
+        budget.reread_database_max();
+        assert_eq!(budget.learn_database_max(None), Some(50), "a failed read keeps what was read");
+
+        budget.set_form(Some(7), None);
+        assert_eq!(budget.cap(), Some(7));
+        budget.set_form(None, Some(20));
+        assert_eq!(budget.cap(), Some(100), "known since the first read: binds at once");
+        budget.set_form(None, None);
+        assert_eq!(budget.cap(), None);
+    }
+
+    #[test]
+    fn a_percentage_before_any_read_waits_for_one_connection() {
+        let budget = Budget::new(Some(4), None);
+        budget.set_form(None, Some(10));
+        assert_eq!(budget.cap(), None);
+        assert_eq!(budget.max.load(Ordering::Relaxed), 1);
+        assert_eq!(budget.learn_database_max(None), None, "no number: no cap");
     }
 }

@@ -67,6 +67,12 @@ impl Pools {
         self.publish_allowed(entries.len());
     }
 
+    /// A reload reads the database's `max_connections` again, on the next connection opened
+    /// (for `max_connections_percent`: an instance resized since).
+    pub fn reread_database_max(&self) {
+        self.budget.reread_database_max();
+    }
+
     /// Takes the pools whose credential entry a reload removed or replaced
     /// ([`CredentialStore::supersede`]) out of the registry: clients that log in from now on get
     /// new pools (with the new credential source). An old pool keeps serving the sessions it
