@@ -12,8 +12,9 @@
 //! longest idle first), and a pool with no waiting clients, or with at least two connections
 //! more than it, closes a connection released to it instead of reusing it. So pools under
 //! load end up sharing the cap evenly, and room never idles in one pool while another's
-//! clients wait. Room is counted with or without a cap (on each connection's open and close,
-//! never per transaction); without one nothing blocks. Must not: lock a pool while holding a lock of
+//! clients wait. Room is counted with or without a cap (on each connection's open and close;
+//! a release reads two atomics, for a cap a reload lowered); without one nothing blocks. Must
+//! not: lock a pool while holding a lock of
 //! its own (pools lock their state first, then this).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,8 +24,8 @@ use std::time::Instant;
 use super::{PoolEntry, lock};
 
 pub(super) struct Budget {
-    /// The room: `usize::MAX` for no cap; 1 while a percentage set at start waits for
-    /// `max_connections`.
+    /// The room: `usize::MAX` for no cap; 1 while a percentage waits for `max_connections`
+    /// (set at start, or by a reload before any connection was opened).
     max: AtomicUsize,
     /// How the cap is set, which a reload changes ([`Budget::set_form`]).
     form: Mutex<Form>,
@@ -158,7 +159,7 @@ impl Budget {
         let was_settled = self.settled.swap(true, Ordering::AcqRel);
         let max_connections = form.database_max.flatten();
         drop(form);
-        if was_settled && before == cap {
+        if was_settled && before == cap && max_connections.is_some() {
             return self.cap();
         }
         match max_connections {

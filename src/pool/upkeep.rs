@@ -91,14 +91,25 @@ impl PoolEntry {
             let mut st = lock(&self.state);
             let (mut keep, mut evicted): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut st.idle).into_iter().partition(|c| !c.expired(now, idle_timeout) && !self.manager.is_retired(c));
-            // Over the pool's size or the cap on all pools (a reload made one smaller).
-            let over = (st.open - evicted.len()).saturating_sub(self.max());
-            let over = over.max(self.budget.excess().saturating_sub(evicted.len())).min(keep.len());
+            // Over the pool's size (a reload made it smaller).
+            let over = (st.open - evicted.len()).saturating_sub(self.max()).min(keep.len());
             evicted.extend(keep.drain(..over));
             st.idle = keep;
             evicted
         };
         for conn in evicted {
+            self.close(conn);
+        }
+        // Over the cap on all pools (a reload lowered it): one at a time, the longest idle
+        // first, looking again after each close (which gives its room back at once), so that
+        // janitors of other pools doing the same close no more than the excess between them.
+        while self.budget.over_cap() {
+            let Some(conn) = ({
+                let mut st = lock(&self.state);
+                if st.idle.is_empty() { None } else { Some(st.idle.remove(0)) }
+            }) else {
+                break;
+            };
             self.close(conn);
         }
     }
