@@ -99,6 +99,7 @@ impl DevEnv {
                     borrow_timeout: Duration::from_secs(120),
                     login_timeout: Duration::from_secs(60),
                     idle_client_timeout: Some(Duration::from_secs(1800)),
+                    client_max_lifetime: Some(Duration::from_secs(24 * 3600)),
                     backend_idle_timeout: Some(Duration::from_secs(600)),
                     backend_max_lifetime: Some(Duration::from_secs(3600)),
                     backend_login_retry_delay: Duration::from_secs(1),

@@ -74,11 +74,13 @@ pub enum StartError {
 }
 
 /// What a session takes from the pool settings when it starts, which a reload changes for
-/// the sessions that start after it: `pool.login_timeout`, `pool.idle_client_timeout`, and the
+/// the sessions that start after it: `pool.login_timeout`, `pool.idle_client_timeout`,
+/// `pool.client_max_lifetime`, and the
 /// relay's limits (`max_message_bytes`, `max_prepared_statements`, `session_pinning_filters`).
 pub struct SessionDefaults {
     login: LiveDuration,
     idle_client: LiveDuration,
+    client_lifetime: LiveDuration,
     limits: RwLock<RelayLimits>,
 }
 
@@ -87,6 +89,7 @@ impl SessionDefaults {
         SessionDefaults {
             login: LiveDuration::new(Some(pool.login_timeout)),
             idle_client: LiveDuration::new(pool.idle_client_timeout),
+            client_lifetime: LiveDuration::new(pool.client_max_lifetime),
             limits: RwLock::new(RelayLimits::of(pool)),
         }
     }
@@ -94,6 +97,7 @@ impl SessionDefaults {
     pub(crate) fn set(&self, pool: &PoolConfig) {
         self.login.set(Some(pool.login_timeout));
         self.idle_client.set(pool.idle_client_timeout);
+        self.client_lifetime.set(pool.client_max_lifetime);
         *self.limits.write().unwrap_or_else(|p| p.into_inner()) = RelayLimits::of(pool);
     }
 
@@ -103,6 +107,11 @@ impl SessionDefaults {
 
     pub fn idle_client(&self) -> Option<Duration> {
         self.idle_client.get()
+    }
+
+    /// `pool.client_max_lifetime`.
+    pub fn client_lifetime(&self) -> Option<Duration> {
+        self.client_lifetime.get()
     }
 
     pub fn limits(&self) -> RelayLimits {

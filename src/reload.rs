@@ -181,7 +181,7 @@ mod tests {
             "max_backend_connections = 7\nborrow_timeout = \"5s\"\nmin_idle_backend_connections = 2\nbackend_idle_timeout = \"1m\"\n\
              backend_max_lifetime = \"2h\"\nbackend_login_retry_delay = \"3s\"\nlogin_timeout = \"9s\"\nidle_client_timeout = \"off\"\n\
              max_client_connections = 9\nmax_message_bytes = 1024\nmax_prepared_statements = 5\nmax_total_backend_connections = 9\n\
-             session_pinning_filters = [\"EXCLUDE_VARIABLE_SETS\"]",
+             session_pinning_filters = [\"EXCLUDE_VARIABLE_SETS\"]\nclient_max_lifetime = \"1h\"",
         );
         assert_ne!(old.pool, new.pool);
         assert_eq!(restart_only_changes(&old, &new), Vec::<&str>::new());

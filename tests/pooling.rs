@@ -462,6 +462,40 @@ async fn idle_client_timeout_closes_with_57p05() {
     raw.expect_fatal_then_close("57P05").await;
 }
 
+/// `client_max_lifetime` (RDS Proxy closes client connections after 24 hours): an idle client is
+/// closed when its connection reaches it, a pinned one too (freeing its backend), and one in a
+/// transaction only once the transaction has ended; each with 57P01, which drivers answer by
+/// connecting again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_max_lifetime_closes_clients_at_a_transaction_boundary() {
+    let h = Harness::start_with(|c| {
+        c.pool.client_max_lifetime = Some(Duration::from_millis(300));
+        c.pool.max_prepared_statements = 0;
+    })
+    .await;
+    // Connected first, so it has passed its lifetime by the time the others have.
+    let busy = h.client().await;
+    busy.batch_execute("BEGIN; CREATE TABLE lived (x int)").await.unwrap();
+    let mut pinned = common::RawClient::connect(h.addr).await;
+    pinned.login(&h.env.user, &h.env.database, h.env.password()).await;
+    pinned.send(&common::parse_and_sync("held", "SELECT 1")).await;
+    assert_eq!(pinned.recv_until_ready().await, [b'1', b'Z'], "ParseComplete, ReadyForQuery");
+    let mut idle = common::RawClient::connect(h.addr).await;
+    idle.login(&h.env.user, &h.env.database, h.env.password()).await;
+
+    let message = idle.expect_fatal_then_close("57P01").await;
+    assert!(message.contains("client connection lifetime"), "{message}");
+    pinned.expect_fatal_then_close("57P01").await;
+    h.until_metric("DatabaseConnectionsCurrentlySessionPinned", |n| n == 0.0).await;
+    // Past its lifetime too, but inside a transaction: that runs to its end.
+    assert_eq!(common::first_column(&busy, "INSERT INTO lived VALUES (1) RETURNING x::text").await, ["1"]);
+    busy.batch_execute("COMMIT").await.expect("the transaction finishes");
+    let err = busy.batch_execute("SELECT 1").await.expect_err("closed after its transaction");
+    assert!(busy.is_closed() || sqlstate(&err).as_deref() == Some("57P01"), "unexpected: {err}");
+    // New clients are welcome.
+    assert_eq!(common::first_column(&h.client().await, "SELECT 2").await, ["2"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_cap_refuses_with_rds_proxy_text() {
     let h = Harness::start_with(|c| c.pool.max_client_connections = 2).await;
@@ -605,20 +639,8 @@ async fn idle_pinned_client_times_out_and_frees_its_backend() {
     let mut raw = common::RawClient::connect(h.addr).await;
     raw.login(&h.env.user, &h.env.database, h.env.password()).await;
     // A named statement pins the session to the only backend.
-    let body = b"held\0SELECT 1\0\0\0"; // name, query, no parameter types
-    let mut msgs = vec![b'P'];
-    msgs.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
-    msgs.extend_from_slice(body);
-    msgs.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-    raw.send(&msgs).await;
-    let mut tags = Vec::new();
-    while let Some(m) = raw.recv().await {
-        tags.push(m.tag);
-        if m.tag == b'Z' {
-            break;
-        }
-    }
-    assert_eq!(tags, [b'1', b'Z'], "ParseComplete, ReadyForQuery");
+    raw.send(&common::parse_and_sync("held", "SELECT 1")).await;
+    assert_eq!(raw.recv_until_ready().await, [b'1', b'Z'], "ParseComplete, ReadyForQuery");
     raw.expect_fatal_then_close("57P05").await;
     // The backend it held serves the next client, with the statement gone.
     let next = h.client().await;

@@ -118,6 +118,10 @@ pub struct PoolConfig {
     /// Time a client has to finish startup and authentication.
     pub login_timeout: Duration,
     pub idle_client_timeout: Option<Duration>,
+    /// Clients connected this long are closed at their next transaction boundary (RDS Proxy
+    /// closes client connections after 24 hours): an IAM login is checked once, so this bounds
+    /// how long a session outlives its principal's access.
+    pub client_max_lifetime: Option<Duration>,
     pub backend_idle_timeout: Option<Duration>,
     pub backend_max_lifetime: Option<Duration>,
     /// After a failed backend login while the pool has other connections open, how long before

@@ -142,6 +142,7 @@ struct RawPool {
     borrow_timeout: String,
     login_timeout: String,
     idle_client_timeout: Option<String>,
+    client_max_lifetime: Option<String>,
     backend_idle_timeout: Option<String>,
     backend_max_lifetime: Option<String>,
     backend_login_retry_delay: String,
@@ -161,6 +162,7 @@ impl Default for RawPool {
             borrow_timeout: "120s".into(),
             login_timeout: "60s".into(),
             idle_client_timeout: Some("30m".into()),
+            client_max_lifetime: Some("24h".into()),
             backend_idle_timeout: Some("10m".into()),
             backend_max_lifetime: Some("1h".into()),
             backend_login_retry_delay: "1s".into(),
@@ -353,6 +355,10 @@ impl RawConfig {
             borrow_timeout: parse_duration("pool.borrow_timeout", &p.borrow_timeout)?,
             login_timeout: parse_duration("pool.login_timeout", &p.login_timeout)?,
             idle_client_timeout: optional_duration("pool.idle_client_timeout", &p.idle_client_timeout)?,
+            client_max_lifetime: match optional_duration("pool.client_max_lifetime", &p.client_max_lifetime)? {
+                Some(d) if d.is_zero() => return Err(invalid("pool.client_max_lifetime", "must be more than 0 (or \"off\")")),
+                d => d,
+            },
             backend_idle_timeout: optional_duration("pool.backend_idle_timeout", &p.backend_idle_timeout)?,
             backend_max_lifetime: optional_duration("pool.backend_max_lifetime", &p.backend_max_lifetime)?,
             backend_login_retry_delay: match parse_duration("pool.backend_login_retry_delay", &p.backend_login_retry_delay)? {

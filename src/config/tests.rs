@@ -11,6 +11,7 @@ fn minimal_config_gets_rds_proxy_defaults() {
     assert_eq!(c.database.port, 5432);
     assert_eq!(c.pool.borrow_timeout, Duration::from_secs(120));
     assert_eq!(c.pool.idle_client_timeout, Some(Duration::from_secs(1800)));
+    assert_eq!(c.pool.client_max_lifetime, Some(Duration::from_secs(24 * 3600)));
     assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
     assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(60)));
     assert_eq!(c.database.tcp_keepalive, c.tcp_keepalive, "backend sockets use the same setting");
@@ -105,8 +106,10 @@ fn bad_duration_names_key_and_reason() {
 
 #[test]
 fn off_disables_optional_timeouts() {
-    let c = parse("[database]\nhost = \"db\"\n[pool]\nidle_client_timeout = \"off\"\n").unwrap();
-    assert_eq!(c.pool.idle_client_timeout, None);
+    let c = parse("[database]\nhost = \"db\"\n[pool]\nidle_client_timeout = \"off\"\nclient_max_lifetime = \"off\"\n").unwrap();
+    assert_eq!((c.pool.idle_client_timeout, c.pool.client_max_lifetime), (None, None));
+    let err = parse("[database]\nhost = \"db\"\n[pool]\nclient_max_lifetime = \"0s\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("pool.client_max_lifetime: must be more than 0"), "{err}");
 }
 
 #[test]

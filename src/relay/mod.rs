@@ -16,6 +16,7 @@
 //! writer, and memory stays bounded by one chunk per direction. Must not: decide what a client
 //! is told on failure (the session does), or touch the pool.
 
+mod client;
 pub mod prepared;
 pub mod session_state;
 mod tracked;
@@ -28,61 +29,18 @@ use bytes::BytesMut;
 
 use crate::backend::BackendConn;
 use crate::backend::settings::ClientSettings;
-use crate::config::PoolConfig;
 use crate::metrics::Metrics;
 use crate::pool::Presented;
 use crate::protocol::{MessageScanner, ProtocolError, TxStatus, backend_tag, frontend_tag, read_cstr};
 use crate::stream::Stream;
 use session_state::PinReason;
+pub use client::{ClientSide, Expiry, RelayLimits};
 pub use tracked::TrackedClient;
 use tracker::Tracker;
 
 /// The longest Query or Parse text the relay reads for session state; a longer one pins its
 /// session ([`PinReason::Unread`]). (RDS Proxy pins past 16 KB.)
 pub const SQL_READ_LIMIT: usize = 1024 * 1024;
-
-/// The client's socket and what has been read from it but not yet forwarded.
-pub struct ClientSide {
-    pub stream: Stream,
-    pub buf: BytesMut,
-    pub scanner: MessageScanner,
-    /// The client's named prepared statements and what goes with them, once it has one (see
-    /// [`prepared`]).
-    pub tracked: Option<Box<TrackedClient>>,
-    /// Taken when the session starts: a reload changes them for later sessions only.
-    pub limits: RelayLimits,
-}
-
-/// The pool settings a session's relay follows, as they were when the session started.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RelayLimits {
-    /// `pool.max_message_bytes`: the longest message body either side may send (at most 1 GiB).
-    pub max_message_bytes: u32,
-    /// `pool.max_prepared_statements` (0: named statements pin the session instead; at most
-    /// 100,000).
-    pub max_prepared_statements: u32,
-    /// Whether a SET the proxy does not follow pins (`pool.session_pinning_filters`).
-    pub pin_variable_sets: bool,
-}
-
-impl RelayLimits {
-    pub fn of(pool: &PoolConfig) -> RelayLimits {
-        // (Both bounded by `config`; the 32-bit fields keep an idle session small.)
-        RelayLimits {
-            max_message_bytes: u32::try_from(pool.max_message_bytes).unwrap_or(u32::MAX),
-            max_prepared_statements: u32::try_from(pool.max_prepared_statements).unwrap_or(u32::MAX),
-            pin_variable_sets: pool.pin_variable_sets,
-        }
-    }
-}
-
-impl ClientSide {
-    /// After a read: it did not fill the buffer, so it emptied the socket (plain TCP only;
-    /// rustls may hold more decrypted bytes than one read takes).
-    fn read_emptied_socket(&self) -> bool {
-        self.stream.is_plain() && self.buf.len() < self.buf.capacity()
-    }
-}
 
 /// Why a relay stopped.
 #[derive(Debug)]

@@ -31,6 +31,8 @@ pub enum SessionError {
     LoginTimeout,
     #[error("client idle for longer than idle_client_timeout")]
     IdleTimeout,
+    #[error("client connected for longer than client_max_lifetime")]
+    LifetimeReached,
     #[error("pgwarden is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -100,6 +102,12 @@ impl SessionError {
             SessionError::ShuttingDown => {
                 fatal(SqlState::ADMIN_SHUTDOWN, "terminating connection due to administrator command".into())
             }
+            // 57P01, as for a shutdown: drivers and pools treat it as "this connection is gone,
+            // open another" (and retry an idempotent statement there).
+            SessionError::LifetimeReached => fatal(
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection: it reached the proxy's client connection lifetime".into(),
+            ),
             SessionError::Pool(e) => fatal(e.sqlstate(), e.client_message()),
             SessionError::SettingRejected { code, message } => Some((Severity::Fatal, code.as_str(), message.clone())),
             SessionError::BackendLost => fatal(
@@ -111,7 +119,7 @@ impl SessionError {
 
     pub fn log(&self, id: SessionId, peer: SocketAddr) {
         match self {
-            SessionError::ClientClosed | SessionError::Io(_) | SessionError::ShuttingDown => {
+            SessionError::ClientClosed | SessionError::Io(_) | SessionError::ShuttingDown | SessionError::LifetimeReached => {
                 tracing::debug!(session = id.0, %peer, error = %self, "session ended")
             }
             SessionError::Auth(_)

@@ -50,6 +50,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: S
         scanner: MessageScanner::new(limits.max_message_bytes as usize),
         tracked: None,
         limits,
+        expires: shared.session_defaults.client_lifetime().and_then(|l| relay::Expiry::after(std::time::Instant::now(), l)),
     };
     let login = Box::pin(tokio::time::timeout(
         shared.session_defaults.login(),
@@ -93,12 +94,13 @@ async fn transactions(
     // One timer per session, re-armed lazily: it fires at most once per `idle_client_timeout`
     // while the client is busy, instead of being registered and cleared on every transaction.
     let limit = shared.session_defaults.idle_client();
-    let mut idle_timer = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
+    let mut idle_since = tokio::time::Instant::now();
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(idle_deadline(client, idle_since, limit, idle_since)));
     // Polled once per deadline: the timer keeps this task's waker until it fires, so later
     // waits read whether it has fired (an atomic load) instead of polling it again.
     let mut timer_armed = false;
-    // When the client's last transaction ended (from the relay's last clock read, not a new one).
-    let mut idle_since = tokio::time::Instant::now();
+    // (`idle_since`: when the client's last transaction ended, from the relay's last clock
+    // read, not a new one.)
     // Polled once, at the first idle wait: from then on the drain holds this task's waker
     // (a task's waker does not change) and wakes it; later waits read the flag, which costs no
     // lock, instead of polling the future again.
@@ -141,14 +143,14 @@ async fn transactions(
                     IdleWake::Drain => return Err(SessionError::ShuttingDown),
                     IdleWake::Timer => {
                         timer_armed = false;
-                        let Some(limit) = limit else {
-                            idle_timer.as_mut().reset(tokio::time::Instant::now() + FAR_FUTURE);
-                            continue;
-                        };
-                        if idle_since.elapsed() >= limit {
+                        let now = tokio::time::Instant::now();
+                        if client.expired(now.into_std()) {
+                            return Err(SessionError::LifetimeReached);
+                        }
+                        if limit.is_some_and(|limit| now.saturating_duration_since(idle_since) >= limit) {
                             return Err(SessionError::IdleTimeout);
                         }
-                        idle_timer.as_mut().reset(idle_since + limit);
+                        idle_timer.as_mut().reset(idle_deadline(client, idle_since, limit, now));
                     }
                 }
             };
@@ -162,10 +164,23 @@ async fn transactions(
         }
         // Boxed: a borrowed backend is large, and only a client in a transaction should pay for it.
         match Box::pin(transaction(shared, client, entry, desired, cancel)).await? {
+            Next::WaitForClient(ended) if client.expired(ended) => return Err(SessionError::LifetimeReached),
             Next::WaitForClient(ended) => idle_since = tokio::time::Instant::from_std(ended),
             Next::Close => return Ok(()),
         }
     }
+}
+
+/// When the idle client's timer is next due: at its idle timeout (counted from `idle_since`) or
+/// at the end of its connection's lifetime, whichever is first (a year from `now` if neither).
+fn idle_deadline(
+    client: &ClientSide,
+    idle_since: tokio::time::Instant,
+    limit: Option<Duration>,
+    now: tokio::time::Instant,
+) -> tokio::time::Instant {
+    let idle = limit.map_or(now + FAR_FUTURE, |limit| idle_since + limit);
+    client.expires.map_or(idle, |e| idle.min(tokio::time::Instant::from_std(e.instant())))
 }
 
 /// What ended an idle client's wait.
@@ -240,6 +255,8 @@ async fn transaction(
                 }
                 let wake = if shared.drain.started() {
                     PinnedWake::Drain
+                } else if client.expired(lease.conn().last_active) {
+                    PinnedWake::Expired
                 } else if client.buf.is_empty() {
                     // Boxed: pinned sessions are the rare case.
                     Box::pin(pinned_idle(shared, client, lease.conn())).await
@@ -252,6 +269,7 @@ async fn transaction(
                     PinnedWake::Drain => Err(SessionError::ShuttingDown),
                     // The backend it pins is freed too, as RDS Proxy's IdleClientTimeout does.
                     PinnedWake::IdleTimeout => Err(SessionError::IdleTimeout),
+                    PinnedWake::Expired => Err(SessionError::LifetimeReached),
                 };
                 // Between transactions: clean, only its session state to clear.
                 Box::pin(finish_abandoned(lease, true, false, true)).await;
@@ -309,6 +327,8 @@ enum PinnedWake {
     ClientGone,
     Drain,
     IdleTimeout,
+    /// The client's connection reached `client_max_lifetime`.
+    Expired,
 }
 
 /// A pinned session between transactions, its client silent. The relay would wait on both
@@ -322,7 +342,8 @@ async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut cra
     use std::task::Poll;
     let mut drain = std::pin::pin!(shared.drain.started_wait());
     let limit = shared.session_defaults.idle_client();
-    let mut idle = std::pin::pin!(tokio::time::sleep(limit.unwrap_or(FAR_FUTURE)));
+    let now = tokio::time::Instant::now();
+    let mut idle = std::pin::pin!(tokio::time::sleep_until(idle_deadline(client, now, limit, now)));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = client.stream.poll_read_some(cx, &mut client.buf) {
             return Poll::Ready(if matches!(r, Ok(n) if n > 0) { PinnedWake::Ready } else { PinnedWake::ClientGone });
@@ -333,10 +354,17 @@ async fn pinned_idle(shared: &Shared, client: &mut ClientSide, backend: &mut cra
         if drain.as_mut().poll(cx).is_ready() {
             return Poll::Ready(PinnedWake::Drain);
         }
-        match limit {
-            Some(_) => idle.as_mut().poll(cx).map(|()| PinnedWake::IdleTimeout),
-            None => Poll::Pending,
+        while idle.as_mut().poll(cx).is_ready() {
+            if client.expired(std::time::Instant::now()) {
+                return Poll::Ready(PinnedWake::Expired);
+            }
+            if limit.is_some() {
+                return Poll::Ready(PinnedWake::IdleTimeout);
+            }
+            // (Neither is set: a year passed. Wait another.)
+            idle.as_mut().reset(tokio::time::Instant::now() + FAR_FUTURE);
         }
+        Poll::Pending
     })
     .await
 }

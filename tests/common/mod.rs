@@ -387,6 +387,18 @@ impl RawClient {
     }
 
     /// Reads one raw byte (the answer to SSLRequest/GSSENCRequest).
+    /// The tags of the messages up to and including the next ReadyForQuery.
+    pub async fn recv_until_ready(&mut self) -> Vec<u8> {
+        let mut tags = Vec::new();
+        while let Some(m) = self.recv().await {
+            tags.push(m.tag);
+            if m.tag == b'Z' {
+                break;
+            }
+        }
+        tags
+    }
+
     pub async fn recv_byte(&mut self) -> u8 {
         let mut b = [0u8; 1];
         self.stream.read_exact(&mut b).await.unwrap();
@@ -457,6 +469,16 @@ pub fn startup_packet(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
     let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
     out.extend_from_slice(&body);
     out
+}
+
+/// A Parse of `sql` as the statement `name` (no parameter types), then Sync.
+pub fn parse_and_sync(name: &str, sql: &str) -> Vec<u8> {
+    let body = [name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat();
+    let mut msgs = vec![b'P'];
+    msgs.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
+    msgs.extend_from_slice(&body);
+    msgs.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+    msgs
 }
 
 pub fn query_message(sql: &str) -> Vec<u8> {
