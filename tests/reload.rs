@@ -51,9 +51,14 @@ async fn users_come_and_go_without_dropping_connected_clients() {
     assert!(message.contains("no credentials for the role"), "{err:?}");
     assert_eq!(values(&old_client, "SELECT 40 + 2").await, ["42"]);
     assert_eq!(values(&newcomer, "SELECT 1").await, ["1"]);
-    // Its last session gone, the old pool closes its connections (long before any idle timeout).
+    // The removed user's pool still serves that session: it still counts as allowed room.
+    let size = h.env.config.pool.max_backend_connections as f64;
+    assert_eq!(h.metric("MaxDatabaseConnectionsAllowed"), 2.0 * size);
+    // Its last session gone, the old pool closes its connections (long before any idle timeout)
+    // and no longer counts.
     drop(old_client);
     h.until_backends(0).await;
+    h.until_metric("MaxDatabaseConnectionsAllowed", |m| m == size).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -356,7 +356,9 @@ impl RawConfig {
             login_timeout: parse_duration("pool.login_timeout", &p.login_timeout)?,
             idle_client_timeout: optional_duration("pool.idle_client_timeout", &p.idle_client_timeout)?,
             client_max_lifetime: match optional_duration("pool.client_max_lifetime", &p.client_max_lifetime)? {
-                Some(d) if d.is_zero() => return Err(invalid("pool.client_max_lifetime", "must be more than 0 (or \"off\")")),
+                Some(d) if d < Duration::from_secs(1) => {
+                    return Err(invalid("pool.client_max_lifetime", "must be at least 1s (or \"off\")"));
+                }
                 d => d,
             },
             backend_idle_timeout: optional_duration("pool.backend_idle_timeout", &p.backend_idle_timeout)?,

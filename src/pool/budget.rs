@@ -173,9 +173,14 @@ impl Budget {
         self.cap()
     }
 
-    /// Pools in the registry or still serving sessions.
-    pub(super) fn live_members(&self) -> usize {
-        lock(&self.members).iter().filter(|w| w.strong_count() > 0).count()
+    /// `MaxDatabaseConnectionsAllowed`: the sizes of the pools in use (in the registry, or
+    /// retired by a reload and still serving sessions) together, up to the cap once known.
+    pub(super) fn allowed(&self) -> usize {
+        let members: Vec<Arc<PoolEntry>> = lock(&self.members).iter().filter_map(Weak::upgrade).collect();
+        let sizes = members.iter().map(|p| p.max()).fold(0usize, usize::saturating_add);
+        // (The last handle on a pool may be one of these: dropped here, outside the lock.)
+        drop(members);
+        self.cap().map_or(sizes, |cap| cap.min(sizes))
     }
 
     pub(super) fn join(&self, pool: Weak<PoolEntry>) {

@@ -428,10 +428,8 @@ impl PoolEntry {
             return Err(crate::protocol::ProtocolError::Malformed("SHOW max_connections left a transaction open").into());
         }
         let max_connections = row.as_ref().and_then(|r| r.first()?.as_deref()?.parse::<usize>().ok());
-        if let Some(cap) = self.budget.learn_database_max(max_connections) {
-            let allowed = self.budget.live_members().saturating_mul(self.max()).min(cap);
-            self.metrics.max_database_connections_allowed.set(allowed as f64);
-        }
+        self.budget.learn_database_max(max_connections);
+        self.metrics.max_database_connections_allowed.set(self.budget.allowed() as f64);
         Ok(())
     }
 
@@ -693,6 +691,8 @@ impl Drop for PoolEntry {
                 runtime.spawn(conn.close());
             }
         }
+        // (This pool no longer counts: its handle cannot be taken any more.)
+        self.metrics.max_database_connections_allowed.set(self.budget.allowed() as f64);
     }
 }
 

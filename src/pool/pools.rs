@@ -64,7 +64,7 @@ impl Pools {
             // (Its next look may be sooner now.)
             entry.wake_timer.notify_one();
         }
-        self.publish_allowed(entries.len());
+        self.publish_allowed();
     }
 
     /// A reload reads the database's `max_connections` again, on the next connection opened
@@ -82,15 +82,13 @@ impl Pools {
     pub fn retire_superseded(&self) {
         let mut map = lock(&self.map);
         map.retain(|_, e| !e.manager.superseded());
-        self.publish_allowed(map.len());
+        drop(map);
+        self.publish_allowed();
     }
 
-    /// `MaxDatabaseConnectionsAllowed`: every pool's size, up to the cap on all of them.
-    fn publish_allowed(&self, pools: usize) {
-        let cfg = self.settings.borrow();
-        let allowed = pools.saturating_mul(cfg.max_backend_connections);
-        let allowed = self.budget.cap().map_or(allowed, |cap| cap.min(allowed));
-        self.metrics.max_database_connections_allowed.set(allowed as f64);
+    /// `MaxDatabaseConnectionsAllowed` (see `Budget::allowed`).
+    fn publish_allowed(&self) {
+        self.metrics.max_database_connections_allowed.set(self.budget.allowed() as f64);
     }
 
     /// Backend connections open or being opened, all pools together (what
@@ -163,7 +161,8 @@ impl Pools {
         }
         // (Replacing the pool of a superseded store, if a login of the new entry came first.)
         map.insert(key.clone(), Arc::clone(&entry));
-        self.publish_allowed(map.len());
+        drop(map);
+        self.publish_allowed();
         entry
     }
 }

@@ -94,6 +94,8 @@ mod tests {
 
     #[test]
     fn an_expiry_is_never_early_and_at_most_a_second_late() {
+        // (The epoch first: one set after `now` would count from itself.)
+        epoch();
         let now = Instant::now();
         for after in [Duration::from_millis(1), Duration::from_millis(300), Duration::from_secs(24 * 3600)] {
             let at = Expiry::after(now, after).unwrap().instant();

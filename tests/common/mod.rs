@@ -386,7 +386,6 @@ impl RawClient {
         tokio::time::timeout(Duration::from_secs(30), read).await.expect("proxy answers or closes; it must not hang")
     }
 
-    /// Reads one raw byte (the answer to SSLRequest/GSSENCRequest).
     /// The tags of the messages up to and including the next ReadyForQuery.
     pub async fn recv_until_ready(&mut self) -> Vec<u8> {
         let mut tags = Vec::new();
@@ -399,6 +398,7 @@ impl RawClient {
         tags
     }
 
+    /// Reads one raw byte (the answer to SSLRequest/GSSENCRequest).
     pub async fn recv_byte(&mut self) -> u8 {
         let mut b = [0u8; 1];
         self.stream.read_exact(&mut b).await.unwrap();
