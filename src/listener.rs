@@ -275,6 +275,13 @@ impl Server {
             audit,
             drain,
         });
+        // (Weak: the metrics are part of what `shared` holds.)
+        let pools_of = Arc::downgrade(&shared);
+        shared.metrics.set_scrape_series(Box::new(move |out| {
+            if let Some(shared) = pools_of.upgrade() {
+                shared.pools.render_per_pool(out);
+            }
+        }));
         Ok(Server { shared, listener })
     }
 

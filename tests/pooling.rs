@@ -497,6 +497,41 @@ async fn client_max_lifetime_closes_clients_at_a_transaction_boundary() {
     assert_eq!(common::first_column(&h.client().await, "SELECT 2").await, ["2"]);
 }
 
+/// PgBouncer's SHOW POOLS as per-pool series on `/metrics`: a client waiting behind a busy pool
+/// shows in `pgwarden_pool_clients_waiting` and `pgwarden_pool_max_wait_seconds`, the busy
+/// backend as in use; once served, the wait is gone and the backend idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_pool_series_show_a_waiting_client() {
+    let h = Harness::start_with(|c| {
+        c.pool.max_backend_connections = 1;
+        c.pool.borrow_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let holder = h.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let waiting = h.client().await;
+    let query = tokio::spawn(async move { common::first_column(&waiting, "SELECT 'served'").await });
+    common::until_waiting(&h.dev_pool(), 1).await;
+    let pool = format!("user=\"{}\",database=\"{}\"", h.env.user, h.env.database);
+    let waiting_series = format!("pgwarden_pool_clients_waiting{{{pool}}}");
+    let max_wait_series = format!("pgwarden_pool_max_wait_seconds{{{pool}}}");
+    let (idle_series, in_use_series) = (
+        format!("pgwarden_pool_backend_connections{{{pool},state=\"idle\"}}"),
+        format!("pgwarden_pool_backend_connections{{{pool},state=\"in_use\"}}"),
+    );
+    assert_eq!(h.metric(&waiting_series), 1.0);
+    h.until_metric(&max_wait_series, |w| w > 0.0).await;
+    assert_eq!((h.metric(&in_use_series), h.metric(&idle_series)), (1.0, 0.0));
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(query.await.unwrap(), ["served"]);
+    h.until_metric(&idle_series, |n| n == 1.0).await;
+    let page = h.shared.metrics.render();
+    for line in [format!("{waiting_series} 0"), format!("{max_wait_series} 0"), format!("{in_use_series} 0")] {
+        assert!(page.lines().any(|l| l == line), "{line} missing from\n{page}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_cap_refuses_with_rds_proxy_text() {
     let h = Harness::start_with(|c| c.pool.max_client_connections = 2).await;

@@ -69,7 +69,13 @@ pub struct Metrics {
     pub prepared_client_parses: Counter,
     pub prepared_backend_parses: Counter,
     pub prepared_evictions: Counter,
+    /// Series computed at each scrape by whoever holds the state (the pools: see
+    /// [`Metrics::set_scrape_series`]).
+    scrape_series: std::sync::OnceLock<ScrapeSeries>,
 }
+
+/// Appends series to a scrape's exposition text.
+pub type ScrapeSeries = Box<dyn Fn(&mut String) + Send + Sync>;
 
 impl Metrics {
     /// Builds the recorder and its upkeep task (needs a runtime). Serve it with [`http::serve`].
@@ -167,6 +173,7 @@ impl Metrics {
                 prepared_client_parses: counter!("pgwarden_prepared_statements", "event" => "client_parse"),
                 prepared_backend_parses: counter!("pgwarden_prepared_statements", "event" => "backend_parse"),
                 prepared_evictions: counter!("pgwarden_prepared_statements", "event" => "evicted"),
+                scrape_series: std::sync::OnceLock::new(),
             }
         })
     }
@@ -185,7 +192,15 @@ impl Metrics {
         self.database_connections_currently_borrowed.render(&mut out);
         self.database_connections_borrow_latency.render(&mut out);
         self.query_database_response_latency.render(&mut out);
+        if let Some(series) = self.scrape_series.get() {
+            series(&mut out);
+        }
         out
+    }
+
+    /// Sets what each scrape appends (once; later calls are ignored).
+    pub fn set_scrape_series(&self, series: ScrapeSeries) {
+        let _ = self.scrape_series.set(series);
     }
 }
 

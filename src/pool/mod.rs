@@ -31,6 +31,7 @@ mod budget;
 mod manager;
 mod pools;
 mod queue;
+mod report;
 mod upkeep;
 
 use std::collections::VecDeque;

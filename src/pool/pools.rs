@@ -46,7 +46,7 @@ impl Pools {
         // Published first: a pool created from here on starts with the new settings.
         self.settings.send_replace(cfg.clone());
         self.budget.set_form(cfg.max_total_backend_connections, cfg.max_connections_percent);
-        let entries: Vec<Arc<PoolEntry>> = lock(&self.map).values().cloned().collect();
+        let entries = self.entries();
         for entry in &entries {
             entry.max.store(cfg.max_backend_connections, Ordering::Relaxed);
             entry.login_retry_delay.set(Some(cfg.backend_login_retry_delay));
@@ -71,6 +71,11 @@ impl Pools {
     /// (for `max_connections_percent`: an instance resized since).
     pub fn reread_database_max(&self) {
         self.budget.reread_database_max();
+    }
+
+    /// Every pool in the registry.
+    pub(super) fn entries(&self) -> Vec<Arc<PoolEntry>> {
+        lock(&self.map).values().cloned().collect()
     }
 
     /// Takes the pools whose credential entry a reload removed or replaced
@@ -99,7 +104,7 @@ impl Pools {
 
     /// Closes every idle backend of every pool politely (Terminate first), for shutdown.
     pub async fn close_idle(&self) {
-        let entries: Vec<Arc<PoolEntry>> = lock(&self.map).values().cloned().collect();
+        let entries = self.entries();
         let mut closing = tokio::task::JoinSet::new();
         for entry in entries {
             let idle = std::mem::take(&mut lock(&entry.state).idle);

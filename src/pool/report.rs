@@ -1,0 +1,97 @@
+//! Each pool's state as Prometheus series, computed when `/metrics` is scraped: PgBouncer's
+//! `SHOW POOLS` for dashboards and alerts (clients waiting, how long the longest has waited,
+//! backend connections idle and in use), one series per (user, database) pool in use. Only
+//! names go into labels, escaped as the exposition format requires; never a credential.
+
+use std::fmt::Write;
+use std::time::Instant;
+
+use super::queue::Wait;
+use super::{PoolEntry, Pools, lock};
+
+/// One pool's state at a scrape.
+struct Snapshot {
+    idle: usize,
+    /// Connections lent to clients or being opened.
+    in_use: usize,
+    waiting: usize,
+    /// How long the longest-waiting client has waited, in seconds.
+    max_wait: f64,
+}
+
+impl PoolEntry {
+    fn snapshot(&self, now: Instant) -> Snapshot {
+        let borrow_timeout = self.borrow_timeout();
+        let st = lock(&self.state);
+        let mut waiting = 0;
+        let mut first_deadline = None;
+        for q in st.waiting.iter().filter(|q| matches!(*lock(&q.waiter), Wait::Waiting(..))) {
+            waiting += 1;
+            first_deadline.get_or_insert(q.deadline);
+        }
+        // (A client's deadline is when it queued plus the borrow timeout.)
+        let max_wait = first_deadline
+            .and_then(|d| d.checked_sub(borrow_timeout))
+            .map_or(0.0, |queued| now.saturating_duration_since(queued).as_secs_f64());
+        Snapshot { idle: st.idle.len(), in_use: st.open - st.idle.len(), waiting, max_wait }
+    }
+}
+
+impl Pools {
+    /// Appends the per-pool series to a scrape's exposition.
+    pub fn render_per_pool(&self, out: &mut String) {
+        let mut entries = self.entries();
+        entries.sort_by(|a, b| (&a.key.user, &a.key.database).cmp(&(&b.key.user, &b.key.database)));
+        let now = Instant::now();
+        let pools: Vec<(String, Snapshot)> = entries
+            .iter()
+            .map(|e| (format!("user=\"{}\",database=\"{}\"", escape(&e.key.user), escape(&e.key.database)), e.snapshot(now)))
+            .collect();
+        let mut series = |name: &str, help: &str, value: &dyn Fn(&Snapshot) -> Vec<(&'static str, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (labels, s) in &pools {
+                for (extra, v) in value(s) {
+                    let _ = writeln!(out, "{name}{{{labels}{extra}}} {v}");
+                }
+            }
+        };
+        series(
+            "pgwarden_pool_clients_waiting",
+            "Clients waiting for a backend connection, per pool (PgBouncer's cl_waiting).",
+            &|s| vec![("", s.waiting as f64)],
+        );
+        series(
+            "pgwarden_pool_max_wait_seconds",
+            "How long the longest-waiting client of the pool has waited (PgBouncer's maxwait).",
+            &|s| vec![("", s.max_wait)],
+        );
+        series(
+            "pgwarden_pool_backend_connections",
+            "Backend connections of the pool: idle, or in use (lent to a client or being opened).",
+            &|s| vec![(",state=\"idle\"", s.idle as f64), (",state=\"in_use\"", s.in_use as f64)],
+        );
+    }
+}
+
+/// A label value as the Prometheus text format wants it.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::escape("plain_user"), "plain_user");
+        assert_eq!(super::escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
