@@ -532,6 +532,23 @@ async fn per_pool_series_show_a_waiting_client() {
     }
 }
 
+/// Clients choose the database name: one that tries many names that do not exist gets the
+/// database's own error for each (3D000), and the registry lets go of the pools nobody uses
+/// instead of keeping one per name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_nobody_uses_do_not_pile_up() {
+    let h = Harness::start().await;
+    let steady = h.client().await;
+    for i in 0..20 {
+        let conn_str = format!("{} dbname=no_such_db_{i}", h.conn_str());
+        let err = common::connect(&conn_str).await.err().expect("no such database");
+        assert_eq!(sqlstate(&err).as_deref(), Some("3D000"), "{err}");
+    }
+    // The dev pool (a session holds it) and at most the last name's, until the next new pool.
+    assert!(h.shared.pools.len() <= 2, "{} pools", h.shared.pools.len());
+    assert_eq!(common::first_column(&steady, "SELECT 'still served'").await, ["still served"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_cap_refuses_with_rds_proxy_text() {
     let h = Harness::start_with(|c| c.pool.max_client_connections = 2).await;

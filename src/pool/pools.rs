@@ -1,5 +1,5 @@
 //! The registry of pools: finds the pool of a (user, database), creating it with its queue
-//! timer and janitor on its first client; applies a reload's pool settings to every pool
+//! timer and janitor on its first client (and then dropping pools nobody uses any more); applies a reload's pool settings to every pool
 //! (`reconfigure`) and takes a removed or changed user's pools out of use (`retire_superseded`);
 //! closes idle connections at shutdown. Must not: serve a checkout (`PoolEntry` does).
 
@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use super::budget::Budget;
 use super::manager::BackendManager;
 use super::upkeep::{spawn_janitor, spawn_queue_timer};
+use super::queue::Wait;
 use super::{PoolEntry, PoolKey, State, lock};
 use crate::config::{DatabaseConfig, LiveDuration, PoolConfig};
 use crate::credentials::CredentialStore;
@@ -73,6 +74,11 @@ impl Pools {
         self.budget.reread_database_max();
     }
 
+    /// How many pools the registry holds.
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+
     /// Every pool in the registry.
     pub(super) fn entries(&self) -> Vec<Arc<PoolEntry>> {
         lock(&self.map).values().cloned().collect()
@@ -127,6 +133,9 @@ impl Pools {
         {
             return Arc::clone(e);
         }
+        // A new pool: first the registry lets go of pools nobody uses (clients choose the
+        // database name: without this, one cycling through names would grow it for good).
+        map.retain(|_, e| !unused(e));
         let manager = BackendManager::new(
             self.target.clone(),
             self.tls.clone(),
@@ -169,5 +178,16 @@ impl Pools {
         drop(map);
         self.publish_allowed();
         entry
+    }
+}
+
+/// No session holds the pool (the registry's is the only handle), no connection of it is open or
+/// opening, no client waits: it can go, and a client that comes later gets a new one. (Under the
+/// registry's lock, where sessions get their handles.)
+fn unused(e: &Arc<PoolEntry>) -> bool {
+    Arc::strong_count(e) == 1 && {
+        let st = lock(&e.state);
+        // (The queue may keep places whose clients were served or left.)
+        st.open == 0 && !st.waiting.iter().any(|q| matches!(*lock(&q.waiter), Wait::Waiting(..)))
     }
 }
