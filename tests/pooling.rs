@@ -537,8 +537,12 @@ async fn per_pool_series_show_a_waiting_client() {
 /// instead of keeping one per name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pools_nobody_uses_do_not_pile_up() {
-    let h = Harness::start().await;
+    let h = Harness::start_with(|c| c.pool.backend_idle_timeout = Some(Duration::from_millis(100))).await;
     let steady = h.client().await;
+    assert_eq!(common::first_column(&steady, "SELECT 1").await, ["1"]);
+    // Its pool has no connection left, but a session holds it: that one stays.
+    h.until_backends(0).await;
+    let steady_pool = std::sync::Arc::downgrade(&h.dev_pool());
     for i in 0..20 {
         let conn_str = format!("{} dbname=no_such_db_{i}", h.conn_str());
         let err = common::connect(&conn_str).await.err().expect("no such database");
@@ -546,6 +550,7 @@ async fn pools_nobody_uses_do_not_pile_up() {
     }
     // The dev pool (a session holds it) and at most the last name's, until the next new pool.
     assert!(h.shared.pools.len() <= 2, "{} pools", h.shared.pools.len());
+    assert!(std::sync::Arc::ptr_eq(&steady_pool.upgrade().unwrap(), &h.dev_pool()), "the held pool stayed in the registry");
     assert_eq!(common::first_column(&steady, "SELECT 'still served'").await, ["still served"]);
 }
 

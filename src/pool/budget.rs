@@ -177,7 +177,8 @@ impl Budget {
     /// retired by a reload and still serving sessions) together, up to the cap once known.
     pub(super) fn allowed(&self) -> usize {
         let members: Vec<Arc<PoolEntry>> = lock(&self.members).iter().filter_map(Weak::upgrade).collect();
-        let sizes = members.iter().map(|p| p.max()).fold(0usize, usize::saturating_add);
+        // (A pool only this list holds is about to go: its drop publishes without it.)
+        let sizes = members.iter().filter(|p| Arc::strong_count(p) > 1).map(|p| p.max()).fold(0usize, usize::saturating_add);
         // (The last handle on a pool may be one of these: dropped here, outside the lock.)
         drop(members);
         self.cap().map_or(sizes, |cap| cap.min(sizes))

@@ -694,6 +694,8 @@ impl Drop for PoolEntry {
         }
         // (This pool no longer counts: its handle cannot be taken any more.)
         self.metrics.max_database_connections_allowed.set(self.budget.allowed() as f64);
+        // Its queue timer ends now rather than at its next deadline.
+        self.wake_timer.notify_one();
     }
 }
 

@@ -24,16 +24,17 @@ impl PoolEntry {
         let borrow_timeout = self.borrow_timeout();
         let st = lock(&self.state);
         let mut waiting = 0;
-        let mut first_deadline = None;
+        let mut first_deadline: Option<Instant> = None;
         for q in st.waiting.iter().filter(|q| matches!(*lock(&q.waiter), Wait::Waiting(..))) {
             waiting += 1;
-            first_deadline.get_or_insert(q.deadline);
+            // (Not always the front: a client whose login failed queues there again.)
+            first_deadline = Some(first_deadline.map_or(q.deadline, |d| d.min(q.deadline)));
         }
         // (A client's deadline is when it queued plus the borrow timeout.)
         let max_wait = first_deadline
             .and_then(|d| d.checked_sub(borrow_timeout))
             .map_or(0.0, |queued| now.saturating_duration_since(queued).as_secs_f64());
-        Snapshot { idle: st.idle.len(), in_use: st.open - st.idle.len(), waiting, max_wait }
+        Snapshot { idle: st.idle.len(), in_use: st.open.saturating_sub(st.idle.len()), waiting, max_wait }
     }
 }
 
