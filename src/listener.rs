@@ -275,11 +275,14 @@ impl Server {
             audit,
             drain,
         });
-        // (Weak: the metrics are part of what `shared` holds.)
+        // Per pool and per user at each scrape. (Weak: the metrics are part of what `shared` holds.)
         let pools_of = Arc::downgrade(&shared);
         shared.metrics.set_scrape_series(Box::new(move |out| {
             if let Some(shared) = pools_of.upgrade() {
                 shared.pools.render_per_pool(out);
+                let mut users: Vec<Arc<UserEntry>> = shared.users().values().cloned().collect();
+                users.sort_by(|a, b| a.user.cmp(&b.user));
+                crate::credentials::render_series(users.iter().map(|u| (u.user.as_str(), &*u.store)), out);
             }
         }));
         Ok(Server { shared, listener })

@@ -549,7 +549,7 @@ async fn pools_nobody_uses_do_not_pile_up() {
         assert_eq!(sqlstate(&err).as_deref(), Some("3D000"), "{err}");
     }
     // The dev pool (a session holds it) and at most the last name's, until the next new pool.
-    assert!(h.shared.pools.len() <= 2, "{} pools", h.shared.pools.len());
+    assert!(h.shared.pools.count() <= 2, "{} pools", h.shared.pools.count());
     assert!(std::sync::Arc::ptr_eq(&steady_pool.upgrade().unwrap(), &h.dev_pool()), "the held pool stayed in the registry");
     assert_eq!(common::first_column(&steady, "SELECT 'still served'").await, ["still served"]);
 }

@@ -244,16 +244,22 @@ async fn unreachable_secrets_manager_keeps_the_cached_credential_until_it_return
     let mut health = rig.h.shared.user("app").unwrap().store.health();
     rig.moto.pause();
     tokio::time::timeout(Duration::from_secs(60), health.wait_for(|h| h.consecutive_failures >= 1)).await.unwrap().unwrap();
-    assert!(rig.h.shared.metrics.render().contains("pgwarden_credential_stale 1"));
+    assert_eq!(rig.h.metric("pgwarden_credential_stale{user=\"app\"}"), 1.0);
+    let age_while_stale = rig.h.metric("pgwarden_credential_age_seconds{user=\"app\"}");
     // New backend logins still work with the cached credential.
     rig.kill_backends();
     let c = rig.client().await;
     assert_eq!(select_one(&c).await, "1");
     rig.moto.resume();
     tokio::time::timeout(Duration::from_secs(60), health.wait_for(|h| h.consecutive_failures == 0)).await.unwrap().unwrap();
+    assert_eq!(rig.h.metric("pgwarden_credential_stale{user=\"app\"}"), 0.0);
+    let age = rig.h.metric("pgwarden_credential_age_seconds{user=\"app\"}");
+    assert!(age < age_while_stale, "the source answered again: {age} s, {age_while_stale} s while stale");
     // Refresh resumes: a rotation now is picked up.
+    assert_eq!(rig.h.metric("pgwarden_credential_changes{user=\"app\"}"), 0.0);
     rig.rotator(Strategy::Single).rotate().await.unwrap();
     rig.until_credential(|s| s.generation.0 > 1 && s.secret.previous.is_some()).await;
+    assert!(rig.h.metric("pgwarden_credential_changes{user=\"app\"}") >= 1.0);
     assert_eq!(select_one(&c).await, "1");
 }
 
@@ -391,7 +397,8 @@ print(json.dumps({u: [k["AccessKeyId"], k["SecretAccessKey"]] for u, k in keys.i
     assert!(text.contains("GetSecretValue") && text.contains("AccessDenied"), "{text}");
     assert!(!text.contains("second-password") && !err.is_transient(), "{text}");
     assert_eq!(store.snapshot().secret.current.password.expose_secret(), "first-password");
-    assert_eq!(*store.health().borrow(), pgwarden::credentials::RefreshHealth { consecutive_failures: 1, total_failures: 1 });
+    let health = store.health_now();
+    assert_eq!((health.consecutive_failures, health.total_failures), (1, 1));
 }
 
 /// When the database refuses every stage of the credential, clients waiting for a backend fail

@@ -198,6 +198,30 @@ pub fn parse_secret_json(text: &str) -> Result<StagedSecret, CredentialError> {
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Each configured user's credential as Prometheus series, for a scrape (see
+/// `Metrics::set_scrape_series`): whether the last refresh failed (the last good credential
+/// serves meanwhile), how long since the source last answered, and how many times the
+/// credential changed since start. Names only in labels, never secret content.
+pub fn render_series<'a>(users: impl Iterator<Item = (&'a str, &'a CredentialStore)> + Clone, out: &mut String) {
+    use std::fmt::Write;
+    let now = Instant::now();
+    let mut series = |name: &str, help: &str, value: &dyn Fn(&CredentialStore) -> f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (user, store) in users.clone() {
+            let _ = writeln!(out, "{name}{{user=\"{}\"}} {}", crate::metrics::label_value(user), value(store));
+        }
+    };
+    series("pgwarden_credential_stale", "1 while the user's last credential refresh failed (the last good one serves).", &|s| {
+        f64::from(u8::from(s.health_now().consecutive_failures > 0))
+    });
+    series("pgwarden_credential_age_seconds", "Seconds since the user's credential source last answered.", &|s| {
+        s.health_now().last_fetched.map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64())
+    });
+    series("pgwarden_credential_changes", "Times the user's credential changed since start (rotations seen).", &|s| {
+        (s.snapshot().generation.0 - 1) as f64
+    });
+}
+
 /// Where a secret lives. Implementations fetch all stages they can see.
 pub trait CredentialSource: Send + Sync + 'static {
     fn fetch(&self) -> BoxFuture<'_, Result<StagedSecret, CredentialError>>;
@@ -215,6 +239,8 @@ pub struct RefreshHealth {
     pub consecutive_failures: u64,
     /// Refreshes that failed, ever.
     pub total_failures: u64,
+    /// When the source last answered (the first fetch, or a refresh that worked).
+    pub last_fetched: Option<Instant>,
 }
 
 /// The latest snapshot of one user's credential, with a loop that refreshes it.
@@ -237,7 +263,7 @@ impl CredentialStore {
     ) -> Result<Arc<CredentialStore>, CredentialError> {
         let secret = source.fetch().await?;
         let (tx, _) = watch::channel(Arc::new(CredentialSet { generation: Generation(1), secret }));
-        let (health, _) = watch::channel(RefreshHealth::default());
+        let (health, _) = watch::channel(RefreshHealth { last_fetched: Some(Instant::now()), ..RefreshHealth::default() });
         Ok(Arc::new(CredentialStore {
             source,
             tx,
@@ -260,6 +286,11 @@ impl CredentialStore {
 
     pub fn health(&self) -> watch::Receiver<RefreshHealth> {
         self.health.subscribe()
+    }
+
+    /// How refreshing is going now.
+    pub fn health_now(&self) -> RefreshHealth {
+        self.health.borrow().clone()
     }
 
     /// A refresh the database asked for (it refused a login): single flight, at most once per
@@ -297,18 +328,20 @@ impl CredentialStore {
                 });
                 if let Some(m) = &self.metrics {
                     m.credential_refresh_failures.increment(1);
-                    m.credential_stale_sources.set(1.0);
                 }
                 return Err(e);
             }
         };
         if self.health.borrow().consecutive_failures > 0 {
             tracing::info!(source = %self.source.describe(), "credential refresh works again");
-            self.health.send_modify(|h| h.consecutive_failures = 0);
-            if let Some(m) = &self.metrics {
-                m.credential_stale_sources.set(0.0);
-            }
         }
+        // (Quietly: nobody waits on the time alone.)
+        self.health.send_if_modified(|h| {
+            let recovered = h.consecutive_failures > 0;
+            h.consecutive_failures = 0;
+            h.last_fetched = Some(Instant::now());
+            recovered
+        });
         let current = self.snapshot();
         if current.secret.same_as(&secret) {
             return Ok(false);

@@ -60,8 +60,6 @@ pub struct Metrics {
     /// Reloads of the configuration file (SIGHUP) applied, and refused.
     pub config_reloads: Counter,
     pub config_reload_failures: Counter,
-    /// 1 while the last refresh of some credential failed (serving the last good one).
-    pub credential_stale_sources: Gauge,
     /// Sessions pinned, by reason (in `PinReason::ALL` order).
     session_pins: [Counter; PinReason::ALL.len()],
     /// Named Parses clients sent, Parses pgwarden added on a backend that lacked the
@@ -72,6 +70,20 @@ pub struct Metrics {
     /// Series computed at each scrape by whoever holds the state (the pools: see
     /// [`Metrics::set_scrape_series`]).
     scrape_series: std::sync::OnceLock<ScrapeSeries>,
+}
+
+/// A label value as the Prometheus text format wants it (backslash, quote and newline escaped).
+pub fn label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Appends series to a scrape's exposition text.
@@ -121,7 +133,6 @@ impl Metrics {
                 "Backend connections closed so that another pool's waiting clients get room under pool.max_total_backend_connections."
             );
             describe_counter!("pgwarden_credential_refresh_failures", "Credential refreshes that failed (last good credential kept).");
-            describe_gauge!("pgwarden_credential_stale", "1 while the last credential refresh failed.");
             describe_counter!("pgwarden_keyring_reload_failures", "IAM keyring reloads that failed (last good keyring kept).");
             describe_counter!("pgwarden_config_reloads", "Reloads of the configuration file (SIGHUP), by result.");
             Metrics {
@@ -168,7 +179,6 @@ impl Metrics {
                 keyring_reload_failures: counter!("pgwarden_keyring_reload_failures"),
                 config_reloads: counter!("pgwarden_config_reloads", "result" => "applied"),
                 config_reload_failures: counter!("pgwarden_config_reloads", "result" => "refused"),
-                credential_stale_sources: gauge!("pgwarden_credential_stale"),
                 session_pins: PinReason::ALL.map(|r| counter!("pgwarden_session_pins", "reason" => r.label())),
                 prepared_client_parses: counter!("pgwarden_prepared_statements", "event" => "client_parse"),
                 prepared_backend_parses: counter!("pgwarden_prepared_statements", "event" => "backend_parse"),
@@ -217,5 +227,14 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::label_value("plain_user"), "plain_user");
+        assert_eq!(super::label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

@@ -75,7 +75,7 @@ impl Pools {
     }
 
     /// How many pools the registry holds.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         lock(&self.map).len()
     }
 

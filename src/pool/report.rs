@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use super::queue::Wait;
 use super::{PoolEntry, Pools, lock};
+use crate::metrics::label_value;
 
 /// One pool's state at a scrape.
 struct Snapshot {
@@ -46,7 +47,7 @@ impl Pools {
         let now = Instant::now();
         let pools: Vec<(String, Snapshot)> = entries
             .iter()
-            .map(|e| (format!("user=\"{}\",database=\"{}\"", escape(&e.key.user), escape(&e.key.database)), e.snapshot(now)))
+            .map(|e| (format!("user=\"{}\",database=\"{}\"", label_value(&e.key.user), label_value(&e.key.database)), e.snapshot(now)))
             .collect();
         let mut series = |name: &str, help: &str, value: &dyn Fn(&Snapshot) -> Vec<(&'static str, f64)>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
@@ -74,25 +75,3 @@ impl Pools {
     }
 }
 
-/// A label value as the Prometheus text format wants it.
-fn escape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(super::escape("plain_user"), "plain_user");
-        assert_eq!(super::escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
-}
