@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{
+use crate::config::{SessionAttrs, 
     AuditTarget, BackendTlsMode, Config, CredentialConfig, DatabaseConfig, IamAuth, IamConfig, KeyringSourceConfig,
     PoolConfig, SourceConfig, TlsConfig,
 };
@@ -90,6 +90,7 @@ impl DevEnv {
                     ca_file: cluster.ca_cert(),
                     connect_timeout: Duration::from_secs(10),
                     tcp_keepalive: Some(Duration::from_secs(60)),
+                    target_session_attrs: SessionAttrs::Any,
                 },
                 pool: PoolConfig {
                     max_backend_connections: opts.pool_size,

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, until_waiting};
+use common::{Harness, sqlstate, until_waiting};
 
 /// A client in a transaction on the pool's one backend; the role may then have no other.
 async fn holder_at_the_limit(h: &Harness) -> tokio_postgres::Client {
@@ -98,4 +98,32 @@ async fn a_refused_login_with_no_backend_open_answers_with_the_databases_code() 
     let message = err.as_db_error().unwrap().message().to_owned();
     assert!(message.contains("too many connections for role"), "{message}");
     assert_eq!(h.metric("DatabaseConnectionsSetupFailed"), 1.0);
+}
+
+/// `database.target_session_attrs = "read-write"`: a server whose transactions are read-only, as
+/// a failover's old writer is once demoted (while the DNS name still points at it), gets no new
+/// backend connection: the client whose login it was is told to try again (08006), and once the
+/// server takes writes again, logins work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_write_target_session_attrs_refuse_a_read_only_server() {
+    let h = Harness::start_with(|c| c.database.target_session_attrs = pgwarden::config::SessionAttrs::ReadWrite).await;
+    let first = h.client().await;
+    first.batch_execute("CREATE TABLE writes (x int); INSERT INTO writes VALUES (1)").await.unwrap();
+    drop(first);
+    // The role's new sessions are read-only, and the pool's connection is gone.
+    h.admin(&format!("ALTER ROLE {} SET default_transaction_read_only = on", h.env.user));
+    h.admin(&format!("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = '{}'", h.env.user));
+    h.until_backends(0).await;
+    let client = h.client().await;
+    let err = client.batch_execute("INSERT INTO writes VALUES (2)").await.expect_err("no writable backend");
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("read-only") && message.contains("Try again"), "{message}");
+    assert_eq!(h.backend_count(), 0, "the read-only connection was not kept");
+
+    h.admin(&format!("ALTER ROLE {} RESET default_transaction_read_only", h.env.user));
+    let client = h.client().await;
+    client.batch_execute("INSERT INTO writes VALUES (3)").await.expect("a writable backend again");
+    let rows = client.query_one("SELECT string_agg(x::text, ',' ORDER BY x) FROM writes", &[]).await.unwrap();
+    assert_eq!(rows.get::<_, String>(0), "1,3");
 }

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use super::scram::{KeyCache, ScramClient};
 use super::{BackendConn, BackendError, BackendKey, BackendPid, MAX_CONTROL_MESSAGE, Settings};
 use crate::auth::scram::SCRAM_SHA_256;
+use crate::config::SessionAttrs;
 use crate::config::DatabaseConfig;
 use crate::credentials::{Credential, CredentialSet, LoginFingerprint, Stage};
 use crate::net::read_message;
@@ -134,7 +135,10 @@ async fn login(
                 let secret = body.get_i32();
                 conn.key = Some(BackendKey { addr: peer, pid: BackendPid(pid), secret });
             }
-            b'Z' => return Ok(conn),
+            b'Z' => {
+                accepts(&mut conn, target.target_session_attrs).await?;
+                return Ok(conn);
+            }
             b'E' => return Err(refused(&body)),
             b'N' => {}
             other => {
@@ -142,6 +146,36 @@ async fn login(
             }
         }
     }
+}
+
+/// `database.target_session_attrs`: refuses a server in hot standby (and, for `read-write`, one
+/// whose transactions are read-only by default), as libpq does. PostgreSQL 14 and later report
+/// both at login (`in_hot_standby`, `default_transaction_read_only`); older servers are asked.
+async fn accepts(conn: &mut BackendConn, want: SessionAttrs) -> Result<(), BackendError> {
+    if want == SessionAttrs::Any {
+        return Ok(());
+    }
+    let reported = |conn: &BackendConn, name: &str| conn.server_params.iter().find(|(n, _)| n == name).map(|(_, v)| v == "on");
+    let standby = match reported(conn, "in_hot_standby") {
+        Some(on) => on,
+        None => asked(conn, "SELECT pg_is_in_recovery()::text").await? == "true",
+    };
+    let read_only = want == SessionAttrs::ReadWrite
+        && match reported(conn, "default_transaction_read_only") {
+            Some(on) => on,
+            None => asked(conn, "SHOW transaction_read_only").await? == "on",
+        };
+    match (standby, read_only) {
+        (true, _) => Err(BackendError::NotTarget { server: "in hot standby", want: want.name() }),
+        (false, true) => Err(BackendError::NotTarget { server: "read-only", want: want.name() }),
+        (false, false) => Ok(()),
+    }
+}
+
+/// The one value `sql` returns (empty on an error).
+async fn asked(conn: &mut BackendConn, sql: &str) -> Result<String, BackendError> {
+    let (_, row) = conn.query_row(sql).await?;
+    Ok(row.and_then(|r| r.into_iter().next().flatten()).unwrap_or_default())
 }
 
 fn refused(body: &[u8]) -> BackendError {

@@ -36,6 +36,26 @@ pub enum BackendTlsMode {
     VerifyFull,
 }
 
+/// libpq's `target_session_attrs`, for the servers a backend login accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionAttrs {
+    Any,
+    /// Not in hot standby, and transactions not read-only by default.
+    ReadWrite,
+    /// Not in hot standby.
+    Primary,
+}
+
+impl SessionAttrs {
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::Primary => "primary",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatabaseConfig {
     pub host: String,
@@ -48,6 +68,9 @@ pub struct DatabaseConfig {
     pub connect_timeout: Duration,
     /// TCP keepalive for backend connections (the top-level `tcp_keepalive`).
     pub tcp_keepalive: Option<Duration>,
+    /// Which servers a backend login accepts: after a failover, a DNS name that still points at
+    /// the old writer (now a standby) must not get the pool's new connections.
+    pub target_session_attrs: SessionAttrs,
 }
 
 /// Client-facing TLS.

@@ -117,6 +117,12 @@ struct RawDatabase {
     ca_file: Option<String>,
     #[serde(default = "default_connect_timeout")]
     connect_timeout: String,
+    #[serde(default = "default_session_attrs")]
+    target_session_attrs: String,
+}
+
+fn default_session_attrs() -> String {
+    "any".into()
 }
 
 fn default_port() -> u16 {
@@ -318,6 +324,12 @@ impl RawConfig {
             ca_file,
             connect_timeout: parse_duration("database.connect_timeout", &d.connect_timeout)?,
             tcp_keepalive,
+            target_session_attrs: match d.target_session_attrs.as_str() {
+                "any" => SessionAttrs::Any,
+                "read-write" => SessionAttrs::ReadWrite,
+                "primary" => SessionAttrs::Primary,
+                _ => return Err(invalid("database.target_session_attrs", "must be \"any\", \"read-write\" or \"primary\"")),
+            },
         };
         let p = self.pool;
         if p.max_backend_connections == 0 {

@@ -99,6 +99,15 @@ fn unknown_key_is_refused_with_its_name() {
 }
 
 #[test]
+fn target_session_attrs_take_libpq_names() {
+    assert_eq!(parse("[database]\nhost = \"db\"\n").unwrap().database.target_session_attrs, SessionAttrs::Any);
+    let c = parse("[database]\nhost = \"db\"\ntarget_session_attrs = \"read-write\"\n").unwrap();
+    assert_eq!(c.database.target_session_attrs, SessionAttrs::ReadWrite);
+    let err = parse("[database]\nhost = \"db\"\ntarget_session_attrs = \"standby\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("database.target_session_attrs: must be"), "{err}");
+}
+
+#[test]
 fn bad_duration_names_key_and_reason() {
     let err = parse("[database]\nhost = \"db\"\n[pool]\nborrow_timeout = \"12 parsecs\"\n").unwrap_err().to_string();
     assert!(err.starts_with("pool.borrow_timeout: invalid duration"), "{err}");

@@ -29,6 +29,7 @@ pub(super) async fn open(login: &SecretValue, target: &SecretValue) -> Result<Ba
         ca_file: None,
         connect_timeout: Duration::from_secs(10),
         tcp_keepalive: None,
+        target_session_attrs: crate::config::SessionAttrs::Any,
     };
     let tls = BackendTls::new(&db).map_err(|e| BackendError::Tls(std::io::Error::other(e.to_string())))?;
     connect_as(&db, tls.as_ref(), &db.dbname, &login.credential()).await
