@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{SessionAttrs, 
+use crate::config::{
     AuditTarget, BackendTlsMode, Config, CredentialConfig, DatabaseConfig, IamAuth, IamConfig, KeyringSourceConfig,
-    PoolConfig, SourceConfig, TlsConfig,
+    PoolConfig, SessionAttrs, SourceConfig, TlsConfig,
 };
 use crate::devdb::{ClusterOptions, TempCluster};
 

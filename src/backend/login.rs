@@ -14,8 +14,7 @@ use tokio::net::TcpStream;
 use super::scram::{KeyCache, ScramClient};
 use super::{BackendConn, BackendError, BackendKey, BackendPid, MAX_CONTROL_MESSAGE, Settings};
 use crate::auth::scram::SCRAM_SHA_256;
-use crate::config::SessionAttrs;
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, SessionAttrs};
 use crate::credentials::{Credential, CredentialSet, LoginFingerprint, Stage};
 use crate::net::read_message;
 use crate::protocol::{ProtocolError, SSL_REQUEST_CODE, messages, read_cstr};
@@ -172,10 +171,11 @@ async fn accepts(conn: &mut BackendConn, want: SessionAttrs) -> Result<(), Backe
     }
 }
 
-/// The one value `sql` returns (empty on an error).
+/// The one value `sql` returns; a server that cannot say is not accepted (as libpq).
 async fn asked(conn: &mut BackendConn, sql: &str) -> Result<String, BackendError> {
     let (_, row) = conn.query_row(sql).await?;
-    Ok(row.and_then(|r| r.into_iter().next().flatten()).unwrap_or_default())
+    row.and_then(|r| r.into_iter().next().flatten())
+        .ok_or(BackendError::NotTarget { server: "unable to say whether it takes writes", want: "read-write or primary" })
 }
 
 fn refused(body: &[u8]) -> BackendError {

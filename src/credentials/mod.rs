@@ -215,7 +215,7 @@ pub fn render_series<'a>(users: impl Iterator<Item = (&'a str, &'a CredentialSto
         f64::from(u8::from(s.health_now().consecutive_failures > 0))
     });
     series("pgwarden_credential_age_seconds", "Seconds since the user's credential source last answered.", &|s| {
-        s.health_now().last_fetched.map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64())
+        s.health_now().last_fetched.map_or(f64::NAN, |at| now.saturating_duration_since(at).as_secs_f64())
     });
     series("pgwarden_credential_changes", "Times the user's credential changed since start (rotations seen).", &|s| {
         (s.snapshot().generation.0 - 1) as f64

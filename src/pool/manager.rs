@@ -151,7 +151,7 @@ impl BackendManager {
                 tracing::info!(generation = generation.0, "new credential logs in; older backends retire as they come back");
                 conn.close().await;
             }
-            Err(e) => tracing::warn!(error = %e, "new credential does not log in yet; keeping the current backends"),
+            Err(e) => tracing::warn!(error = %e, "probe login with the new credential failed; keeping the current backends"),
         }
     }
 
