@@ -165,8 +165,8 @@ async fn accepts(conn: &mut BackendConn, want: SessionAttrs) -> Result<(), Backe
             None => asked(conn, "SHOW transaction_read_only").await? == "on",
         };
     match (standby, read_only) {
-        (true, _) => Err(BackendError::NotTarget { server: "in hot standby", want: want.name() }),
-        (false, true) => Err(BackendError::NotTarget { server: "read-only", want: want.name() }),
+        (true, _) => Err(BackendError::NotTarget { state: "in hot standby", want: want.name() }),
+        (false, true) => Err(BackendError::NotTarget { state: "read-only", want: want.name() }),
         (false, false) => Ok(()),
     }
 }
@@ -175,7 +175,7 @@ async fn accepts(conn: &mut BackendConn, want: SessionAttrs) -> Result<(), Backe
 async fn asked(conn: &mut BackendConn, sql: &str) -> Result<String, BackendError> {
     let (_, row) = conn.query_row(sql).await?;
     row.and_then(|r| r.into_iter().next().flatten())
-        .ok_or(BackendError::NotTarget { server: "unable to say whether it takes writes", want: "read-write or primary" })
+        .ok_or(BackendError::NotTarget { state: "unable to say whether it takes writes", want: "read-write or primary" })
 }
 
 fn refused(body: &[u8]) -> BackendError {

@@ -60,8 +60,8 @@ pub enum BackendError {
     Tls(#[source] std::io::Error),
     #[error("backend protocol error: {0}")]
     Protocol(#[from] ProtocolError),
-    #[error("the database server is {server}, and database.target_session_attrs is {want}")]
-    NotTarget { server: &'static str, want: &'static str },
+    #[error("the database is {state}, and database.target_session_attrs is {want}")]
+    NotTarget { state: &'static str, want: &'static str },
 }
 
 impl From<ReadError> for BackendError {
@@ -99,8 +99,8 @@ impl BackendError {
                 "This RDS proxy has no valid credentials for the role {user}. Check the credentials for this role and try again."
             ),
             BackendError::Refused { message, .. } => message.clone(),
-            BackendError::NotTarget { server, .. } => format!(
-                "The database server is {server}, not the writer: after a failover its address may not have moved yet. Try again."
+            BackendError::NotTarget { state, .. } => format!(
+                "The database server is {state}, not the writer: after a failover its address may not have moved yet. Try again."
             ),
             _ => "pgwarden could not connect to the database.".into(),
         }
