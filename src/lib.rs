@@ -14,8 +14,8 @@
 //! ```
 //!
 //! `stream` gives both sides one byte-stream type (TCP or TLS); `tls` configures both sides.
-//! `reload` applies a changed configuration file on SIGHUP (credential entries, pool size and
-//! timing) without dropping a client.
+//! `reload` applies a changed configuration file on SIGHUP (credential entries and every
+//! `[pool]` key) without dropping a client.
 //!
 //! `protocol` is sans-io and depends on nothing else here; `session` is the only module that
 //! sees the whole flow and the only one that decides what a client is told.
