@@ -256,10 +256,10 @@ async fn unreachable_secrets_manager_keeps_the_cached_credential_until_it_return
     let age = rig.h.metric("pgwarden_credential_age_seconds{user=\"app\"}");
     assert!(age < age_while_stale, "the source answered again: {age} s, {age_while_stale} s while stale");
     // Refresh resumes: a rotation now is picked up.
-    assert_eq!(rig.h.metric("pgwarden_credential_changes{user=\"app\"}"), 0.0);
+    assert_eq!(rig.h.metric("pgwarden_credential_changes_total{user=\"app\"}"), 0.0);
     rig.rotator(Strategy::Single).rotate().await.unwrap();
     rig.until_credential(|s| s.generation.0 > 1 && s.secret.previous.is_some()).await;
-    assert!(rig.h.metric("pgwarden_credential_changes{user=\"app\"}") >= 1.0);
+    assert!(rig.h.metric("pgwarden_credential_changes_total{user=\"app\"}") >= 1.0);
     assert_eq!(select_one(&c).await, "1");
 }
 
