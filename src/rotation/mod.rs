@@ -130,42 +130,44 @@ impl Rotator {
         Rotator { client, secret_id, strategy, rotation_token }
     }
 
-    /// Runs all four steps with a fresh token; returns it.
+    /// Runs all four steps for a new secret version (its id is the steps' ClientRequestToken, a
+    /// UUID, not a credential); returns that id.
     pub async fn rotate(&self) -> Result<String, RotationError> {
-        let token = new_token();
+        let version_id = new_token();
         for step in Step::ALL {
-            self.run_step(step, &token).await?;
+            self.run_step(step, &version_id).await?;
         }
-        Ok(token)
+        Ok(version_id)
     }
 
-    /// Runs one step for the version `token`, after the templates' stage checks.
-    pub async fn run_step(&self, step: Step, token: &str) -> Result<(), RotationError> {
-        let stages = self.stages_of(token).await?;
+    /// Runs one step for the secret version `version_id` (the ClientRequestToken), after the
+    /// templates' stage checks.
+    pub async fn run_step(&self, step: Step, version_id: &str) -> Result<(), RotationError> {
+        let stages = self.stages_of(version_id).await?;
         match (&stages, step) {
             // createSecret may make the version itself (pgwarden drives rotation without
             // RotateSecret); every other step needs it to exist and be pending.
             (None, Step::CreateSecret) => {}
-            (None, _) => return Err(RotationError::UnknownVersion(token.to_owned())),
+            (None, _) => return Err(RotationError::UnknownVersion(version_id.to_owned())),
             (Some(s), _) if s.iter().any(|s| s == CURRENT) => {
-                tracing::info!(step = ?step, version = token, "version is already AWSCURRENT; nothing to do");
+                tracing::info!(step = ?step, version_id, "version is already AWSCURRENT; nothing to do");
                 return Ok(());
             }
-            (Some(s), _) if !s.iter().any(|s| s == PENDING) => return Err(RotationError::NotPending(token.to_owned())),
+            (Some(s), _) if !s.iter().any(|s| s == PENDING) => return Err(RotationError::NotPending(version_id.to_owned())),
             _ => {}
         }
-        tracing::info!(step = ?step, secret = %self.secret_id, version = token, strategy = ?self.strategy, "rotation step");
+        tracing::info!(step = ?step, secret = %self.secret_id, version_id, strategy = ?self.strategy, "rotation step");
         match step {
-            Step::CreateSecret => self.create_secret(token).await,
-            Step::SetSecret => self.set_secret(token).await,
-            Step::TestSecret => self.test_secret(token).await,
-            Step::FinishSecret => self.finish_secret(token).await,
+            Step::CreateSecret => self.create_secret(version_id).await,
+            Step::SetSecret => self.set_secret(version_id).await,
+            Step::TestSecret => self.test_secret(version_id).await,
+            Step::FinishSecret => self.finish_secret(version_id).await,
         }
     }
 
-    async fn stages_of(&self, token: &str) -> Result<Option<Vec<String>>, RotationError> {
+    async fn stages_of(&self, version_id: &str) -> Result<Option<Vec<String>>, RotationError> {
         let out = self.client.describe_secret().secret_id(&self.secret_id).send().await.map_err(|e| aws_error("DescribeSecret", e))?;
-        Ok(out.version_ids_to_stages().and_then(|m| m.get(token)).cloned())
+        Ok(out.version_ids_to_stages().and_then(|m| m.get(version_id)).cloned())
     }
 
     pub(crate) async fn get(&self, secret_id: &str, stage: &str, version: Option<&str>) -> Result<Option<SecretValue>, RotationError> {
@@ -180,10 +182,10 @@ impl Rotator {
         }
     }
 
-    async fn create_secret(&self, token: &str) -> Result<(), RotationError> {
+    async fn create_secret(&self, version_id: &str) -> Result<(), RotationError> {
         let current = self.get(&self.secret_id, CURRENT, None).await?.ok_or(RotationError::Aws(CredentialError::MissingStage(CURRENT)))?;
-        if self.get(&self.secret_id, PENDING, Some(token)).await?.is_some() {
-            tracing::info!(version = token, "createSecret: pending version exists already");
+        if self.get(&self.secret_id, PENDING, Some(version_id)).await?.is_some() {
+            tracing::info!(version_id, "createSecret: pending version exists already");
             return Ok(());
         }
         let password = self
@@ -205,7 +207,7 @@ impl Rotator {
             .client
             .put_secret_value()
             .secret_id(&self.secret_id)
-            .client_request_token(token)
+            .client_request_token(version_id)
             .secret_string(text.expose_secret())
             .version_stages(PENDING);
         if let Some(t) = &self.rotation_token {
@@ -215,14 +217,14 @@ impl Rotator {
         Ok(())
     }
 
-    async fn pending(&self, token: &str) -> Result<SecretValue, RotationError> {
-        self.get(&self.secret_id, PENDING, Some(token)).await?.ok_or_else(|| RotationError::NotPending(token.to_owned()))
+    async fn pending(&self, version_id: &str) -> Result<SecretValue, RotationError> {
+        self.get(&self.secret_id, PENDING, Some(version_id)).await?.ok_or_else(|| RotationError::NotPending(version_id.to_owned()))
     }
 
-    async fn set_secret(&self, token: &str) -> Result<(), RotationError> {
-        let pending = self.pending(token).await?;
+    async fn set_secret(&self, version_id: &str) -> Result<(), RotationError> {
+        let pending = self.pending(version_id).await?;
         if database::can_log_in(&pending).await {
-            tracing::info!(version = token, "setSecret: the pending credential works already");
+            tracing::info!(version_id, "setSecret: the pending credential works already");
             return Ok(());
         }
         let current = self.get(&self.secret_id, CURRENT, None).await?;
@@ -252,13 +254,13 @@ impl Rotator {
         }
     }
 
-    async fn test_secret(&self, token: &str) -> Result<(), RotationError> {
-        let pending = self.pending(token).await?;
+    async fn test_secret(&self, version_id: &str) -> Result<(), RotationError> {
+        let pending = self.pending(version_id).await?;
         let mut conn = database::open(&pending, &pending).await?;
         database::run(&mut conn, "SELECT NOW()", "SELECT NOW()").await
     }
 
-    async fn finish_secret(&self, token: &str) -> Result<(), RotationError> {
+    async fn finish_secret(&self, version_id: &str) -> Result<(), RotationError> {
         let out = self.client.describe_secret().secret_id(&self.secret_id).send().await.map_err(|e| aws_error("DescribeSecret", e))?;
         let current = out
             .version_ids_to_stages()
@@ -266,8 +268,8 @@ impl Rotator {
             .flatten()
             .find(|(_, stages)| stages.iter().any(|s| s == CURRENT))
             .map(|(v, _)| v.clone());
-        if current.as_deref() != Some(token) {
-            let mut update = self.client.update_secret_version_stage().secret_id(&self.secret_id).version_stage(CURRENT).move_to_version_id(token);
+        if current.as_deref() != Some(version_id) {
+            let mut update = self.client.update_secret_version_stage().secret_id(&self.secret_id).version_stage(CURRENT).move_to_version_id(version_id);
             if let Some(c) = &current {
                 update = update.remove_from_version_id(c);
             }
@@ -279,7 +281,7 @@ impl Rotator {
             .update_secret_version_stage()
             .secret_id(&self.secret_id)
             .version_stage(PENDING)
-            .remove_from_version_id(token)
+            .remove_from_version_id(version_id)
             .send()
             .await
             .map_err(|e| aws_error("UpdateSecretVersionStage", e))?;
