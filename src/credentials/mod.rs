@@ -203,24 +203,18 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// serves meanwhile), how long since the source last answered, and how many times the
 /// credential changed since start. Names only in labels, never secret content.
 pub fn render_series<'a>(users: impl Iterator<Item = (&'a str, &'a CredentialStore)> + Clone, out: &mut String) {
-    use std::fmt::Write;
+    use crate::metrics::{label_value, write_family};
     let now = Instant::now();
-    let mut series = |name: &str, kind: &str, help: &str, value: &dyn Fn(&CredentialStore) -> f64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (user, store) in users.clone() {
-            let _ = writeln!(out, "{name}{{user=\"{}\"}} {}", crate::metrics::label_value(user), value(store));
-        }
+    let each = |value: &dyn Fn(&CredentialStore) -> f64| -> Vec<(String, f64)> {
+        users.clone().map(|(user, store)| (format!("user=\"{}\"", label_value(user)), value(store))).collect()
     };
-    series("pgwarden_credential_stale", "gauge", "1 while the user's last credential refresh failed (the last good one serves).", &|s| {
-        f64::from(u8::from(s.health_now().consecutive_failures > 0))
-    });
-    series("pgwarden_credential_age_seconds", "gauge", "Seconds since the user's credential source last answered.", &|s| {
-        s.health_now().last_fetched.map_or(f64::NAN, |at| now.saturating_duration_since(at).as_secs_f64())
-    });
+    let stale = each(&|s| f64::from(u8::from(s.health_now().consecutive_failures > 0)));
+    write_family(out, "pgwarden_credential_stale", "gauge", "1 while the user's last credential refresh failed (the last good one serves).", stale);
+    let age = each(&|s| s.health_now().last_fetched.map_or(f64::NAN, |at| now.saturating_duration_since(at).as_secs_f64()));
+    write_family(out, "pgwarden_credential_age_seconds", "gauge", "Seconds since the user's credential source last answered.", age);
     // (A counter: it starts again at 0 when a reload replaces the user's credential entry.)
-    series("pgwarden_credential_changes_total", "counter", "Times the user's credential changed (rotations seen).", &|s| {
-        s.snapshot().generation.0.saturating_sub(1) as f64
-    });
+    let changes = each(&|s| s.snapshot().generation.0.saturating_sub(1) as f64);
+    write_family(out, "pgwarden_credential_changes_total", "counter", "Times the user's credential changed (rotations seen).", changes);
 }
 
 /// Where a secret lives. Implementations fetch all stages they can see.

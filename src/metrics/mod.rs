@@ -86,6 +86,17 @@ pub fn label_value(value: &str) -> String {
     out
 }
 
+/// Writes one metric family in the Prometheus text format: its HELP and TYPE lines, then a
+/// series per `(labels, value)`, the labels written as `key="value",...` (values through
+/// [`label_value`]).
+pub fn write_family(out: &mut String, name: &str, kind: &str, help: &str, series: impl IntoIterator<Item = (String, f64)>) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in series {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
 /// Appends series to a scrape's exposition text.
 pub type ScrapeSeries = Box<dyn Fn(&mut String) + Send + Sync>;
 

@@ -173,6 +173,11 @@ impl Budget {
         self.cap()
     }
 
+    /// Sets `MaxDatabaseConnectionsAllowed` to [`Budget::allowed`].
+    pub(super) fn publish_allowed(&self, metrics: &crate::metrics::Metrics) {
+        metrics.max_database_connections_allowed.set(self.allowed() as f64);
+    }
+
     /// `MaxDatabaseConnectionsAllowed`: the sizes of the pools in use (in the registry, or
     /// retired by a reload and still serving sessions) together, up to the cap once known.
     pub(super) fn allowed(&self) -> usize {
@@ -317,10 +322,7 @@ impl Budget {
             }
         }
         let Some((_, pool)) = oldest else { return false };
-        let conn = {
-            let mut st = lock(&pool.state);
-            if st.idle.is_empty() { None } else { Some(st.idle.remove(0)) }
-        };
+        let conn = lock(&pool.state).take_longest_idle();
         match conn {
             Some(conn) => {
                 tracing::debug!(from = %pool.key.user, to = %for_pool.key.user, "closing an idle backend: another pool's clients wait for room");

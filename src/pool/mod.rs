@@ -120,11 +120,24 @@ struct Queued {
     opening: bool,
 }
 
+impl Queued {
+    /// Its client still waits (the queue keeps places whose clients were served or left).
+    fn waits(&self) -> bool {
+        matches!(*lock(&self.waiter), Wait::Waiting(..))
+    }
+}
+
 impl State {
     /// New logins wait for the hold to end: it is set, and the clients have connections to
     /// wait for meanwhile.
     fn held(&self) -> bool {
         self.login_hold.is_some() && self.live.load(Ordering::Relaxed) > 0
+    }
+
+    /// The idle connection that has waited longest (idle connections are a stack: the bottom
+    /// one).
+    fn take_longest_idle(&mut self) -> Option<Box<BackendConn>> {
+        if self.idle.is_empty() { None } else { Some(self.idle.remove(0)) }
     }
 }
 
@@ -430,7 +443,7 @@ impl PoolEntry {
         }
         let max_connections = row.as_ref().and_then(|r| r.first()?.as_deref()?.parse::<usize>().ok());
         self.budget.learn_database_max(max_connections);
-        self.metrics.max_database_connections_allowed.set(self.budget.allowed() as f64);
+        self.budget.publish_allowed(&self.metrics);
         Ok(())
     }
 
@@ -528,7 +541,7 @@ impl PoolEntry {
     /// Whether a client waits that is not opening a connection of its own (one that is will
     /// be served by its login, or by a release and pass its login on).
     fn needs_room(st: &State) -> bool {
-        st.waiting.iter().any(|q| !q.opening && matches!(*lock(&q.waiter), Wait::Waiting(..)))
+        st.waiting.iter().any(|q| !q.opening && q.waits())
     }
 
     /// Clients wait, and the pool's room is held up by the cap on all pools: the queue timer
@@ -630,7 +643,7 @@ impl PoolEntry {
 
     /// Clients waiting for a connection now (PgBouncer's `cl_waiting`).
     pub fn waiting(&self) -> usize {
-        lock(&self.state).waiting.iter().filter(|q| matches!(*lock(&q.waiter), Wait::Waiting(..))).count()
+        lock(&self.state).waiting.iter().filter(|q| q.waits()).count()
     }
 
     /// The newest credential generation a backend of this pool has logged in with.
@@ -693,7 +706,7 @@ impl Drop for PoolEntry {
             }
         }
         // (This pool no longer counts: its handle cannot be taken any more.)
-        self.metrics.max_database_connections_allowed.set(self.budget.allowed() as f64);
+        self.budget.publish_allowed(&self.metrics);
         // Its queue timer ends now rather than at its next deadline.
         self.wake_timer.notify_one();
     }

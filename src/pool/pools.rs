@@ -1,7 +1,7 @@
 //! The registry of pools: finds the pool of a (user, database), creating it with its queue
-//! timer and janitor on its first client (and then dropping pools nobody uses any more); applies a reload's pool settings to every pool
-//! (`reconfigure`) and takes a removed or changed user's pools out of use (`retire_superseded`);
-//! closes idle connections at shutdown. Must not: serve a checkout (`PoolEntry` does).
+//! timer and janitor on its first client (and dropping pools nobody uses any more when it does);
+//! applies a reload's pool settings to every pool (`reconfigure`) and takes a removed or changed
+//! user's pools out of use (`retire_superseded`); closes idle connections at shutdown. Must not: serve a checkout (`PoolEntry` does).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use super::budget::Budget;
 use super::manager::BackendManager;
 use super::upkeep::{spawn_janitor, spawn_queue_timer};
-use super::queue::Wait;
 use super::{PoolEntry, PoolKey, State, lock};
 use crate::config::{DatabaseConfig, LiveDuration, PoolConfig};
 use crate::credentials::CredentialStore;
@@ -97,9 +96,8 @@ impl Pools {
         self.publish_allowed();
     }
 
-    /// `MaxDatabaseConnectionsAllowed` (see `Budget::allowed`).
     fn publish_allowed(&self) {
-        self.metrics.max_database_connections_allowed.set(self.budget.allowed() as f64);
+        self.budget.publish_allowed(&self.metrics);
     }
 
     /// Backend connections open or being opened, all pools together (what
@@ -187,7 +185,6 @@ impl Pools {
 fn unused(e: &Arc<PoolEntry>) -> bool {
     Arc::strong_count(e) == 1 && {
         let st = lock(&e.state);
-        // (The queue may keep places whose clients were served or left.)
-        st.open == 0 && !st.waiting.iter().any(|q| matches!(*lock(&q.waiter), Wait::Waiting(..)))
+        st.open == 0 && !st.waiting.iter().any(|q| q.waits())
     }
 }

@@ -3,12 +3,10 @@
 //! backend connections idle and in use), one series per (user, database) pool in use. Only
 //! names go into labels, escaped as the exposition format requires; never a credential.
 
-use std::fmt::Write;
 use std::time::Instant;
 
-use super::queue::Wait;
 use super::{PoolEntry, Pools, lock};
-use crate::metrics::label_value;
+use crate::metrics::{label_value, write_family};
 
 /// One pool's state at a scrape.
 struct Snapshot {
@@ -26,7 +24,7 @@ impl PoolEntry {
         let st = lock(&self.state);
         let mut waiting = 0;
         let mut first_deadline: Option<Instant> = None;
-        for q in st.waiting.iter().filter(|q| matches!(*lock(&q.waiter), Wait::Waiting(..))) {
+        for q in st.waiting.iter().filter(|q| q.waits()) {
             waiting += 1;
             // (Not always the front: a client whose login failed queues there again.)
             first_deadline = Some(first_deadline.map_or(q.deadline, |d| d.min(q.deadline)));
@@ -49,28 +47,30 @@ impl Pools {
             .iter()
             .map(|e| (format!("user=\"{}\",database=\"{}\"", label_value(&e.key.user), label_value(&e.key.database)), e.snapshot(now)))
             .collect();
-        let mut series = |name: &str, help: &str, value: &dyn Fn(&Snapshot) -> Vec<(&'static str, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (labels, s) in &pools {
-                for (extra, v) in value(s) {
-                    let _ = writeln!(out, "{name}{{{labels}{extra}}} {v}");
-                }
-            }
-        };
-        series(
+        let each = |value: fn(&Snapshot) -> f64| pools.iter().map(move |(labels, s)| (labels.clone(), value(s)));
+        write_family(
+            out,
             "pgwarden_pool_clients_waiting",
+            "gauge",
             "Clients waiting for a backend connection, per pool (PgBouncer's cl_waiting).",
-            &|s| vec![("", s.waiting as f64)],
+            each(|s| s.waiting as f64),
         );
-        series(
+        write_family(
+            out,
             "pgwarden_pool_max_wait_seconds",
+            "gauge",
             "How long the longest-waiting client of the pool has waited (PgBouncer's maxwait).",
-            &|s| vec![("", s.max_wait)],
+            each(|s| s.max_wait),
         );
-        series(
+        let by_state = pools.iter().flat_map(|(labels, s)| {
+            [(format!("{labels},state=\"idle\""), s.idle as f64), (format!("{labels},state=\"in_use\""), s.in_use as f64)]
+        });
+        write_family(
+            out,
             "pgwarden_pool_backend_connections",
+            "gauge",
             "Backend connections of the pool: idle, or in use (lent to a client or being opened).",
-            &|s| vec![(",state=\"idle\"", s.idle as f64), (",state=\"in_use\"", s.in_use as f64)],
+            by_state,
         );
     }
 }

@@ -104,12 +104,7 @@ impl PoolEntry {
         // first, looking again after each close (which gives its room back at once), so that
         // janitors of other pools doing the same close no more than the excess between them.
         while self.budget.over_cap() {
-            let Some(conn) = ({
-                let mut st = lock(&self.state);
-                if st.idle.is_empty() { None } else { Some(st.idle.remove(0)) }
-            }) else {
-                break;
-            };
+            let Some(conn) = lock(&self.state).take_longest_idle() else { break };
             self.close(conn);
         }
     }
