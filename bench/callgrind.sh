@@ -23,11 +23,12 @@ CLIENTS=${CLIENTS:-4}
 POOL=${POOL:-4}
 TX=${TX:-10000}
 TOP=${TOP:-25}
+PGWARDEN_BIN=${PGWARDEN_BIN:-target/dist/pgwarden}
 PORT=${PORT:-6499}
 PGB_PORT=${PGB_PORT:-6498}
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
 [[ $SYSTEM == pgwarden || $SYSTEM == pgbouncer ]] || { echo "SYSTEM must be pgwarden or pgbouncer" >&2; exit 1; }
-[[ ${SKIP_BUILD:-0} == 1 ]] || cargo build --profile dist --bin pgwarden
+[[ ${SKIP_BUILD:-0} == 1 ]] || scripts/build-dist.sh
 OUT=$(mktemp -d /tmp/pgwarden-callgrind.XXXXXX)
 chmod 755 "$OUT"
 DEV="" VG=""
@@ -41,12 +42,12 @@ trap cleanup EXIT
 as_owner() { "$@"; }   # who may talk to the valgrind'ed process
 
 if [[ $SYSTEM == pgwarden ]]; then
-  valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" target/dist/pgwarden dev --port "$PORT" --pool-size "$POOL" \
+  valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" "$PGWARDEN_BIN" dev --port "$PORT" --pool-size "$POOL" \
     >"$OUT/dev.log" 2>&1 &
   DEV=$!
   VG=$DEV
 else
-  target/dist/pgwarden dev --port "$PORT" --pool-size "$POOL" >"$OUT/dev.log" 2>&1 &
+  "$PGWARDEN_BIN" dev --port "$PORT" --pool-size "$POOL" >"$OUT/dev.log" 2>&1 &
   DEV=$!
 fi
 for _ in $(seq 1 240); do grep -q "accepting clients" "$OUT/dev.log" && break; sleep 0.5; done

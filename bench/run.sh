@@ -18,12 +18,12 @@
 #   WORKLOADS="select32 select300 tpcb32 extended32 connect32 burst32"  subset (default);
 #                      also prepared32 (-M prepared: named statements, which PgBouncer
 #                      carries in transaction mode only from 1.21, with max_prepared_statements)
-#   SKIP_BUILD=1       do not run cargo build (use existing binary)
+#   SKIP_BUILD=1       do not run scripts/build-dist.sh (use the existing binary)
 #   PGW_WORKERS=N      pgwarden worker_threads (default: pgwarden's own default)
 #   KEEP_TMP=1         keep the temp dir (logs, configs) after exit
 #
 # What it does, in one run:
-#   1. cargo build --profile dist --bin pgwarden (if pgwarden is in SYSTEMS)
+#   1. scripts/build-dist.sh: the shipped build, profile-guided (if pgwarden is in SYSTEMS)
 #   2. installs pgbouncer with apt-get if missing
 #   3. starts a throwaway PostgreSQL 15 (scram-sha-256, fsync=off, ...) as the
 #      `postgres` OS user, creates role+db `bench`, pgbench -i -s 10
@@ -163,8 +163,8 @@ trap 'exit 143' TERM
 # ------------------------------------------------------------------ build --
 if has pgwarden; then
   if [[ $SKIP_BUILD != 1 ]]; then
-    log "building pgwarden (dist profile)"
-    (cd "$REPO" && cargo build --profile dist --bin pgwarden)
+    log "building pgwarden (scripts/build-dist.sh: dist profile, profile-guided)"
+    "$REPO/scripts/build-dist.sh"
   fi
   [[ -x $PGWARDEN_BIN ]] || die "$PGWARDEN_BIN not found"
 fi
@@ -378,6 +378,15 @@ session_check() {
 }
 
 # --------------------------------------------------------- report plumbing --
+# How the measured binary was built: scripts/build-dist.sh's stamp, if it is this binary's.
+pgwarden_build() {
+  local stamp=${PGWARDEN_BIN}.build
+  if [[ -f $stamp ]] && [[ $(cut -d' ' -f1 "$stamp") == $(sha256sum "$PGWARDEN_BIN" | cut -d' ' -f1) ]]; then
+    cut -d' ' -f2- "$stamp"
+  else
+    echo "not built by scripts/build-dist.sh (no stamp for this binary)"
+  fi
+}
 rm -rf "$OUT_DIR/raw" && mkdir -p "$OUT_DIR/raw"   # raw pgbench output of this run only
 STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 REPORT=$TMP/report.md
@@ -386,6 +395,7 @@ PGW_REV=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "(no comm
   echo "## pgwarden benchmark — $STAMP"
   echo
   echo "- machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
+  echo "- pgwarden build: $(pgwarden_build)"
   echo "- PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), PgBouncer $("$PGBOUNCER_BIN" --version 2>/dev/null | head -1 | awk '{print $2}'), pgwarden $PGW_REV"
   echo "- pool size $POOL, pgbench -s 10, $DURATION s per run, $ROUNDS interleaved rounds (median kept), -j 2, TCP on 127.0.0.1, SCRAM auth, sslmode=disable (burst32: sslmode=require, one P-256 certificate for all; pgwarden clients log in with an IAM token)"
   echo "- PostgreSQL: fsync=off, synchronous_commit=off, shared_buffers=128MB, max_connections=400"

@@ -51,7 +51,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [[ $SKIP_BUILD != 1 ]]; then log "building pgwarden (dist profile)"; (cd "$REPO" && cargo build --profile dist --bin pgwarden); fi
+if [[ $SKIP_BUILD != 1 ]]; then log "building pgwarden (scripts/build-dist.sh)"; "$REPO/scripts/build-dist.sh"; fi
 if ! [[ -x $VENV/bin/moto_server ]]; then
   log "creating $VENV with moto[server]"
   python3 -m venv "$VENV" && "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]>=5.1,<6"
