@@ -1,11 +1,22 @@
-# Build stage: a release binary.
+# Build stage: the profile-guided release binary (scripts/build-dist.sh). Its training runs
+# pgwarden against a throwaway PostgreSQL under pgbench, and llvm-profdata must be the LLVM
+# major rustc uses (22 for rustc 1.95; Debian bookworm's llvm-22). For a plain build, without
+# those packages' weight in the build stage: --build-arg PGWARDEN_PGO=0.
 FROM rust:1.95-bookworm AS build
+ARG PGWARDEN_PGO=1
+RUN if [ "$PGWARDEN_PGO" != 0 ]; then \
+      apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+           postgresql postgresql-contrib llvm-22 \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY tests ./tests
 COPY config ./config
-RUN cargo build --profile dist --locked --bin pgwarden
+COPY scripts ./scripts
+RUN PGWARDEN_PGO=$PGWARDEN_PGO scripts/build-dist.sh --locked
 
 # Runtime stage: the binary and CA certificates, running as an unprivileged user.
 FROM debian:bookworm-slim

@@ -9,6 +9,7 @@
 #   SYSTEM=pgbouncer bench/callgrind.sh
 #   TX=20000 CLIENTS=8 POOL=4 bench/callgrind.sh
 #   PGBENCH_ARGS="-M extended" bench/callgrind.sh
+#   BUILTIN=tpcb-like bench/callgrind.sh   # pgbench's read/write script (default select-only)
 #   KEEP=1 bench/callgrind.sh          # keep the dumps, for callgrind_annotate
 #
 # Two counted runs, TX/4 and then TX transactions (new clients each, pool warmed first); the
@@ -23,6 +24,7 @@ CLIENTS=${CLIENTS:-4}
 POOL=${POOL:-4}
 TX=${TX:-10000}
 TOP=${TOP:-25}
+BUILTIN=${BUILTIN:-select-only}
 PGWARDEN_BIN=${PGWARDEN_BIN:-target/dist/pgwarden}
 PORT=${PORT:-6499}
 PGB_PORT=${PGB_PORT:-6498}
@@ -93,7 +95,7 @@ counted() {
   before=$(ls "$OUT"/cg.out.* 2>/dev/null | wc -l)
   as_owner callgrind_control -z "$VG" >/dev/null
   # shellcheck disable=SC2086  # word list on purpose
-  pgbench -n -S -c "$CLIENTS" -j 1 -t "$per_client" ${PGBENCH_ARGS:-} "$URL" | grep -E "processed|failed" >&2
+  pgbench -n -b "$BUILTIN" -c "$CLIENTS" -j 1 -t "$per_client" ${PGBENCH_ARGS:-} "$URL" | grep -E "processed|failed" >&2
   as_owner callgrind_control -d "$VG" >/dev/null
   for _ in $(seq 1 50); do (( $(ls "$OUT"/cg.out.* 2>/dev/null | wc -l) > before )) && break; sleep 0.2; done
   ls -t "$OUT"/cg.out.* | head -1

@@ -8,11 +8,11 @@
 # Profile-guided optimisation, as rustc documents it: build pgwarden instrumented
 # (target/pgo/), run it as `pgwarden dev` under a few seconds of each workload bench/run.sh
 # measures (pgbench select-only with the simple, extended and prepared protocols, tpcb-like,
-# a new connection per transaction with and without TLS), merge the counts with llvm-profdata,
-# and build target/dist/pgwarden again with them. The compiler then lays the relay's hot path
-# out together and inlines along it: 18% fewer instructions per relayed transaction
-# (bench/callgrind.sh) for ~10 more minutes of build. Paths the training does not run (IAM
-# logins, rotation) are built for size, as cold code; they are not on a per-transaction path.
+# a new connection per transaction with SCRAM, over TLS, and over TLS with an IAM auth token),
+# merge the counts with llvm-profdata, and build target/dist/pgwarden again with them. The
+# compiler then lays the relay's hot path out together and inlines along it: 16-18% fewer
+# instructions per relayed transaction (bench/callgrind.sh) for ~5 more minutes of build. Paths the training does not run (rotation,
+# reloads, Secrets Manager) are built as cold code; none is on a per-transaction path.
 #
 # Needs, besides cargo: llvm-profdata of the LLVM major rustc was built with (Debian:
 # llvm-<N>, e.g. llvm-22 for rustc 1.95), PostgreSQL's server binaries and pgbench (Debian:
@@ -70,9 +70,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 LLVM_PROFILE_FILE="$PGO_DIR/raw/pgwarden-%p-%m.profraw" \
-  "$PGO_DIR/dist/pgwarden" dev --port "$port" --pool-size 10 >"$work/dev.log" 2>&1 &
+  "$PGO_DIR/dist/pgwarden" dev --port 0 --pool-size 10 >"$work/dev.log" 2>&1 &
 dev=$!
 for _ in $(seq 1 240); do
   grep -q "accepting clients" "$work/dev.log" && break
@@ -80,7 +79,9 @@ for _ in $(seq 1 240); do
   sleep 0.5
 done
 grep -q "accepting clients" "$work/dev.log" || { cat "$work/dev.log" >&2; exit 1; }
+port=$(grep -o "behind pgwarden on 127.0.0.1:[0-9]*" "$work/dev.log" | head -1 | cut -d: -f2)
 PGPASSWORD=$(grep -o "PGPASSWORD='[^']*'" "$work/dev.log" | head -1 | cut -d"'" -f2)
+token=$(grep -o 'PGPASSWORD="[^"]*"' "$work/dev.log" | head -1 | cut -d'"' -f2)
 export PGPASSWORD
 url="host=127.0.0.1 port=$port user=dev dbname=dev"
 train() {
@@ -96,6 +97,7 @@ train "select-only, prepared statements" -S -M prepared -c 32 -T 3 "$url sslmode
 train "tpcb-like" -c 16 -T 5 "$url sslmode=disable"
 train "a new connection per transaction" -S -C -c 8 -T 3 "$url sslmode=disable"
 train "a new TLS connection per transaction" -S -C -c 8 -T 3 "$url sslmode=require"
+PGPASSWORD=$token train "a new TLS connection per transaction, IAM token" -S -C -c 8 -T 3 "$url sslmode=require"
 kill -INT "$dev"
 wait "$dev" || true   # the counts are written as the process exits
 dev=""
