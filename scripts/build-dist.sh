@@ -81,7 +81,10 @@ done
 grep -q "accepting clients" "$work/dev.log" || { cat "$work/dev.log" >&2; exit 1; }
 port=$(grep -o "behind pgwarden on 127.0.0.1:[0-9]*" "$work/dev.log" | head -1 | cut -d: -f2)
 PGPASSWORD=$(grep -o "PGPASSWORD='[^']*'" "$work/dev.log" | head -1 | cut -d"'" -f2)
-token=$(grep -o 'PGPASSWORD="[^"]*"' "$work/dev.log" | head -1 | cut -d'"' -f2)
+# (dev prints the IAM token as a command: `$(AWS_...=... pgwarden token --hostname ...)`.)
+mint=$(grep -o 'PGPASSWORD="\$([^)]*)"' "$work/dev.log" | head -1 | sed 's/^PGPASSWORD="\$(\(.*\))"$/\1/')
+# shellcheck disable=SC2086  # the variables and arguments, split on purpose
+token=$(env $mint)
 export PGPASSWORD
 url="host=127.0.0.1 port=$port user=dev dbname=dev"
 train() {
