@@ -2,9 +2,10 @@
 //! makes such a login cost a few HMACs instead of a 4096-round PBKDF2.
 //!
 //! The keys a SCRAM client derives from a password depend only on the password, the role's salt
-//! and the iteration count, and a role's salt changes only when its password does. So each pool
-//! derives them once per credential and salt ([`KeyCache`]) and reuses them for every later
-//! login: pool growth, replacements, max-lifetime recycling. A miss derives them on the
+//! and the iteration count, and a role's salt changes only when its password does. So each
+//! credential entry derives them once per credential and salt ([`KeyCache`], held by its
+//! `CredentialStore`) and reuses them for every later login of all its pools: pool growth,
+//! replacements, max-lifetime recycling, another database. A miss derives them on the
 //! blocking pool, never on the event loop that relays every other client's traffic.
 
 use std::collections::VecDeque;
@@ -72,7 +73,7 @@ struct CacheKey {
     salt: Salt,
 }
 
-/// Keys derived for one pool's logins, newest first.
+/// Keys derived for one credential entry's logins, newest first.
 #[derive(Default)]
 pub struct KeyCache {
     entries: Mutex<VecDeque<(CacheKey, Arc<ScramKeys>)>>,

@@ -248,6 +248,10 @@ pub struct CredentialStore {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     /// A reload removed or replaced the credential entry this store serves (`reload`).
     superseded: std::sync::atomic::AtomicBool,
+    /// SCRAM keys derived from this entry's credentials, for every pool that logs in with it
+    /// (one per database): a user's second database, or a pool the registry dropped and made
+    /// again, logs in without another PBKDF2.
+    scram_keys: crate::backend::scram::KeyCache,
 }
 
 impl CredentialStore {
@@ -266,6 +270,7 @@ impl CredentialStore {
             forced: tokio::sync::Mutex::new(None),
             metrics,
             superseded: std::sync::atomic::AtomicBool::new(false),
+            scram_keys: Default::default(),
         }))
     }
 
@@ -277,6 +282,10 @@ impl CredentialStore {
 
     pub fn is_superseded(&self) -> bool {
         self.superseded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn scram_keys(&self) -> &crate::backend::scram::KeyCache {
+        &self.scram_keys
     }
 
     pub fn health(&self) -> watch::Receiver<RefreshHealth> {

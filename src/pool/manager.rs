@@ -7,7 +7,6 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::backend::scram::KeyCache;
 use crate::backend::{self, BackendConn, BackendError, LiveGuard};
 use crate::config::{DatabaseConfig, PoolConfig};
 use crate::credentials::{CredentialStore, Generation, LoginFingerprint};
@@ -35,8 +34,6 @@ pub struct BackendManager {
     /// costs one refused login, not one per waiting client, and a burst never storms the
     /// database with logins.
     login_gate: tokio::sync::Mutex<()>,
-    /// SCRAM keys derived from the credential: a login after the first costs no PBKDF2.
-    scram_keys: KeyCache,
     /// Connections of this pool logged in and not yet dropped.
     pub(super) live: Arc<AtomicUsize>,
 }
@@ -62,7 +59,6 @@ impl BackendManager {
             newest_working: tokio::sync::watch::Sender::new(None),
             auth_failed: Mutex::new(None),
             login_gate: tokio::sync::Mutex::new(()),
-            scram_keys: KeyCache::default(),
             live: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -103,7 +99,7 @@ impl BackendManager {
         // The login that worked last goes first only while the credential is unchanged (the
         // setSecret→finishSecret window); after a change, AWSCURRENT goes first again.
         let prefer = self.newest_working.borrow().filter(|(g, _)| *g == creds.generation).map(|(_, f)| f);
-        let first = backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime(), &self.scram_keys).await;
+        let first = backend::connect(&self.target, self.tls.as_deref(), &self.database, &creds, prefer, self.staggered_lifetime(), self.store.scram_keys()).await;
         let result = match first {
             Err(e) if e.is_auth_failure() => {
                 // Compare generations: the periodic refresh may have published the new secret
@@ -114,7 +110,7 @@ impl BackendManager {
                     Err(e)
                 } else {
                     tracing::info!(generation = fresh.generation.0, "credential changed after a refused login; retrying");
-                    backend::connect(&self.target, self.tls.as_deref(), &self.database, &fresh, None, self.staggered_lifetime(), &self.scram_keys).await
+                    backend::connect(&self.target, self.tls.as_deref(), &self.database, &fresh, None, self.staggered_lifetime(), self.store.scram_keys()).await
                 }
             }
             other => other,
