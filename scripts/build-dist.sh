@@ -10,7 +10,7 @@
 # measures (pgbench select-only with the simple, extended and prepared protocols, tpcb-like,
 # a new connection per transaction with SCRAM, over TLS, and over TLS with an IAM auth token),
 # merge the counts with llvm-profdata, and build target/dist/pgwarden again with them. The
-# compiler then lays the relay's hot path out together and inlines along it: 16-18% fewer
+# compiler then lays the relay's hot path out together and inlines along it: 16-20% fewer
 # instructions per relayed transaction (bench/callgrind.sh) for ~5 more minutes of build. Paths the training does not run (rotation,
 # reloads, Secrets Manager) are built as cold code; none is on a per-transaction path.
 #
