@@ -1,13 +1,13 @@
 # Build stage: the profile-guided release binary (scripts/build-dist.sh). Its training runs
-# pgwarden against a throwaway PostgreSQL under pgbench, and llvm-profdata must be the LLVM
-# major rustc uses (22 for rustc 1.95; Debian bookworm's llvm-22). For a plain build, without
+# pgwarden against a throwaway PostgreSQL under pgbench; the script installs the llvm-profdata
+# of rustc's LLVM major itself (Debian's llvm-22 for rustc 1.95). For a plain build, without
 # those packages' weight in the build stage: --build-arg PGWARDEN_PGO=0.
 FROM rust:1.95-bookworm AS build
 ARG PGWARDEN_PGO=1
 RUN if [ "$PGWARDEN_PGO" != 0 ]; then \
       apt-get update \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-           postgresql postgresql-contrib llvm-22 \
+           postgresql postgresql-contrib \
       && rm -rf /var/lib/apt/lists/*; \
     fi
 WORKDIR /src

@@ -163,13 +163,6 @@ trap 'exit 143' TERM
 # ------------------------------------------------------------------ build --
 if has pgwarden; then
   if [[ $SKIP_BUILD != 1 ]]; then
-    # The profile-guided build needs llvm-profdata of rustc's LLVM major (Debian: llvm-<major>).
-    llvm_major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
-    if ! command -v "llvm-profdata-$llvm_major" >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-      log "installing llvm-$llvm_major (llvm-profdata, for the profile-guided build)"
-      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "llvm-$llvm_major" >/dev/null; } \
-        || warn "could not install llvm-$llvm_major: pgwarden is built without a profile (the report says so)"
-    fi
     log "building pgwarden (scripts/build-dist.sh: dist profile, profile-guided)"
     "$REPO/scripts/build-dist.sh"
   fi

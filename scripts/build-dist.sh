@@ -15,8 +15,9 @@
 # reloads, Secrets Manager) are built as cold code; none is on a per-transaction path.
 #
 # Needs, besides cargo: llvm-profdata of the LLVM major rustc was built with (Debian:
-# llvm-<N>, e.g. llvm-22 for rustc 1.95), PostgreSQL's server binaries and pgbench (Debian:
-# postgresql, postgresql-contrib). Extra arguments go to both cargo builds.
+# llvm-<N>, e.g. llvm-22 for rustc 1.95; installed here when missing, as root), PostgreSQL's
+# server binaries and pgbench (Debian: postgresql, postgresql-contrib). Extra arguments go to
+# both cargo builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${PGWARDEN_PGO:-auto}
@@ -33,8 +34,15 @@ plain() {
 }
 [[ $MODE == 0 ]] && plain "PGWARDEN_PGO=0" "$@"
 
-# The profile format follows LLVM's: llvm-profdata must be the major rustc uses.
+# The profile format follows LLVM's: llvm-profdata must be the major rustc uses. As root with
+# apt-get, Debian's llvm-<major> is installed when missing (as scripts/test.sh installs
+# PostgreSQL, and bench/run.sh PgBouncer).
 llvm_major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+if ! command -v "llvm-profdata-$llvm_major" >/dev/null 2>&1 && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  log "installing llvm-$llvm_major (llvm-profdata, for the profile)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "llvm-$llvm_major" >/dev/null; } \
+    || log "could not install llvm-$llvm_major"
+fi
 profdata=""
 for candidate in "llvm-profdata-$llvm_major" llvm-profdata \
     "$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/llvm-profdata"; do
